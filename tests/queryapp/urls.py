@@ -1,0 +1,3 @@
+"""Views of this test area."""
+
+urlpatterns: list = []

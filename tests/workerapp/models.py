@@ -1,0 +1,1 @@
+"""Models used by the tests of this area (no migrations: created by syncdb)."""

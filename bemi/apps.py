@@ -10,4 +10,7 @@ class BemiConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        pass
+        from bemi import checks  # noqa: F401  (registers the system checks)
+        from bemi.wrapper import install_execute_wrapper
+
+        install_execute_wrapper()

@@ -1,0 +1,1 @@
+"""System checks of the ``bemi`` app (``manage.py check``)."""

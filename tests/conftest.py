@@ -20,3 +20,15 @@ def pg_bindir() -> str:
     from tests.pgcluster import find_bindir
 
     return os.environ.get("BEMI_TEST_PGBINDIR") or find_bindir()
+
+
+@pytest.fixture
+def wal(django_db_setup, django_db_blocker):
+    """A test_decoding slot on the test database, created before the test runs."""
+    from tests.wal import WalReader, django_dsn
+
+    with django_db_blocker.unblock():
+        reader = WalReader(django_dsn())
+    yield reader
+    with django_db_blocker.unblock():
+        reader.close()

@@ -28,7 +28,6 @@ SERVER_SETTINGS = {
     "max_replication_slots": "20",
     "max_wal_senders": "20",
     "fsync": "off",
-    "synchronous_commit": "off",
     "full_page_writes": "off",
     "max_connections": "100",
     "shared_buffers": "128MB",

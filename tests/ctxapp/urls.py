@@ -11,6 +11,7 @@ urlpatterns = [
     path("auth/", views.authenticate_then_create),
     path("cached/", views.two_writes_context_cached),
     path("read/", views.read_context),
+    path("list/", views.list_items),
     path("async/create/", views.async_create_item),
     path("async/fail/", views.async_create_then_fail),
 ]

@@ -38,6 +38,10 @@ def two_writes_context_cached(request):
     return JsonResponse({})
 
 
+def list_items(request):
+    return JsonResponse({"names": list(Item.objects.values_list("name", flat=True))})
+
+
 def read_context(request):
     return JsonResponse({"context": bemi.get_context()})
 

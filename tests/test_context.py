@@ -143,6 +143,11 @@ def test_get_bemi_context_calls_the_setting():
     assert bemi.get_bemi_context(request) == {"user_id": None, "method": "POST", "path": "/todo"}
 
 
+def test_get_bemi_context_accepts_the_function_itself():
+    with override_settings(BEMI_CONTEXT_FUNCTION=lambda request: {"path": request.path}):
+        assert bemi.get_bemi_context(RequestFactory().get("/x")) == {"path": "/x"}
+
+
 @pytest.mark.parametrize(
     "path, message",
     [
@@ -150,6 +155,7 @@ def test_get_bemi_context_calls_the_setting():
         ("tests.ctxapp.context.missing_function", "cannot be imported"),
         ("no_such_module.fn", "cannot be imported"),
         ("tests.ctxapp.context.not_callable", "is not callable"),
+        (42, "dotted path or a function"),
     ],
 )
 def test_get_bemi_context_misconfigured(path, message):

@@ -24,9 +24,15 @@ def no_leftover_context():
 
 
 def test_public_names():
-    from bemi import BemiMiddleware, context, get_bemi_context, get_context, set_context  # noqa: F401
+    from bemi import BemiMiddleware, context, get_bemi_context, get_context, set_context
+    from bemi.middleware import BemiMiddleware as Middleware
 
-    assert callable(bemi.context) and isinstance(bemi.context(a=1), bemi.context)
+    assert BemiMiddleware is Middleware
+    assert all(callable(f) for f in (get_bemi_context, get_context, set_context))
+    assert isinstance(context(a=1), context)
+    import bemi.appcontext  # importing the module must not shadow bemi.context()
+
+    assert bemi.context is context
 
 
 def test_set_get_and_clear():

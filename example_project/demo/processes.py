@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,9 +46,9 @@ class Background:
             raise DemoError(f"the {self.name} exited (status {self.proc.returncode}); the end of {self.log}:\n"
                             f"{self.tail()}", hint or f"Read {self.log}.")
 
-    def tail(self, lines: int = 25) -> str:
+    def tail(self) -> str:
         try:
-            return "\n".join(self.log.read_text(errors="replace").rstrip().splitlines()[-lines:])
+            return last_lines(self.log.read_text(errors="replace"))
         except OSError:
             return ""
 
@@ -61,6 +62,17 @@ class Background:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+_ERROR = re.compile(r"^[\w.]+(Error|Exception|Improperly\w+|Misconfigured)\b.*")
+
+
+def last_lines(output: str, count: int = 20) -> str:
+    """The end of a command's output, after the exception lines above it (a traceback's cause
+    comes first when another exception was raised while handling it)."""
+    lines = output.rstrip().splitlines()
+    causes = [line for line in lines[:-count] if _ERROR.match(line)]
+    return "\n".join([*causes[-3:], *(["..."] if causes else []), *lines[-count:]])
 
 
 def port_is_free(port: int) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 from types import FrameType
 
 from example_project.demo import DemoError, note, postgres, scenario, step, table
-from example_project.demo.processes import Background, port_is_free, python_env, wait_for_http
+from example_project.demo.processes import Background, last_lines, port_is_free, python_env, wait_for_http
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "example_project"
@@ -108,8 +108,7 @@ class Demo:
         done = subprocess.run([sys.executable, "manage.py", *args], cwd=EXAMPLE, env=self.env,
                               capture_output=True, text=True)
         if done.returncode:
-            output = "\n".join((done.stdout + done.stderr).rstrip().splitlines()[-25:])
-            raise DemoError(f"manage.py {' '.join(args)} failed:\n{output}",
+            raise DemoError(f"manage.py {' '.join(args)} failed:\n{last_lines(done.stdout + done.stderr)}",
                             "Fix the error above and run ./scripts/demo again.")
 
     def start(self, name: str, args: list[str], label: str) -> Background:

@@ -40,12 +40,20 @@ def todo_detail(request: HttpRequest, pk: int) -> HttpResponse:
     history = todo_history(pk)
     if todo is None and not history:
         raise Http404("No such todo, and no history of one.")
-    user_ids = {e.context.get("user_id") for e in history or []} - {None}
+    user_ids = [e.context.get("user_id") for e in history or []]
     users = get_user_model().objects.in_bulk([u for u in user_ids if isinstance(u, int)])
-    return render(request, "todos/todo_history.html", {
-        "pk": pk, "todo": todo, "history": history,
-        "users": {str(k): v.get_username() for k, v in users.items()},
-    })
+    rows = [(entry, _who(entry.context, users)) for entry in history or []]
+    return render(request, "todos/todo_history.html", {"pk": pk, "todo": todo, "history": history, "rows": rows})
+
+
+def _who(context: dict, users: dict) -> str:
+    """The user behind a change, as the context names it."""
+    if "user_id" not in context:
+        return "(no context)"
+    user = users.get(context["user_id"])
+    if user is not None:
+        return f"{user.get_username()} (id {user.pk})"
+    return "anonymous" if context["user_id"] is None else f"user id {context['user_id']}"
 
 
 @require_http_methods(["GET", "POST"])

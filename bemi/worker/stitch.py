@@ -138,6 +138,12 @@ class Stitcher:
         self._skip = False
         self._context = "{}"
         self._index = 0
+        self.last_xid: int | None = None  # xid of the transaction of the last Commit returned
+
+    def reset(self) -> None:
+        """Forget a transaction read only in part (the slot will hand it out again)."""
+        self._begin = None
+        self._skip = False
 
     # The transaction being read (None between transactions).
     @property
@@ -158,6 +164,7 @@ class Stitcher:
             self._context = "{}"
             self._index = 0
         elif kind is po.Commit:
+            self.last_xid = self._begin.xid if self._begin is not None else None
             self._begin = None
             self._skip = False
             return msg

@@ -146,6 +146,8 @@ def _tuple(data: bytes, pos: int) -> tuple[Tuple, int]:
         if kind == 0x74:  # 't' text
             (length,) = _I32.unpack_from(data, pos)
             pos += 4
+            if length < 0 or pos + length > len(data):
+                raise DecodeError("tuple value runs past the end of the message")
             append(data[pos:pos + length])
             pos += length
         elif kind == 0x6E:  # 'n' null

@@ -20,10 +20,10 @@ class BemiChange(models.Model):
     """A change of one row: its values before and after, and the application context."""
 
     class Operation(models.TextChoices):
-        CREATE = "CREATE"
-        UPDATE = "UPDATE"
-        DELETE = "DELETE"
-        TRUNCATE = "TRUNCATE"
+        CREATE = "CREATE", "CREATE"
+        UPDATE = "UPDATE", "UPDATE"
+        DELETE = "DELETE", "DELETE"
+        TRUNCATE = "TRUNCATE", "TRUNCATE"
 
     id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
     database = models.CharField(max_length=255)

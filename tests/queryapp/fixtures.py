@@ -22,3 +22,13 @@ def tx_recorder(transactional_db):
     yield Recorder()
     with connection.cursor() as cursor:
         cursor.execute("TRUNCATE changes")
+
+
+@pytest.fixture
+def http_settings(settings):
+    """Settings for requests; drops BemiMiddleware while this branch predates it."""
+    import importlib.util
+
+    if importlib.util.find_spec("bemi.middleware") is None:
+        settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if m != "bemi.BemiMiddleware"]
+    return settings

@@ -28,7 +28,7 @@ def create_changes_table(using: str = "default") -> None:
 
 
 class Recorder:
-    def __init__(self, using: str = "default", start: dt.datetime = BASE, step: dt.timedelta = dt.timedelta(seconds=2)) -> None:
+    def __init__(self, using: str | None = None, start: dt.datetime = BASE, step: dt.timedelta = dt.timedelta(seconds=2)) -> None:
         self.using = using
         self.clock = start
         self.step = step
@@ -65,7 +65,8 @@ class Recorder:
     ) -> BemiChange:
         self.position += 10
         when = committed_at or self.tick()
-        return BemiChange.objects.using(self.using).create(
+        manager = BemiChange.objects.db_manager(self.using) if self.using else BemiChange.objects
+        return manager.create(
             database="test_bemi",
             schema="public",
             table=table,

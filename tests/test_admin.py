@@ -12,7 +12,7 @@ from bemi.models import BemiChange
 from tests.queryapp.fixtures import http_settings, recorder  # noqa: F401
 from tests.queryapp.models import Todo
 
-PUT = {"user_id": 187234, "method": "PUT", "path": "/todo/26/complete", "SQL": 'UPDATE "queryapp_todo" SET ...'}
+PUT = {"user_id": 187234, "method": "PUT", "path": "/todo/26/complete", "SQL": 'UPDATE "todo" SET ...'}
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_registered_read_only(history, staff):
 
 def test_changelist_filters_and_search(history, staff):
     page = text(staff.get("/admin/bemi/bemichange/"))
-    assert "3 changes" in page or page.count("queryapp_todo") >= 3
+    assert "3 changes" in page
     assert "By table" in page and "By operation" in page and "By committed at" in page
     page = text(staff.get("/admin/bemi/bemichange/?operation__exact=UPDATE"))
     assert "path: /todo/26/complete · method: PUT · user_id: 187234" in page  # jsonb key order
@@ -70,7 +70,7 @@ def test_change_detail_shows_a_readable_diff(history, staff):
     assert '<td class="bemi-before">Sleep</td><td class="bemi-after">Sleep &lt;b&gt;well&lt;/b&gt;</td>' in body
     assert '<th scope="row">is_completed</th><td class="bemi-before">false</td><td class="bemi-after">true</td>' in body
     page = text(response)
-    assert 'UPDATE "queryapp_todo" SET ...' in page
+    assert 'UPDATE "todo" SET ...' in page
     assert "Save" not in page  # read-only
 
 

@@ -65,11 +65,11 @@ def browser():
 @pytest.fixture
 def todo_history(tx_recorder):
     who = {"user_id": 187234, "method": "POST", "path": "/todo"}
-    with tx_recorder.track(Todo, 26, {**who, "SQL": 'INSERT INTO "queryapp_todo" ("id", "task", "is_completed") VALUES (...)'}):
+    with tx_recorder.track(Todo, 26, {**who, "SQL": 'INSERT INTO "todo" ("id", "task", "is_completed") VALUES (...)'}):
         Todo.objects.create(id=26, task="Sleep")
-    with tx_recorder.track(Todo, 26, {**who, "method": "PATCH", "path": "/todo/26", "SQL": 'UPDATE "queryapp_todo" SET "task" = ...'}):
+    with tx_recorder.track(Todo, 26, {**who, "method": "PATCH", "path": "/todo/26", "SQL": 'UPDATE "todo" SET "task" = ...'}):
         Todo.objects.filter(id=26).update(task="Sleep 8 hours")
-    with tx_recorder.track(Todo, 26, {"user_id": 5, "method": "PUT", "path": "/todo/26/complete", "SQL": 'UPDATE "queryapp_todo" SET "is_completed" = ...'}):
+    with tx_recorder.track(Todo, 26, {"user_id": 5, "method": "PUT", "path": "/todo/26/complete", "SQL": 'UPDATE "todo" SET "is_completed" = ...'}):
         Todo.objects.filter(id=26).update(is_completed=True)
     User.objects.create_superuser("admin", "admin@example.com", "s3cret-pass")
 
@@ -99,7 +99,7 @@ def test_history_page_in_a_browser(_middleware_available, live_server, browser, 
     sql = newest.find_element(By.TAG_NAME, "details")
     assert not sql.find_element(By.TAG_NAME, "code").is_displayed()
     sql.find_element(By.TAG_NAME, "summary").click()
-    assert sql.find_element(By.TAG_NAME, "code").text == 'UPDATE "queryapp_todo" SET "is_completed" = ...'
+    assert sql.find_element(By.TAG_NAME, "code").text == 'UPDATE "todo" SET "is_completed" = ...'
     assert "3 changes" in browser.find_element(By.CSS_SELECTOR, "p.paginator").text
     shot = SCREENSHOT if os.environ.get("BEMI_UPDATE_SCREENSHOT") else Path(tempfile.mkdtemp()) / "history.png"
     assert browser.save_screenshot(str(shot))
@@ -107,7 +107,7 @@ def test_history_page_in_a_browser(_middleware_available, live_server, browser, 
 
     # Each entry links to the read-only change page with the same diff.
     newest.find_element(By.CSS_SELECTOR, "th a").click()
-    assert "UPDATE queryapp_todo 26" in browser.find_element(By.TAG_NAME, "h2").text or "UPDATE queryapp_todo 26" in browser.title
+    assert "UPDATE todo 26" in browser.find_element(By.TAG_NAME, "h2").text or "UPDATE todo 26" in browser.title
     assert browser.find_element(By.CSS_SELECTOR, "table.bemi-diff tbody").text == "is_completed false true"
     assert not browser.find_elements(By.CSS_SELECTOR, "input[type=submit][name=_save]")
 

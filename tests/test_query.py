@@ -29,20 +29,20 @@ def rows(queryset):
 
 def test_model_maps_the_changes_table(seed):
     change = BemiChange.objects.get(primary_key="26", operation="UPDATE")
-    assert change.table == "queryapp_todo"
+    assert change.table == "todo"
     assert change.before == {"id": 26, "task": "Sleep", "is_completed": False}
     assert change.after == {"id": 26, "task": "Sleep", "is_completed": True}
     assert change.context == {"user_id": 187234, "endpoint": "/todo/complete", "method": "PUT"}
     assert change.committed_at == dt.datetime(2023, 12, 11, 17, 9, 15, tzinfo=dt.timezone.utc)
-    assert str(change) == "UPDATE queryapp_todo 26 at 2023-12-11 17:09:15+00:00"
+    assert str(change) == "UPDATE todo 26 at 2023-12-11 17:09:15+00:00"
     assert BemiChange._meta.managed is False and BemiChange._meta.db_table == "changes"
 
 
 def test_default_order_is_by_commit_then_order_in_transaction(recorder):
     when = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
-    recorder.add("queryapp_todo", 2, "CREATE", after={"id": 2}, committed_at=when, change_index=1)
-    recorder.add("queryapp_todo", 1, "CREATE", after={"id": 1}, committed_at=when, change_index=0)
-    recorder.add("queryapp_todo", 0, "CREATE", after={"id": 0}, committed_at=when - dt.timedelta(seconds=1))
+    recorder.add("todo", 2, "CREATE", after={"id": 2}, committed_at=when, change_index=1)
+    recorder.add("todo", 1, "CREATE", after={"id": 1}, committed_at=when, change_index=0)
+    recorder.add("todo", 0, "CREATE", after={"id": 0}, committed_at=when - dt.timedelta(seconds=1))
     assert [c.primary_key for c in BemiChange.objects.all()] == ["0", "2", "1"]  # commit position first
     assert [c.primary_key for c in BemiChange.objects.desc()] == ["1", "2", "0"]
     assert [c.primary_key for c in BemiChange.objects.desc().asc()] == ["0", "2", "1"]
@@ -102,8 +102,8 @@ def test_record_changes(seed):
 
 def test_field_changed(seed):
     q = BemiChange.objects
-    assert rows(q.field_changed("queryapp_todo", 26, "is_completed")) == [("26", "CREATE"), ("26", "UPDATE")]
-    assert rows(q.field_changed("queryapp_todo", "26", "task").updated()) == []
+    assert rows(q.field_changed("todo", 26, "is_completed")) == [("26", "CREATE"), ("26", "UPDATE")]
+    assert rows(q.field_changed("todo", "26", "task").updated()) == []
     assert rows(q.field_changed(Todo, 27, "task")) == [("27", "CREATE"), ("27", "DELETE")]
     assert rows(q.field_changed(Todo, 27, "no_such_column")) == []
 
@@ -121,8 +121,8 @@ def test_field_changed_takes_the_field_or_the_column_name(recorder):
 
 
 def test_update_without_before_counts_as_changed(recorder):
-    recorder.add("queryapp_todo", 5, "UPDATE", before={}, after={"id": 5, "task": "x"})
-    assert rows(BemiChange.objects.field_changed("queryapp_todo", 5, "task")) == [("5", "UPDATE")]
+    recorder.add("todo", 5, "UPDATE", before={}, after={"id": 5, "task": "x"})
+    assert rows(BemiChange.objects.field_changed("todo", 5, "task")) == [("5", "UPDATE")]
 
 
 def test_unknown_table(recorder):

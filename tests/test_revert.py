@@ -43,7 +43,7 @@ def test_revert_undoes_a_request(request_changes):
     ]
     ids = list(BemiChange.objects.context({"request_id": "r-1"}).desc().values_list("id", flat=True))
     assert [a.change_id for a in done] == ids
-    assert str(done[0]) == f"INSERT queryapp_todo 2 (undoes DELETE {ids[0]})"
+    assert str(done[0]) == f"INSERT todo 2 (undoes DELETE {ids[0]})"
 
 
 def test_revert_of_nothing_does_nothing(request_changes):
@@ -93,7 +93,7 @@ def test_a_change_the_worker_has_not_recorded_yet_is_a_conflict(request_changes)
 def test_restoring_a_deleted_row_whose_id_is_taken_again(request_changes):
     Todo.objects.create(id=2, task="Someone else")
     for force in (False, True):
-        with pytest.raises(RevertError, match=r"Cannot restore row 2 of queryapp_todo .* exists again\. Delete it"):
+        with pytest.raises(RevertError, match=r"Cannot restore row 2 of todo .* exists again\. Delete it"):
             BemiChange.objects.context({"request_id": "r-1"}).revert(force=force)
     assert todos() == [(1, "Slept", True), (2, "Someone else", False), (3, "Repeat", False)]
 
@@ -108,13 +108,13 @@ def test_revert_is_all_or_nothing(request_changes):
 
 def test_update_without_before_values_cannot_be_reverted(recorder):
     Todo.objects.create(id=5, task="x")
-    recorder.add("queryapp_todo", 5, "UPDATE", before={}, after={"id": 5, "task": "x", "is_completed": False})
+    recorder.add("todo", 5, "UPDATE", before={}, after={"id": 5, "task": "x", "is_completed": False})
     with pytest.raises(RevertError, match="REPLICA IDENTITY FULL"):
         BemiChange.objects.updated().revert()
 
 
 def test_truncate_cannot_be_reverted(recorder):
-    recorder.add("queryapp_todo", None, "TRUNCATE")
+    recorder.add("todo", None, "TRUNCATE")
     with pytest.raises(RevertError, match="only CREATE, UPDATE and DELETE"):
         BemiChange.objects.all().revert()
 

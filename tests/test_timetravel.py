@@ -61,8 +61,8 @@ def test_as_of_in_another_time_zone(todo):
 
 
 def test_as_of_by_table_name_gives_a_dict(todo):
-    assert BemiChange.objects.as_of("queryapp_todo", 1, at(3)) == {"id": 1, "task": "Sleep well", "is_completed": False}
-    assert BemiChange.objects.as_of("queryapp_todo", "1", at(7)) is None
+    assert BemiChange.objects.as_of("todo", 1, at(3)) == {"id": 1, "task": "Sleep well", "is_completed": False}
+    assert BemiChange.objects.as_of("todo", "1", at(7)) is None
     assert BemiChange.objects.as_of(Todo, 1, at(3)).task == "Sleep well"
 
 
@@ -86,7 +86,7 @@ def test_row_older_than_tracking_uses_the_first_before(recorder):
 
 
 def test_row_older_than_tracking_without_before_values_is_an_error(recorder):
-    recorder.add("queryapp_todo", 9, "UPDATE", before={}, after={"id": 9, "task": "New", "is_completed": False})
+    recorder.add("todo", 9, "UPDATE", before={}, after={"id": 9, "task": "New", "is_completed": False})
     with pytest.raises(TimeTravelError, match="REPLICA IDENTITY FULL"):
         BemiChange.objects.as_of(Todo, 9, at(-10))
 

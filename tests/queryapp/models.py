@@ -11,6 +11,9 @@ class Todo(BemiRecordMixin, models.Model):
     task = models.CharField(max_length=200)
     is_completed = models.BooleanField(default=False)
 
+    class Meta:
+        db_table = "todo"
+
     def __str__(self) -> str:
         return self.task
 

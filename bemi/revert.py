@@ -269,11 +269,13 @@ def _json(values: dict) -> str:
 
 @contextlib.contextmanager
 def _revert_context(change: "BemiChange") -> Iterator[None]:
-    """Label the revert's own writes with the change they undo."""
+    """Label the revert's own writes with the change they undo (``bemi.context``, added to the current one)."""
+    import bemi
+
     try:
-        from bemi.context import context
-    except ImportError:  # the context API is not installed in this build
+        label = bemi.context
+    except ImportError:  # a build without the context API: the writes simply carry no label
         yield
         return
-    with context(bemi_revert=str(change.id)):
+    with label(bemi_revert=str(change.id)):
         yield

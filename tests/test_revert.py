@@ -152,3 +152,9 @@ def test_tables_without_a_model_are_reverted_too(recorder):
     with connection.cursor() as cursor:
         cursor.execute('SELECT body FROM "legacy notes"')
         assert cursor.fetchall() == [("old",)]
+
+
+def test_a_table_missing_on_the_source_database(recorder):
+    recorder.add("dropped_table", 1, "CREATE", after={"id": 1})
+    with pytest.raises(RevertError, match=r'"public"."dropped_table" does not exist on this database: pass revert\(using='):
+        BemiChange.objects.filter(table="dropped_table").revert()

@@ -66,6 +66,7 @@ class BemiChangeAdmin(admin.ModelAdmin):
     list_filter = ("table", "operation", ("committed_at", admin.DateFieldListFilter))
     search_fields = ("context", "primary_key")
     list_per_page = 50
+    ordering = ("-committed_at", "-commit_position", "-change_index")  # newest first
     show_full_result_count = False
     fields = (
         "committed_at", "operation", "table", "primary_key", "who_and_where", "diff", "sql",

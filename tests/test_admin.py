@@ -52,6 +52,7 @@ def test_registered_read_only(history, staff):
 def test_changelist_filters_and_search(history, staff):
     page = text(staff.get("/admin/bemi/bemichange/"))
     assert "3 changes" in page
+    assert page.index("Dec. 11, 2023, 5:09 p.m. CREATE todo 27") < page.index("Dec. 11, 2023, 5:09 p.m. CREATE todo 26")  # newest first
     assert "By table" in page and "By operation" in page and "By committed at" in page
     page = text(staff.get("/admin/bemi/bemichange/?operation__exact=UPDATE"))
     assert "path: /todo/26/complete · method: PUT · user_id: 187234" in page  # jsonb key order

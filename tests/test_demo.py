@@ -152,6 +152,10 @@ def test_first_run_prints_the_seed_table(clone):
     assert out.index("The changes table:") < out.index("Stopping the app, the worker and PostgreSQL")
     assert QUERY in out
     assert_seed_table(out)
+    # The app's history pages, read over HTTP by the demo, list each todo's changes and who made them.
+    assert "/todos/1/ (Sleep): CREATE by demo (id 1), UPDATE by demo (id 1)\n" in out
+    assert "/todos/2/ (Eat): CREATE by demo (id 1), DELETE by demo (id 1)\n" in out
+    assert "/todos/3/ (Repeat): CREATE by demo (id 1)\n" in out
     _stopped(clone, port)
 
 

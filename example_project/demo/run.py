@@ -94,6 +94,8 @@ class Demo:
         print(f"$ {table.command_line(uri)}\n", flush=True)
         print(table.changes_table(uri, bindir), end="", flush=True)
         note(f"(printed {time.monotonic() - started:.0f} s after the start)")
+        step("Each todo's history page lists its changes with who made them:")
+        scenario.show_history(client, ids)
         if not serve:
             return
         step(f"The app and the worker keep running: open http://127.0.0.1:{self.port}/ "

@@ -17,6 +17,7 @@ from example_project.demo import DemoError, note
 
 EXPECTED_CHANGES = 5
 _TODO = re.compile(r'data-todo-id="(\d+)" data-task="([^"]*)"')
+_CHANGE = re.compile(r'<tr class="change" data-operation="(\w+)" data-who="([^"]*)"')
 
 
 class Client:
@@ -68,6 +69,17 @@ def run(client: Client) -> dict[str, int]:
     for task in ("Sleep", "Eat", "Repeat"):
         client.request("POST", "/todos/", {"task": task}, expect=(302,), show=f"task={task}")
     ids = client.todo_ids()
+    if set(ids) != {"Sleep", "Eat", "Repeat"}:
+        raise DemoError(f"the list page shows {sorted(ids)} instead of Sleep, Eat and Repeat",
+                        "Read .demo/app.log.")
     client.request("PUT", f"/todos/{ids['Sleep']}/complete/", expect=(204,), show="(complete Sleep)")
     client.request("DELETE", f"/todos/{ids['Eat']}/", expect=(204,), show="(delete Eat)")
     return ids
+
+
+def show_history(client: Client, ids: dict[str, int]) -> None:
+    """Read each todo's history page, as a person would, and say what it lists."""
+    for task, pk in ids.items():
+        page = client.request("GET", f"/todos/{pk}/", expect=(200,))
+        changes = [f"{op} by {html.unescape(who)}" for op, who in _CHANGE.findall(page)]
+        note(f"http://127.0.0.1:{client.port}/todos/{pk}/ ({task}): {', '.join(changes) or 'no changes'}")

@@ -2,8 +2,12 @@
 
 from django.db import models
 
+from bemi import BemiRecordMixin
 
-class Todo(models.Model):
+
+class Todo(BemiRecordMixin, models.Model):
+    """``todo.bemi_changes()`` lists this row's changes (see todos/history.py for deleted ones)."""
+
     task = models.CharField(max_length=200)
     is_completed = models.BooleanField(default=False)
 

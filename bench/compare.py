@@ -160,7 +160,7 @@ def run(sizes: dict[str, int], alts: list[Alternative]) -> dict[str, Any]:
     cluster = Cluster().start_throwaway()
     log(f"PostgreSQL cluster on port {cluster.port} ({cluster.bindir})")
     try:
-        ready = []
+        ready, skipped = [], []
         for alt in alts:
             cluster.psql(f"CREATE DATABASE bench_{alt.key}")
             start_runner(alt, cluster)
@@ -170,6 +170,7 @@ def run(sizes: dict[str, int], alts: list[Alternative]) -> dict[str, Any]:
             except RuntimeError as exc:  # e.g. this repo's side not built yet: report, go on
                 log(f"{alt.key}: SKIPPED, setup failed: {exc}")
                 stop_runner(alt)
+                skipped.append(f"{alt.label} (setup failed: {str(exc).splitlines()[0]})")
                 continue
             ready.append(alt)
             log(f"{alt.key}: ready {alt.info['setup']}")
@@ -211,7 +212,7 @@ def run(sizes: dict[str, int], alts: list[Alternative]) -> dict[str, Any]:
             "capture": captures[alt.key],
             **alt.info,
         }
-    return {"sizes": sizes, "capture_sizes": capture_args, "results": results}
+    return {"sizes": sizes, "capture_sizes": capture_args, "results": results, "skipped": skipped}
 
 
 # -- reporting ---------------------------------------------------------------------------
@@ -342,6 +343,7 @@ def main() -> int:
 
     doc = args.doc or (None if args.quick or args.only else os.path.join(REPO, "docs", "compare.md"))
     if doc:
+        os.makedirs(os.path.dirname(os.path.abspath(doc)), exist_ok=True)
         image = os.path.join(os.path.dirname(doc), "compare.png")
         if not args.no_plot:
             plot(data, image)

@@ -307,6 +307,8 @@ def setup() -> dict[str, Any]:
         call_command("migrate", app, verbosity=0, interactive=False)
     call_command("migrate", run_syncdb=True, verbosity=0, interactive=False)
     notes = []
+    if ALT == "pghistory":
+        call_command("pgtrigger", "install", verbosity=0)
     if ALT == "bemi013":
         # The published docs: "To track both the before and after states ... ALTER TABLE
         # [YOUR_TABLE_NAME] REPLICA IDENTITY FULL" (its migration does not do it).

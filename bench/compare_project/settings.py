@@ -40,9 +40,9 @@ if ALT in ("bemi", "bemi013"):
 elif ALT == "pghistory":
     INSTALLED_APPS += ["pgtrigger", "pghistory"]
     MIDDLEWARE = ["pghistory.middleware.HistoryMiddleware"]
-    # benchapp has no migrations folder (tables made by syncdb), so install the
-    # triggers after migrate instead of through pgtrigger's migration operations.
-    PGTRIGGER_INSTALL_ON_MIGRATE = True
+    # benchapp has no migrations folder (tables made by syncdb), so the runner
+    # installs the triggers with `manage.py pgtrigger install` after migrate
+    # instead of through pgtrigger's migration operations.
     PGTRIGGER_MIGRATIONS = False
 elif ALT == "simplehistory":
     INSTALLED_APPS += ["simple_history"]

@@ -25,10 +25,15 @@ DATABASES = {
         "HOST": PG.host,
         "PORT": str(PG.port),
         "USER": PG.user,
-        "NAME": "bemi",
+        "NAME": os.environ.get("BEMI_TEST_DB_NAME", "bemi"),
         "TEST": {"NAME": "test_bemi"},
     },
 }
+if os.environ.get("BEMI_TEST_DB_USER"):  # subprocess tests that run as another role
+    DATABASES["default"]["USER"] = os.environ["BEMI_TEST_DB_USER"]
+if os.environ.get("BEMI_TEST_ROUTER"):  # subprocess tests with the destination router
+    DATABASES["bemi"] = {**DATABASES["default"], "NAME": os.environ["BEMI_TEST_ROUTER"]}
+    DATABASE_ROUTERS = ["bemi.BemiDatabaseRouter"]
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -1,0 +1,77 @@
+"""System checks: configuration mistakes and a server without logical decoding."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from django.core.checks import run_checks
+from django.test import override_settings
+
+from bemi import checks
+from tests.pgcluster import Cluster
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ids(**kwargs) -> list[str]:
+    return [m.id for m in run_checks(**kwargs) if m.id and m.id.startswith("bemi.")]
+
+
+def test_valid_configuration_has_no_messages():
+    assert ids() == []
+
+
+@pytest.mark.parametrize("path", ["tests.ctxapp.context.missing", "no_such_module.get", "tests.settings.SECRET_KEY"])
+def test_context_function_not_importable_or_not_callable(path):
+    with override_settings(BEMI_CONTEXT_FUNCTION=path):
+        messages = [m for m in run_checks() if m.id == "bemi.E001"]
+    assert len(messages) == 1
+    assert path in messages[0].msg
+
+
+def test_context_function_without_middleware():
+    with override_settings(MIDDLEWARE=["django.middleware.common.CommonMiddleware"]):
+        assert ids() == ["bemi.W001"]
+    with override_settings(MIDDLEWARE=[], BEMI_CONTEXT_FUNCTION=None):
+        assert ids() == []
+
+
+@pytest.mark.django_db
+def test_database_checks_pass_on_a_logical_server():
+    assert ids(databases=["default"]) == []
+
+
+@pytest.mark.django_db
+def test_old_server_version_is_reported(monkeypatch):
+    # The real server answers; only the threshold moves above it.
+    monkeypatch.setattr(checks, "MIN_SERVER_VERSION", 10_000_000)
+    assert ids(databases=["default"]) == ["bemi.E003"]
+
+
+@pytest.fixture(scope="module")
+def replica_server():
+    cluster = Cluster(settings={"wal_level": "replica"})
+    cluster.start()
+    yield cluster
+    cluster.destroy()
+
+
+def test_wal_level_not_logical_is_an_error_with_the_fix(replica_server):
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "tests.settings",
+        "BEMI_TEST_PGPORT": str(replica_server.port),
+        "BEMI_TEST_DB_NAME": "postgres",
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "django", "check", "--database", "default"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "bemi.E002" in result.stderr
+    assert "wal_level = 'replica'" in result.stderr
+    assert "ALTER SYSTEM SET wal_level = logical;" in result.stderr

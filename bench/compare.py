@@ -66,7 +66,7 @@ PLOT_REQUIREMENTS = ["matplotlib==3.10.*"]
 OPS = ["create", "save", "bulk_create", "update", "delete"]
 CAPTURE_OPS = OPS + ["raw_insert", "raw_update", "raw_delete"]
 
-FULL = dict(rounds=7, k=100, n_bulk=10_000, n_delete=1_000, children=2)
+FULL = dict(rounds=11, k=100, n_bulk=10_000, n_delete=1_000, children=2)
 QUICK = dict(rounds=3, k=20, n_bulk=2_000, n_delete=200, children=2)
 
 
@@ -178,8 +178,14 @@ def run(sizes: dict[str, int], alts: list[Alternative]) -> dict[str, Any]:
 
         round_args = {k: sizes[k] for k in ("k", "n_bulk", "n_delete", "children")}
         log("warm-up round")
-        for alt in alts:
-            call(alt, "round", **round_args)
+        for alt in list(alts):
+            try:
+                call(alt, "round", **round_args)
+            except RuntimeError as exc:
+                log(f"{alt.key}: SKIPPED, warm-up failed: {exc}")
+                stop_runner(alt)
+                skipped.append(f"{alt.label} (failed: {str(exc).splitlines()[0]})")
+                alts.remove(alt)
 
         rounds: dict[str, list[dict[str, Any]]] = {a.key: [] for a in alts}
         for r in range(sizes["rounds"]):
@@ -302,6 +308,26 @@ def versions_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + f"\n- PostgreSQL {pg}\n"
 
 
+def run_ingest(quick: bool) -> dict[str, Any] | None:
+    """This project's worker benchmark (bench/ingest.py, built separately), run as is in
+    this project's venv; its output goes into the doc verbatim."""
+    script = os.path.join(HERE, "ingest.py")
+    if not os.path.exists(script):
+        log("bench/ingest.py is not in this checkout: no worker ingest rate in this run")
+        return None
+    args = ["--quick"] if quick else []
+    command = "python3 bench/ingest.py " + " ".join(args)
+    log(f"running {command}")
+    python = os.path.join(VENVS, "bemi", "bin", "python")
+    try:
+        out = subprocess.run([python, script, *args], capture_output=True, text=True, timeout=900, cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return {"command": command.strip(), "error": "timed out after 900 s"}
+    if out.returncode:
+        return {"command": command.strip(), "error": f"exit {out.returncode}: {out.stderr.strip()[-800:]}"}
+    return {"command": command.strip(), "output": out.stdout}
+
+
 def plot(data: dict[str, Any], path: str) -> None:
     python = ensure_venv("plot", PLOT_REQUIREMENTS)
     src = os.path.join(PROJECT, "plot.py")
@@ -316,6 +342,7 @@ def main() -> int:
     parser.add_argument("--json", default=os.path.join(REPO, ".bench", "compare.json"), help="raw results")
     parser.add_argument("--doc", help="markdown to write (default docs/compare.md on full runs only)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-ingest", action="store_true", help="skip this project's worker benchmark")
     args = parser.parse_args()
 
     sizes = dict(QUICK if args.quick else FULL)
@@ -332,6 +359,10 @@ def main() -> int:
     command = "python3 bench/compare.py" + (" --quick" if args.quick else "") + (
         f" --rounds {args.rounds}" if args.rounds else "")
     data = run(sizes, alts)
+    if any(a.key == "bemi" for a in alts) and not args.no_ingest:
+        data["ingest"] = run_ingest(args.quick)
+        if data["ingest"]:
+            print(data["ingest"].get("output") or data["ingest"].get("error"))
     data.update(machine=machine(), command=command, seconds=round(time.time() - started),
                 date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)

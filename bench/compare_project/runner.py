@@ -25,7 +25,6 @@ from typing import Any, Callable, Iterator
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-sys.path.append(REPO)  # for tests.wal (the WAL reader the test suite uses)
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "settings")
 
 import django  # noqa: E402
@@ -205,6 +204,18 @@ def capture_ops(n_bulk: int, n_delete: int, children: int) -> list[tuple[str, Ca
     ]
 
 
+def load_wal_reader() -> type:
+    """tests/wal.py's reader, loaded by path: putting the repository on sys.path would
+    let this repo's ``bemi`` package shadow the alternative's own."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_wal", os.path.join(REPO, "tests", "wal.py"))
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader
+    spec.loader.exec_module(module)
+    return module.WalReader
+
+
 def count_history() -> int:
     tables = [t for t in history_tables() if t != "pghistory_context"]
     if not tables:
@@ -267,8 +278,7 @@ def run_capture(n_bulk: int, n_delete: int, children: int) -> dict[str, Any]:
     truncate()
     reader = None
     if ALT in ("bemi", "bemi013"):
-        from tests.wal import WalReader
-
+        WalReader = load_wal_reader()
         s = connection.settings_dict
         reader = WalReader(f"host={s['HOST']} port={s['PORT']} dbname={s['NAME']} user={s['USER']}")
     results: dict[str, Any] = {}
@@ -330,7 +340,9 @@ def versions() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0], "django": django.get_version()}
-    for dist in ("bemi-django", "django-pghistory", "django-pgtrigger", "django-simple-history", "psycopg"):
+    dists = {"bemi": ["bemi-django"], "bemi013": ["bemi-django"], "pghistory": ["django-pghistory", "django-pgtrigger"],
+             "simplehistory": ["django-simple-history"]}.get(ALT, [])
+    for dist in [*dists, "psycopg"]:
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:

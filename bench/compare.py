@@ -244,6 +244,9 @@ def fmt_capture(c: dict[str, Any]) -> str:
         mark = f"yes ({got} for {expected})"
     if ctx is not None and ctx < min(got, expected):
         mark += f", context on {ctx}"
+    exact = c.get("context_exact")
+    if exact is not None and ctx and exact < ctx:
+        mark += ", context altered" if exact == 0 else f", context altered on {ctx - exact}"
     return mark
 
 

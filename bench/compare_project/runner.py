@@ -37,7 +37,8 @@ from django.db import connection  # noqa: E402
 from benchapp.models import Subtask, Todo  # noqa: E402
 
 ALT = os.environ["BENCH_ALT"]
-CONTEXT = {"user_id": 187234, "endpoint": "/todo", "method": "POST"}
+# The endpoint has a query string on purpose: the published package percent-encodes it.
+CONTEXT = {"user_id": 187234, "endpoint": "/todo?list=1&sort=due", "method": "POST"}
 TRACKED_TABLES = ("todo", "subtask")
 
 
@@ -212,6 +213,7 @@ def load_wal_reader() -> type:
     spec = importlib.util.spec_from_file_location("bench_wal", os.path.join(REPO, "tests", "wal.py"))
     module = importlib.util.module_from_spec(spec)
     assert spec.loader
+    sys.modules["bench_wal"] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module.WalReader
 
@@ -225,17 +227,21 @@ def count_history() -> int:
         return int(cur.fetchone()[0])
 
 
-def history_with_context(op: str) -> int | None:
-    """pghistory events of this operation linked to a context row that holds our values."""
+def history_with_context(op: str, exact: bool = False) -> int | None:
+    """pghistory events of this operation linked to a context row that holds our values
+    (all of them, endpoint included, when ``exact``)."""
     if ALT != "pghistory":
         return None
+    wanted = {"op": op, "user_id": CONTEXT["user_id"]}
+    if exact:
+        wanted["endpoint"] = CONTEXT["endpoint"]
     with connection.cursor() as cur:
         cur.execute(
             "SELECT (SELECT count(*) FROM benchapp_todoevent e JOIN pghistory_context c ON c.id = e.pgh_context_id"
             "        WHERE c.metadata @> %s::jsonb)"
             " + (SELECT count(*) FROM benchapp_subtaskevent e JOIN pghistory_context c ON c.id = e.pgh_context_id"
             "        WHERE c.metadata @> %s::jsonb)",
-            [json.dumps({"op": op, "user_id": CONTEXT["user_id"]})] * 2,
+            [json.dumps(wanted)] * 2,
         )
         return int(cur.fetchone()[0])
 
@@ -245,6 +251,7 @@ def wal_capture(records: list[Any], op: str) -> dict[str, int]:
     ``_bemi`` message carries this operation's context."""
     rows_by_xid: Counter[int] = Counter()
     with_ctx: set[int] = set()
+    exact: set[int] = set()
     messages = 0
     message_bytes = 0
     for r in records:
@@ -265,9 +272,12 @@ def wal_capture(records: list[Any], op: str) -> dict[str, int]:
                     continue
             if isinstance(payload, dict) and payload.get("op") == op and payload.get("user_id") == CONTEXT["user_id"]:
                 with_ctx.add(r.xid)
+                if payload.get("endpoint") == CONTEXT["endpoint"]:
+                    exact.add(r.xid)
     return {
         "wal_rows": sum(rows_by_xid.values()),
         "with_context": sum(n for xid, n in rows_by_xid.items() if xid in with_ctx),
+        "context_exact": sum(n for xid, n in rows_by_xid.items() if xid in exact),
         "messages": messages,
         "message_bytes": message_bytes,
     }
@@ -302,6 +312,7 @@ def run_capture(n_bulk: int, n_delete: int, children: int) -> dict[str, Any]:
             elif ALT in ("pghistory", "simplehistory"):
                 res["captured"] = count_history() - before
                 res["with_context"] = history_with_context(op)
+                res["context_exact"] = history_with_context(op, exact=True)
             else:
                 res["captured"] = 0
                 res["with_context"] = None

@@ -345,6 +345,7 @@ def main() -> int:
     parser.add_argument("--json", default=os.path.join(REPO, ".bench", "compare.json"), help="raw results")
     parser.add_argument("--doc", help="markdown to write (default docs/compare.md on full runs only)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--bemi-src", help="measure this project from another source tree (default: this checkout)")
     parser.add_argument("--no-ingest", action="store_true", help="skip this project's worker benchmark")
     args = parser.parse_args()
 
@@ -352,6 +353,9 @@ def main() -> int:
     if args.rounds:
         sizes["rounds"] = args.rounds
     alts = ALTERNATIVES
+    if args.bemi_src:  # e.g. another checkout or branch of this project
+        alts[1].requirements = ["-e", os.path.abspath(args.bemi_src)]
+        alts[1].label += f" at {args.bemi_src}"
     if args.only:
         keys = args.only.split(",")
         alts = [a for a in ALTERNATIVES if a.key in keys]

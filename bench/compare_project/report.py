@@ -49,8 +49,11 @@ them. WAL bytes are the difference of `pg_current_wal_insert_lsn()` around the o
 with {children} subtasks each for the delete) plus raw SQL through `connection.cursor()`, and
 counts what was recorded: for both bemi-django packages, the changed rows whose transaction holds
 a `_bemi` logical message with this operation's context, read back from the WAL through a
-`test_decoding` slot (as the worker would see them); for pghistory and simple-history, new rows
-in their event/history tables ("context on N" when fewer of them link to the context).
+`test_decoding` slot (as the worker would see them), and for this project also the rows its worker
+(`manage.py bemi_worker --once`) then stored in `changes` with that context; for pghistory and
+simple-history, new rows in their event/history tables ("context on N" when fewer of them link to
+the context). The context's `endpoint` is `/todo?list=1&sort=due`: "context altered" means the
+recorded value differs from what the application set.
 """
 
 

@@ -180,19 +180,27 @@ def run(sizes: dict[str, int], alts: list[Alternative]) -> dict[str, Any]:
         log("warm-up round")
         for alt in list(alts):
             try:
-                call(alt, "round", **round_args)
+                call(alt, "begin_round", **round_args)
+                for op in OPS:
+                    call(alt, "op", name=op)
             except RuntimeError as exc:
                 log(f"{alt.key}: SKIPPED, warm-up failed: {exc}")
                 stop_runner(alt)
                 skipped.append(f"{alt.label} (failed: {str(exc).splitlines()[0]})")
                 alts.remove(alt)
 
-        rounds: dict[str, list[dict[str, Any]]] = {a.key: [] for a in alts}
+        # rounds[alt][op] = one {"time", "wal"} per round. Within a round the alternatives
+        # take turns operation by operation, in an order rotated every round and operation,
+        # so that each operation of each alternative runs at nearly the same moment.
+        rounds: dict[str, dict[str, list[dict[str, float]]]] = {a.key: {op: [] for op in OPS} for a in alts}
         for r in range(sizes["rounds"]):
-            order = alts[r % len(alts):] + alts[: r % len(alts)]
-            log(f"round {r + 1}/{sizes['rounds']}: {' '.join(a.key for a in order)}")
-            for alt in order:
-                rounds[alt.key].append(call(alt, "round", **round_args))
+            log(f"round {r + 1}/{sizes['rounds']}")
+            for alt in alts:
+                call(alt, "begin_round", **round_args)
+            for i, op in enumerate(OPS):
+                shift = (r + i) % len(alts)
+                for alt in alts[shift:] + alts[:shift]:
+                    rounds[alt.key][op].append(call(alt, "op", name=op))
 
         capture_args = {"n_bulk": 100, "n_delete": 10, "children": 2}
         captures = {}
@@ -208,16 +216,23 @@ def run(sizes: dict[str, int], alts: list[Alternative]) -> dict[str, Any]:
         cluster.destroy()
 
     results: dict[str, Any] = {}
+    base = rounds.get("none")
     for alt in alts:
         per = rounds[alt.key]
         results[alt.key] = {
             "label": alt.label,
-            "times": {op: statistics.median(r["times"][op] for r in per) for op in OPS},
-            "times_spread": {op: [min(r["times"][op] for r in per), max(r["times"][op] for r in per)] for op in OPS},
-            "wal": {op: statistics.median(r["wal"][op] for r in per) for op in OPS},
+            "times": {op: statistics.median(x["time"] for x in per[op]) for op in OPS},
+            "times_spread": {op: [min(x["time"] for x in per[op]), max(x["time"] for x in per[op])] for op in OPS},
+            "wal": {op: statistics.median(x["wal"] for x in per[op]) for op in OPS},
             "capture": captures[alt.key],
             **alt.info,
         }
+        if base:
+            # Median of the per-round ratios: each pairs measurements taken moments apart,
+            # which cancels most of the load other processes put on the machine.
+            results[alt.key]["time_ratio"] = {
+                op: statistics.median(x["time"] / b["time"] for x, b in zip(per[op], base[op])) for op in OPS
+            }
     return {"sizes": sizes, "capture_sizes": capture_args, "results": results, "skipped": skipped}
 
 
@@ -265,7 +280,7 @@ def tables_markdown(data: dict[str, Any]) -> str:
     sizes, res = data["sizes"], data["results"]
     titles = op_titles(sizes)
     base = res.get("none")
-    lines = ["### Time per operation (median; ratio against no tracking)", "",
+    lines = ["### Time per operation (median; in brackets the median of the per-round ratios against no tracking)", "",
              "| alternative | " + " | ".join(titles[o] for o in OPS) + " |",
              "|---|" + "---:|" * len(OPS)]
     for key, r in res.items():
@@ -273,8 +288,8 @@ def tables_markdown(data: dict[str, Any]) -> str:
         for op in OPS:
             t = r["times"][op]
             cell = fmt_time(t)
-            if base and key != "none":
-                cell += f" ({t / base['times'][op]:.2f}x)"
+            if "time_ratio" in r and key != "none":
+                cell += f" ({r['time_ratio'][op]:.2f}x)"
             cells.append(cell)
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     lines += ["", "### WAL written per operation (median; ratio against no tracking)", "",

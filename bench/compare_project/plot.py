@@ -29,7 +29,10 @@ def main(out: str) -> None:
     width = 0.8 / max(len(alts), 1)
     for ax, metric, title, heading in ((axes[0], "times", "time", "Time"), (axes[1], "wal", "WAL bytes", "WAL bytes")):
         for i, key in enumerate(alts):
-            ratios = [res[key][metric][op] / base[metric][op] if base[metric][op] else 0 for op in OPS]
+            if metric == "times":
+                ratios = [res[key]["time_ratio"][op] for op in OPS]
+            else:
+                ratios = [res[key][metric][op] / base[metric][op] if base[metric][op] else 0 for op in OPS]
             xs = [x + (i - (len(alts) - 1) / 2) * width for x in range(len(OPS))]
             missed = [res[key]["capture"].get(op, {}).get("captured", 1) == 0 for op in OPS]
             bars = ax.bar(xs, ratios, width, label=res[key]["label"])

@@ -124,40 +124,61 @@ def timed(fn: Callable[[], Any], op: str) -> tuple[float, int]:
     return elapsed, wal_lsn() - w0
 
 
-def run_round(k: int, n_bulk: int, n_delete: int, children: int) -> dict[str, Any]:
-    """One repetition of every operation: seconds and WAL bytes per operation."""
-    truncate()
-    times: dict[str, float] = {}
-    wal: dict[str, float] = {}
+class Round:
+    """One repetition of the operations, one command per operation so that the
+    coordinator can interleave the alternatives operation by operation."""
 
-    single, single_wal, objs = [], [], []
-    for i in range(k):
-        holder: list[Todo] = []
-        t, w = timed(lambda: holder.append(Todo.objects.create(task=f"task {i}")), "create")
-        single.append(t)
-        single_wal.append(w)
-        objs.extend(holder)
-    times["create"], wal["create"] = statistics.median(single), statistics.median(single_wal)
+    def __init__(self, k: int, n_bulk: int, n_delete: int, children: int) -> None:
+        self.k, self.n_bulk, self.n_delete, self.children = k, n_bulk, n_delete, children
+        self.objs: list[Todo] = []
+        self.bulk: list[Todo] = []
+        truncate()
 
-    single, single_wal = [], []
-    for obj in objs:
-        obj.is_completed = True
-        t, w = timed(obj.save, "save")
-        single.append(t)
-        single_wal.append(w)
-    times["save"], wal["save"] = statistics.median(single), statistics.median(single_wal)
+    def create(self) -> tuple[float, float]:
+        """Median seconds and WAL bytes of one ``create()``."""
+        single, single_wal = [], []
+        for i in range(self.k):
+            holder: list[Todo] = []
+            t, w = timed(lambda: holder.append(Todo.objects.create(task=f"task {i}")), "create")
+            single.append(t)
+            single_wal.append(w)
+            self.objs.extend(holder)
+        return statistics.median(single), statistics.median(single_wal)
 
-    rows = [Todo(task=f"bulk {i}") for i in range(n_bulk)]
-    times["bulk_create"], wal["bulk_create"] = timed(lambda: Todo.objects.bulk_create(rows), "bulk_create")
-    lo, hi = rows[0].pk, rows[-1].pk
+    def save(self) -> tuple[float, float]:
+        single, single_wal = [], []
+        for obj in self.objs:
+            obj.is_completed = True
+            t, w = timed(obj.save, "save")
+            single.append(t)
+            single_wal.append(w)
+        return statistics.median(single), statistics.median(single_wal)
 
-    times["update"], wal["update"] = timed(
-        lambda: Todo.objects.filter(pk__gte=lo, pk__lte=hi).update(is_completed=True), "update"
-    )
+    def bulk_create(self) -> tuple[float, float]:
+        self.bulk = [Todo(task=f"bulk {i}") for i in range(self.n_bulk)]
+        return timed(lambda: Todo.objects.bulk_create(self.bulk), "bulk_create")
 
-    ids = make_parents(n_delete, children, "del")
-    times["delete"], wal["delete"] = timed(lambda: Todo.objects.filter(pk__in=ids).delete(), "delete")
-    return {"times": times, "wal": wal}
+    def update(self) -> tuple[float, float]:
+        lo, hi = self.bulk[0].pk, self.bulk[-1].pk
+        return timed(lambda: Todo.objects.filter(pk__gte=lo, pk__lte=hi).update(is_completed=True), "update")
+
+    def delete(self) -> tuple[float, float]:
+        ids = make_parents(self.n_delete, self.children, "del")  # untimed setup
+        return timed(lambda: Todo.objects.filter(pk__in=ids).delete(), "delete")
+
+
+_round: Round | None = None
+
+
+def begin_round(**sizes: int) -> None:
+    global _round
+    _round = Round(**sizes)
+
+
+def run_op(name: str) -> dict[str, float]:
+    assert _round is not None, "begin_round first"
+    seconds, wal = getattr(_round, name)()
+    return {"time": seconds, "wal": wal}
 
 
 # -- was it captured? ----------------------------------------------------------------
@@ -403,7 +424,8 @@ def main() -> None:
             name = cmd.pop("cmd")
             if name == "quit":
                 break
-            handler = {"setup": setup, "round": run_round, "capture": run_capture, "versions": versions}[name]
+            handler = {"setup": setup, "begin_round": begin_round, "op": run_op, "capture": run_capture,
+                       "versions": versions}[name]
             answer = {"ok": True, "result": handler(**cmd)}
         except Exception as exc:  # report, keep serving: the coordinator decides
             answer = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}

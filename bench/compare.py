@@ -380,12 +380,14 @@ def main() -> int:
     started = time.time()
     command = "python3 bench/compare.py" + (" --quick" if args.quick else "") + (
         f" --rounds {args.rounds}" if args.rounds else "")
+    at_start = machine()
     data = run(sizes, alts)
-    if any(a.key == "bemi" for a in alts) and not args.no_ingest:
+    data["machine"] = {**at_start, "loadavg_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    if "bemi" in data["results"] and not args.no_ingest:
         data["ingest"] = run_ingest(args.quick)
         if data["ingest"]:
             print(data["ingest"].get("output") or data["ingest"].get("error"))
-    data.update(machine=machine(), command=command, seconds=round(time.time() - started),
+    data.update(command=command, seconds=round(time.time() - started),
                 date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:

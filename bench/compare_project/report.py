@@ -76,8 +76,9 @@ def write_doc(path: str, data: dict[str, Any], tables: str, versions: str) -> No
         "```",
         "",
         f"Run on {data['date']}, {data['seconds']} s. Machine: {m['nproc']} cores ({m['cpu']}), "
-        f"{m['memory']} memory, {m['os']}; load average at start {m['loadavg_at_start']} "
-        "(the machine was shared with other work: see the notes on noise).",
+        f"{m['memory']} memory, {m['os']}; load average (1, 5, 15 min) {m['loadavg_at_start']} at the "
+        f"start, {m.get('loadavg_at_end', '?')} at the end: the machine was shared with other work, "
+        "see the notes on noise.",
         "",
         versions,
     ]

@@ -80,7 +80,13 @@ def ensure_venv(key: str, requirements: list[str]) -> str:
     path = os.path.join(VENVS, key)
     python = os.path.join(path, "bin", "python")
     stamp = os.path.join(path, ".bench-installed")
-    digest = hashlib.sha256(json.dumps(requirements).encode()).hexdigest()[:16]
+    key_text = json.dumps(requirements)
+    for i, req in enumerate(requirements[:-1]):  # an editable source tree: reinstall when its deps change
+        if req == "-e":
+            pyproject = os.path.join(requirements[i + 1], "pyproject.toml")
+            if os.path.exists(pyproject):
+                key_text += open(pyproject).read()
+    digest = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     if os.path.exists(stamp) and open(stamp).read() == digest:
         return python
     if not os.path.exists(python):

@@ -63,6 +63,22 @@ def test_python_layout_matches_psql(pg_server, pg_bindir):
     assert format_aligned(["a"], []) == " a \n---\n(0 rows)\n\n"
 
 
+# -- the example app's own tests ------------------------------------------------------------
+
+def test_example_app_views(pg_server):
+    """``manage.py test todos`` of the example project, on this run's PostgreSQL."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
+    env.update(DB_HOST=pg_server.host, DB_PORT=str(pg_server.port), DB_USER=pg_server.user,
+               DB_NAME="bemi_example_views", DB_PASSWORD="")
+    command = [sys.executable, "manage.py", "test", "todos", "--top-level-directory", ".", "--noinput", "-v", "2"]
+    done = subprocess.run(command, cwd=REPO / "example_project", env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "\nOK\n" in done.stderr or done.stderr.rstrip().endswith("OK"), done.stderr
+    assert "Ran 7 tests" in done.stderr
+    assert "(todos.tests.HistoryPageTest." in done.stderr  # imported once, as the project's app
+
+
 # -- the first command, end to end ------------------------------------------------------
 
 def _copy_of_repository() -> Path:

@@ -9,7 +9,7 @@ from django.contrib.auth.models import User
 
 from bemi.admin import BemiChangeAdmin
 from bemi.models import BemiChange
-from tests.queryapp.fixtures import http_settings, recorder  # noqa: F401
+from tests.queryapp.fixtures import recorder  # noqa: F401
 from tests.queryapp.models import Todo
 
 PUT = {"user_id": 187234, "method": "PUT", "path": "/todo/26/complete", "SQL": 'UPDATE "todo" SET ...'}
@@ -27,7 +27,7 @@ def history(recorder):
 
 
 @pytest.fixture
-def staff(client, http_settings):
+def staff(client):
     user = User.objects.create_superuser("admin", "admin@example.com", "pw")
     client.force_login(user)
     return client
@@ -94,7 +94,7 @@ def test_history_of_a_row_without_changes(recorder, staff):
     assert "No change of this row is recorded yet" in text(staff.get("/admin/queryapp/todo/40/history/"))
 
 
-def test_history_needs_permission(history, client, http_settings):
+def test_history_needs_permission(history, client):
     user = User.objects.create_user("visitor", password="pw", is_staff=True)
     client.force_login(user)
     assert client.get("/admin/queryapp/todo/26/history/").status_code == 403

@@ -60,6 +60,10 @@ def test_changelist_filters_and_search(history, staff):
     assert "method: POST" not in page
     page = text(staff.get("/admin/bemi/bemichange/?q=%2Ftodo%2F26"))
     assert "method: PUT" in page and "method: POST" not in page
+    page = text(staff.get("/admin/bemi/bemichange/?q=user_id%3D5"))  # key=value: containment, JSON value
+    assert "user_id: 5" in page and "user_id: 187234" not in page
+    page = text(staff.get("/admin/bemi/bemichange/?q=method%3DPUT"))  # not JSON: a string
+    assert "method: PUT" in page and "method: POST" not in page
     page = text(staff.get("/admin/bemi/bemichange/?q=nothing-matches"))
     assert "method: " not in page
 

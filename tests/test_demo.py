@@ -76,7 +76,7 @@ def test_example_app_views(pg_server):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "\nOK\n" in done.stderr or done.stderr.rstrip().endswith("OK"), done.stderr
     assert "Ran 7 tests" in done.stderr
-    assert "(todos.tests.HistoryPageTest." in done.stderr  # imported once, as the project's app
+    assert "(todos.tests.HistoryPageTest" in done.stderr  # imported once, as the project's app
 
 
 # -- the first command, end to end ------------------------------------------------------

@@ -1,0 +1,101 @@
+"""``bemi-worker``: the change-tracking worker, configured like the published Docker image.
+
+Does not import Django: it runs next to any application.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from psycopg.conninfo import make_conninfo
+
+from bemi.worker.runner import Config, configure_logging, main_loop
+
+DESCRIPTION = """\
+Read the logical replication slot of a PostgreSQL database (pgoutput) and
+write one row per changed row into the `changes` table, with the application
+context the bemi Django app put in the write-ahead log. Exactly once: killed
+at any moment, it loses and duplicates nothing.
+
+Source database (the one to track): --dsn, or the environment variables
+DB_HOST, DB_PORT, DB_NAME, DB_USER, DB_PASSWORD (libpq PG* variables fill the rest).
+Destination (where `changes` is written): --destination-dsn, or DESTINATION_DB_HOST,
+DESTINATION_DB_PORT, DESTINATION_DB_NAME, DESTINATION_DB_USER, DESTINATION_DB_PASSWORD;
+by default the source database itself.
+
+On first start it creates what is missing and says so: the publication
+(public tables except `changes` and `_bemi*`, new tables added as they appear),
+the replication slot, the `changes` table with its indexes, and its checkpoint
+table `_bemi_worker_checkpoints`. It never drops or recreates a slot.
+"""
+
+EPILOG = """\
+exit status: 0 done (--once, or stopped by SIGINT/SIGTERM after committing the batch
+in hand); 1 unexpected database error; 2 something to fix (privileges, missing or
+invalidated slot, configuration); 3 another worker is reading the same slot.
+
+The role needs the REPLICATION attribute (or superuser), CREATE on the source
+database the first time (for the publication), ownership of the tracked tables
+(to add them to the publication) and CREATE on the destination's public schema.
+"""
+
+
+def _dsn_from_env(prefix: str) -> str | None:
+    names = {"host": "HOST", "port": "PORT", "dbname": "NAME", "user": "USER", "password": "PASSWORD"}
+    params = {key: os.environ[prefix + env] for key, env in names.items() if os.environ.get(prefix + env)}
+    return make_conninfo(**params) if params else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bemi-worker", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_worker_arguments(parser)
+    parser.add_argument("--dsn", help="libpq connection string of the source database (overrides DB_*)")
+    parser.add_argument("--destination-dsn",
+                        help="libpq connection string of the destination (overrides DESTINATION_DB_*)")
+    parser.add_argument("-v", "--verbosity", type=int, default=1, choices=[0, 1, 2],
+                        help="0: warnings only, 1: one line per batch (default), 2: debug")
+    return parser
+
+
+def add_worker_arguments(parser) -> None:
+    """The options shared with ``python manage.py bemi_worker``."""
+    parser.add_argument("--once", action="store_true",
+                        help="drain what the slot holds now, then exit 0 (for tests, cron, demos)")
+    parser.add_argument("--slot", default="bemi", help="replication slot name (default: bemi)")
+    parser.add_argument("--publication", default="bemi", help="publication name (default: bemi)")
+    parser.add_argument("--batch-rows", type=int, default=10_000,
+                        help="commit the destination after about this many changes (default: 10000)")
+    parser.add_argument("--poll-interval", type=float, default=0.1,
+                        help="seconds between reads of an idle slot (default: 0.1)")
+    parser.add_argument("--heartbeat-interval", type=float, default=10.0,
+                        help="idle seconds before a heartbeat message keeps the slot advancing (default: 10)")
+
+
+def config_from_options(options, source_dsn: str, destination_dsn: str | None) -> Config:
+    return Config(
+        source_dsn=source_dsn,
+        destination_dsn=destination_dsn,
+        slot=options.slot,
+        publication=options.publication,
+        once=options.once,
+        batch_rows=max(1, options.batch_rows),
+        poll_interval=options.poll_interval,
+        heartbeat_interval=options.heartbeat_interval,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    options = build_parser().parse_args(argv)
+    configure_logging(options.verbosity)
+    source = options.dsn or _dsn_from_env("DB_") or ""
+    destination = options.destination_dsn or _dsn_from_env("DESTINATION_DB_")
+    return main_loop(config_from_options(options, source, destination))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

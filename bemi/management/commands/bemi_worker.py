@@ -1,0 +1,60 @@
+"""``python manage.py bemi_worker``: the change-tracking worker for this project's database."""
+
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connections
+from psycopg.conninfo import make_conninfo
+
+from bemi.cli import DESCRIPTION, add_worker_arguments, config_from_options
+from bemi.worker.runner import configure_logging, main_loop
+
+# OPTIONS keys that Django's PostgreSQL backend consumes itself (not libpq parameters).
+_DJANGO_ONLY_OPTIONS = {"isolation_level", "server_side_binding", "pool", "assume_role", "cursor_factory",
+                        "prepare_threshold", "context"}
+
+
+def dsn_for_alias(alias: str) -> str:
+    settings = connections[alias].settings_dict
+    if settings["ENGINE"] not in ("django.db.backends.postgresql", "django.contrib.gis.db.backends.postgis"):
+        raise CommandError(f"database {alias!r} is not PostgreSQL")
+    params = {
+        "host": settings.get("HOST") or None,
+        "port": str(settings["PORT"]) if settings.get("PORT") else None,
+        "dbname": settings.get("NAME") or None,
+        "user": settings.get("USER") or None,
+        "password": settings.get("PASSWORD") or None,
+    }
+    for key, value in (settings.get("OPTIONS") or {}).items():
+        if key not in _DJANGO_ONLY_OPTIONS and isinstance(value, (str, int)):
+            params[key] = str(value)
+    return make_conninfo(**{k: v for k, v in params.items() if v is not None})
+
+
+class Command(BaseCommand):
+    help = DESCRIPTION.split("\n\n")[0].replace("\n", " ") + (
+        " Source: the --database alias (default 'default'). Destination: the alias 'bemi' when "
+        "DATABASES has one, else the source database."
+    )
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--database", default="default", help="alias of the database to track (default: default)")
+        add_worker_arguments(parser)
+
+    def handle(self, *args, **options) -> None:
+        configure_logging(options["verbosity"])
+        alias = options["database"]
+        if alias not in connections.settings:
+            raise CommandError(f"no database alias {alias!r} in DATABASES")
+        source = dsn_for_alias(alias)
+        destination = dsn_for_alias("bemi") if "bemi" in connections.settings and alias != "bemi" else None
+
+        class Opts:
+            pass
+
+        opts = Opts()
+        for key in ("once", "slot", "publication", "batch_rows", "poll_interval", "heartbeat_interval"):
+            setattr(opts, key, options[key])
+        code = main_loop(config_from_options(opts, source, destination))
+        if code:
+            raise CommandError(f"bemi worker stopped with exit status {code} (see the log above)", returncode=code)

@@ -1,0 +1,1 @@
+"""The change-tracking worker: WAL (pgoutput) -> changes. See docs/worker.md."""

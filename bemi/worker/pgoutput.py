@@ -1,0 +1,279 @@
+"""Decode pgoutput (logical replication protocol version 1) messages.
+
+Pure functions over bytes, no I/O: each ``data`` value returned by
+``pg_logical_slot_peek_binary_changes(..., 'proto_version', '1', ...)`` is one
+message, decoded here into a small dataclass. Reference: "Logical Replication
+Message Formats" in the PostgreSQL documentation. All integers are big-endian.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+
+__all__ = [
+    "Begin", "Commit", "Relation", "Column", "TypeMsg", "Origin", "Insert", "Update",
+    "Delete", "Truncate", "Message", "Tuple", "decode", "DecodeError", "lsn_to_int",
+    "int_to_lsn", "pg_timestamp",
+]
+
+PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
+
+_I16 = struct.Struct(">h")
+_I32 = struct.Struct(">i")
+_U32 = struct.Struct(">I")
+_I64 = struct.Struct(">q")
+_U64 = struct.Struct(">Q")
+
+#: a tuple column: ``None`` for NULL, ``UNCHANGED`` for an unchanged TOASTed
+#: value that pgoutput did not send, else the value's text (bytes).
+UNCHANGED = object()
+Tuple = list  # list[bytes | None | UNCHANGED]
+
+
+class DecodeError(ValueError):
+    """The bytes are not a pgoutput message we understand."""
+
+
+@dataclass(slots=True)
+class Begin:
+    final_lsn: int  # LSN of the transaction's commit record
+    commit_time: datetime
+    xid: int
+
+
+@dataclass(slots=True)
+class Commit:
+    flags: int
+    commit_lsn: int
+    end_lsn: int  # just past the commit record: where the slot may advance to
+    commit_time: datetime
+
+
+@dataclass(slots=True)
+class Origin:
+    lsn: int
+    name: str
+
+
+@dataclass(slots=True)
+class Column:
+    flags: int  # 1: part of the replica identity key
+    name: str
+    type_oid: int
+    typmod: int
+
+
+@dataclass(slots=True)
+class Relation:
+    relid: int
+    namespace: str
+    name: str
+    replica_identity: str  # d(efault), n(othing), f(ull), i(ndex)
+    columns: list[Column]
+
+
+@dataclass(slots=True)
+class TypeMsg:
+    oid: int
+    namespace: str
+    name: str
+
+
+@dataclass(slots=True)
+class Insert:
+    relid: int
+    new: Tuple
+
+
+@dataclass(slots=True)
+class Update:
+    relid: int
+    old: Tuple | None  # full old row ('O') or key only ('K'), None if not sent
+    old_is_key: bool
+    new: Tuple
+
+
+@dataclass(slots=True)
+class Delete:
+    relid: int
+    old: Tuple
+    old_is_key: bool
+
+
+@dataclass(slots=True)
+class Truncate:
+    options: int  # 1: CASCADE, 2: RESTART IDENTITY
+    relids: list[int]
+
+
+@dataclass(slots=True)
+class Message:
+    transactional: bool
+    lsn: int
+    prefix: str
+    content: bytes
+
+
+def pg_timestamp(micros: int) -> datetime:
+    """A PostgreSQL TimestampTz (microseconds since 2000-01-01 UTC) as a datetime."""
+    return PG_EPOCH + timedelta(microseconds=micros)
+
+
+def lsn_to_int(lsn: str) -> int:
+    hi, lo = lsn.split("/")
+    return (int(hi, 16) << 32) | int(lo, 16)
+
+
+def int_to_lsn(value: int) -> str:
+    return f"{value >> 32:X}/{value & 0xFFFFFFFF:X}"
+
+
+def _string(data: bytes, pos: int) -> tuple[str, int]:
+    end = data.index(b"\0", pos)
+    return data[pos:end].decode("utf-8", "replace"), end + 1
+
+
+def _tuple(data: bytes, pos: int) -> tuple[Tuple, int]:
+    (ncols,) = _I16.unpack_from(data, pos)
+    pos += 2
+    values: Tuple = []
+    append = values.append
+    for _ in range(ncols):
+        kind = data[pos]
+        pos += 1
+        if kind == 0x74:  # 't' text
+            (length,) = _I32.unpack_from(data, pos)
+            pos += 4
+            if length < 0 or pos + length > len(data):
+                raise DecodeError("tuple value runs past the end of the message")
+            append(data[pos:pos + length])
+            pos += length
+        elif kind == 0x6E:  # 'n' null
+            append(None)
+        elif kind == 0x75:  # 'u' unchanged TOAST
+            append(UNCHANGED)
+        elif kind == 0x62:  # 'b' binary (only with the 'binary' option, which we never ask for)
+            raise DecodeError("binary tuple data is not supported")
+        else:
+            raise DecodeError(f"unknown tuple column kind {kind!r}")
+    return values, pos
+
+
+def _begin(data: bytes) -> Begin:
+    final_lsn, ts = struct.unpack_from(">Qq", data, 1)
+    (xid,) = _U32.unpack_from(data, 17)
+    return Begin(final_lsn, pg_timestamp(ts), xid)
+
+
+def _commit(data: bytes) -> Commit:
+    flags = data[1]
+    commit_lsn, end_lsn, ts = struct.unpack_from(">QQq", data, 2)
+    return Commit(flags, commit_lsn, end_lsn, pg_timestamp(ts))
+
+
+def _relation(data: bytes) -> Relation:
+    (relid,) = _U32.unpack_from(data, 1)
+    namespace, pos = _string(data, 5)
+    name, pos = _string(data, pos)
+    identity = chr(data[pos])
+    (ncols,) = _I16.unpack_from(data, pos + 1)
+    pos += 3
+    columns = []
+    for _ in range(ncols):
+        flags = data[pos]
+        colname, pos = _string(data, pos + 1)
+        type_oid, typmod = struct.unpack_from(">Ii", data, pos)
+        pos += 8
+        columns.append(Column(flags, colname, type_oid, typmod))
+    return Relation(relid, namespace or "pg_catalog", name, identity, columns)
+
+
+def _insert(data: bytes) -> Insert:
+    (relid,) = _U32.unpack_from(data, 1)
+    if data[5] != 0x4E:  # 'N'
+        raise DecodeError("insert without a new tuple")
+    new, _ = _tuple(data, 6)
+    return Insert(relid, new)
+
+
+def _update(data: bytes) -> Update:
+    (relid,) = _U32.unpack_from(data, 1)
+    pos = 5
+    old = None
+    old_is_key = False
+    if data[pos] in (0x4B, 0x4F):  # 'K' key, 'O' old tuple
+        old_is_key = data[pos] == 0x4B
+        old, pos = _tuple(data, pos + 1)
+    if data[pos] != 0x4E:
+        raise DecodeError("update without a new tuple")
+    new, _ = _tuple(data, pos + 1)
+    return Update(relid, old, old_is_key, new)
+
+
+def _delete(data: bytes) -> Delete:
+    (relid,) = _U32.unpack_from(data, 1)
+    kind = data[5]
+    if kind not in (0x4B, 0x4F):
+        raise DecodeError("delete without an old tuple")
+    old, _ = _tuple(data, 6)
+    return Delete(relid, old, kind == 0x4B)
+
+
+def _truncate(data: bytes) -> Truncate:
+    (count,) = _U32.unpack_from(data, 1)
+    options = data[5]
+    relids = list(struct.unpack_from(f">{count}I", data, 6))
+    return Truncate(options, relids)
+
+
+def _message(data: bytes) -> Message:
+    flags = data[1]
+    (lsn,) = _U64.unpack_from(data, 2)
+    prefix, pos = _string(data, 10)
+    (length,) = _I32.unpack_from(data, pos)
+    pos += 4
+    return Message(bool(flags & 1), lsn, prefix, bytes(data[pos:pos + length]))
+
+
+def _type(data: bytes) -> TypeMsg:
+    (oid,) = _U32.unpack_from(data, 1)
+    namespace, pos = _string(data, 5)
+    name, _ = _string(data, pos)
+    return TypeMsg(oid, namespace or "pg_catalog", name)
+
+
+def _origin(data: bytes) -> Origin:
+    (lsn,) = _U64.unpack_from(data, 1)
+    name, _ = _string(data, 9)
+    return Origin(lsn, name)
+
+
+_DECODERS = {
+    ord("B"): _begin,
+    ord("C"): _commit,
+    ord("R"): _relation,
+    ord("I"): _insert,
+    ord("U"): _update,
+    ord("D"): _delete,
+    ord("T"): _truncate,
+    ord("M"): _message,
+    ord("Y"): _type,
+    ord("O"): _origin,
+}
+
+
+def decode(data: bytes):
+    """One pgoutput message (bytes) -> its dataclass."""
+    if not data:
+        raise DecodeError("empty message")
+    decoder = _DECODERS.get(data[0])
+    if decoder is None:
+        raise DecodeError(f"unknown pgoutput message type {chr(data[0])!r}")
+    try:
+        return decoder(data)
+    except (struct.error, IndexError, ValueError) as exc:
+        if isinstance(exc, DecodeError):
+            raise
+        raise DecodeError(f"truncated or malformed {chr(data[0])!r} message: {exc}") from exc

@@ -1,0 +1,127 @@
+"""The destination side: ``changes`` rows and the checkpoint, in one transaction (I/O).
+
+Exactly once rests on this: the rows of whole source transactions and the
+checkpoint (the commit position of the last of them) commit together, and the
+slot is advanced only afterwards. A crash before the commit loses nothing (the
+slot still holds those transactions); a crash after it duplicates nothing (the
+checkpoint says they are stored and they are skipped).
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from importlib import resources
+
+import psycopg
+
+from bemi.worker import pgoutput as po
+from bemi.worker.slot import WorkerError
+from bemi.worker.stitch import ChangeRow
+
+__all__ = ["Sink", "Checkpoint"]
+
+log = logging.getLogger("bemi.worker")
+
+COPY_CHANGES = (
+    'COPY changes ("database", "schema", "table", "primary_key", "operation", "before", "after", '
+    '"context", "committed_at", "queued_at", "transaction_id", "position", "commit_position", '
+    '"change_index") FROM STDIN'
+)
+
+
+def _sql(name: str) -> str:
+    return resources.files("bemi").joinpath("sql", name).read_text()
+
+
+class Checkpoint:
+    def __init__(self, commit_lsn: int, end_lsn: int) -> None:
+        self.commit_lsn = commit_lsn
+        self.end_lsn = end_lsn
+
+
+class Sink:
+    def __init__(self, dsn: str, slot: str, database: str) -> None:
+        try:
+            self.conn = psycopg.connect(dsn, autocommit=False, application_name="bemi-worker")
+        except psycopg.OperationalError as exc:
+            raise WorkerError(f"cannot connect to the destination database: {exc}".strip()) from exc
+        self.slot = slot
+        self.database = database
+        self.in_transaction = False
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:  # pragma: no cover
+            pass
+
+    def ensure_tables(self) -> None:
+        """Create ``changes`` (+ indexes) and the checkpoint table when missing, and say so."""
+        conn = self.conn
+        existed = {
+            name: conn.execute("SELECT to_regclass(%s) IS NOT NULL", [name]).fetchone()[0]
+            for name in ("changes", "_bemi_worker_checkpoints")
+        }
+        try:
+            conn.execute(_sql("changes.sql"))
+            conn.execute(_sql("worker.sql"))
+            conn.commit()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            conn.rollback()
+            user = conn.info.user
+            raise WorkerError(
+                f"cannot create the changes table in the destination: role {user!r} needs CREATE on schema "
+                f"public (GRANT CREATE ON SCHEMA public TO \"{user}\";): {exc}"
+            ) from exc
+        if not existed["changes"]:
+            log.info("created table changes and its indexes in database %s", conn.info.dbname)
+        if not existed["_bemi_worker_checkpoints"]:
+            log.info("created table _bemi_worker_checkpoints (the worker's checkpoint) in database %s",
+                     conn.info.dbname)
+
+    def checkpoint(self) -> Checkpoint | None:
+        row = self.conn.execute(
+            "SELECT (commit_lsn - '0/0'::pg_lsn)::int8, (end_lsn - '0/0'::pg_lsn)::int8 "
+            "FROM _bemi_worker_checkpoints WHERE slot = %s AND database = %s",
+            [self.slot, self.database],
+        ).fetchone()
+        self.conn.rollback()
+        return Checkpoint(*row) if row else None
+
+    def write(self, rows: list[ChangeRow], queued_at: datetime) -> None:
+        """COPY rows into ``changes`` inside the open destination transaction (not committed)."""
+        if not rows:
+            return
+        self.in_transaction = True
+        database = self.database
+        with self.conn.cursor() as cur, cur.copy(COPY_CHANGES) as copy:
+            write_row = copy.write_row
+            for r in rows:
+                write_row((
+                    database, r.schema, r.table, r.primary_key, r.operation, r.before, r.after,
+                    r.context, r.committed_at, queued_at, r.transaction_id, r.position,
+                    r.commit_position, r.change_index,
+                ))
+
+    def commit(self, last: po.Commit, xid: int | None, changes: int) -> None:
+        """Store the checkpoint and commit it with the rows written since the last commit."""
+        self.conn.execute(
+            "INSERT INTO _bemi_worker_checkpoints AS c "
+            "(slot, database, commit_lsn, end_lsn, transaction_id, committed_at, changes, updated_at) "
+            "VALUES (%s, %s, %s::pg_lsn, %s::pg_lsn, %s, %s, %s, now()) "
+            "ON CONFLICT (slot, database) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, "
+            "end_lsn = EXCLUDED.end_lsn, transaction_id = EXCLUDED.transaction_id, "
+            "committed_at = EXCLUDED.committed_at, changes = c.changes + EXCLUDED.changes, updated_at = now()",
+            [self.slot, self.database, po.int_to_lsn(last.commit_lsn), po.int_to_lsn(last.end_lsn), xid,
+             last.commit_time, changes],
+        )
+        self.conn.commit()
+        self.in_transaction = False
+
+    def rollback(self) -> None:
+        try:
+            self.conn.rollback()
+        except psycopg.Error:
+            pass
+        self.in_transaction = False

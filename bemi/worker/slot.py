@@ -1,0 +1,345 @@
+"""The source side: publication, replication slot, reading and advancing (I/O).
+
+psycopg 3 has no replication-protocol API, so the slot is read with the SQL
+function ``pg_logical_slot_peek_binary_changes`` through a server-side cursor
+(fetched in chunks: a huge transaction never has to fit in memory), and moved
+on with ``pg_replication_slot_advance`` only after the destination commit.
+The SQL decoding functions only see WAL that is flushed to disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import errors, sql
+
+from bemi.worker import pgoutput as po
+from bemi.worker.values import BUILTIN_TYPES, TypeSpec
+
+__all__ = ["Source", "SlotState", "WorkerError", "SESSION_SETTINGS"]
+
+log = logging.getLogger("bemi.worker")
+
+#: The decoding session's settings: type output functions run in our backend,
+#: so values come out as in a UTC session with default styles (what to_jsonb shows).
+SESSION_SETTINGS = {
+    "TimeZone": "UTC",
+    "DateStyle": "ISO, MDY",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "1",
+    "bytea_output": "hex",
+    "lock_timeout": "5s",
+}
+LOCK_CLASS = 0x62656D69  # 'bemi'
+
+
+class WorkerError(RuntimeError):
+    """A condition the operator must fix; the worker exits with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class SlotState:
+    plugin: str
+    database: str
+    wal_status: str | None
+    confirmed_flush: int
+
+
+def _connect(dsn: str, autocommit: bool) -> psycopg.Connection:
+    try:
+        conn = psycopg.connect(dsn, autocommit=autocommit, application_name="bemi-worker")
+    except psycopg.OperationalError as exc:
+        raise WorkerError(f"cannot connect to the source database: {exc}".strip()) from exc
+    with conn.cursor() as cur:
+        for name, value in SESSION_SETTINGS.items():
+            cur.execute("SELECT set_config(%s, %s, false)", [name, value])
+    if not autocommit:
+        conn.commit()
+    return conn
+
+
+def _quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class Source:
+    """The source database: one connection reads the slot, one runs everything else."""
+
+    def __init__(self, dsn: str, slot: str, publication: str) -> None:
+        self.dsn = dsn
+        self.slot = slot
+        self.publication = publication
+        self.control = _connect(dsn, autocommit=True)
+        self.reader = _connect(dsn, autocommit=False)
+        row = self.control.execute(
+            "SELECT current_database(), current_user, r.rolsuper, r.rolreplication, "
+            "current_setting('wal_level'), current_setting('server_encoding') "
+            "FROM pg_roles r WHERE r.rolname = current_user"
+        ).fetchone()
+        self.database, self.user, self.superuser, self.replication, wal_level, self.encoding = row
+        if wal_level != "logical":
+            raise WorkerError(
+                f"wal_level is {wal_level!r} on the source: run ALTER SYSTEM SET wal_level = logical; "
+                "and restart PostgreSQL"
+            )
+        self._missing_identity_logged: set[str] = set()
+        self._pk_cache: dict[tuple, list[str]] = {}
+        self.all_tables = False
+
+    def close(self) -> None:
+        for conn in (self.reader, self.control):
+            try:
+                conn.close()
+            except Exception:  # pragma: no cover - closing a broken connection
+                pass
+
+    # -- one worker per slot ---------------------------------------------------------------
+
+    @property
+    def _lock_key(self) -> int:
+        return zlib.crc32(f"{self.database}/{self.slot}".encode()) & 0x7FFFFFFF
+
+    def lock(self) -> None:
+        """Take the advisory lock of this slot, or explain who holds it."""
+        got = self.control.execute("SELECT pg_try_advisory_lock(%s, %s)", [LOCK_CLASS, self._lock_key]).fetchone()[0]
+        if got:
+            return
+        holder = self.control.execute(
+            "SELECT l.pid, a.client_addr::text, a.backend_start FROM pg_locks l "
+            "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.classid = %s AND l.objid = %s AND l.objsubid = 2 AND l.granted",
+            [LOCK_CLASS, self._lock_key],
+        ).fetchone()
+        who = f" (its connection is backend pid {holder[0]}, since {holder[2]:%Y-%m-%d %H:%M:%S})" if holder else ""
+        raise WorkerError(
+            f"another bemi worker is already reading slot {self.slot!r} of database {self.database!r}{who}; "
+            "only one worker may run per slot. Stop it first, or use another --slot.",
+            exit_code=3,
+        )
+
+    # -- privileges, publication, slot ------------------------------------------------------
+
+    def check_privileges(self) -> None:
+        if not (self.superuser or self.replication):
+            raise WorkerError(
+                f"role {self.user!r} cannot read replication slots: it needs the REPLICATION attribute. "
+                f"As a superuser run: ALTER ROLE {_quote_ident(self.user)} REPLICATION;"
+            )
+
+    def ensure_publication(self) -> None:
+        row = self.control.execute(
+            "SELECT pg_get_userbyid(pubowner), puballtables, pg_has_role(pubowner, 'USAGE') "
+            "FROM pg_publication WHERE pubname = %s", [self.publication],
+        ).fetchone()
+        if row is None:
+            try:
+                self.control.execute(sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(self.publication)))
+            except errors.InsufficientPrivilege as exc:
+                raise WorkerError(
+                    f"cannot create publication {self.publication!r}: role {self.user!r} needs CREATE on the "
+                    f"database. Run: GRANT CREATE ON DATABASE {_quote_ident(self.database)} TO {_quote_ident(self.user)}; "
+                    f"(or create it as its owner: CREATE PUBLICATION {_quote_ident(self.publication)};)"
+                ) from exc
+            log.info("created publication %s (public tables except changes and _bemi* are added to it)",
+                     self.publication)
+            return
+        owner, all_tables, is_member = row
+        self.all_tables = all_tables
+        if not all_tables and not (is_member or self.superuser):
+            raise WorkerError(
+                f"publication {self.publication!r} belongs to {owner!r}, so role {self.user!r} cannot add tables "
+                f"to it. Run: ALTER PUBLICATION {_quote_ident(self.publication)} OWNER TO {_quote_ident(self.user)};"
+            )
+
+    def refresh_tables(self) -> list[str]:
+        """Put every trackable public table in the publication; return the names added.
+
+        A table without a usable replica identity would make the application's
+        UPDATE/DELETE fail once published, so it gets REPLICA IDENTITY FULL when
+        we own it, and is left out (and named in a warning) otherwise.
+        """
+        if self.all_tables:
+            return []
+        rows = self.control.execute(
+            """
+            SELECT c.oid, c.relname, c.relreplident,
+                   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+                   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident),
+                   pg_has_role(c.relowner, 'USAGE'),
+                   EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+                           WHERE p.pubname = %s AND pr.prrelid = c.oid)
+            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE n.nspname = 'public' AND c.relkind = 'r' AND NOT c.relispartition
+              AND c.relname <> 'changes' AND c.relname NOT LIKE '\\_bemi%%'
+            """,
+            [self.publication],
+        ).fetchall()
+        added = []
+        for _oid, name, ident, has_pk, has_ident_index, owned, published in rows:
+            usable = ident == "f" or (ident == "d" and has_pk) or (ident == "i" and has_ident_index)
+            table = sql.Identifier("public", name)
+            if not usable:
+                if owned or self.superuser:
+                    try:
+                        self.control.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(table))
+                        log.warning("set REPLICA IDENTITY FULL on public.%s: it has no primary key, and "
+                                    "published without a replica identity its UPDATE/DELETE would fail", name)
+                        usable = True
+                    except psycopg.Error as exc:
+                        log.warning("could not set REPLICA IDENTITY FULL on public.%s: %s", name, exc)
+                if not usable:
+                    if published:
+                        self.control.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+                            sql.Identifier(self.publication), table))
+                    if name not in self._missing_identity_logged:
+                        self._missing_identity_logged.add(name)
+                        log.warning("not tracking public.%s: it has no primary key or replica identity and we "
+                                    "may not set one (run ALTER TABLE public.%s REPLICA IDENTITY FULL; as its owner)",
+                                    name, name)
+                    continue
+            if not published:
+                try:
+                    self.control.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+                        sql.Identifier(self.publication), table))
+                except errors.InsufficientPrivilege as exc:
+                    if name not in self._missing_identity_logged:
+                        self._missing_identity_logged.add(name)
+                        log.warning("not tracking public.%s: %s (the table's owner must run the worker, or "
+                                    "ALTER PUBLICATION %s ADD TABLE public.%s;)", name, exc, self.publication, name)
+                    continue
+                except (errors.DuplicateObject, errors.LockNotAvailable, errors.UndefinedTable) as exc:
+                    log.info("will retry adding public.%s to the publication: %s", name, exc)
+                    continue
+                added.append(name)
+        if added:
+            log.info("tracking new tables: %s", ", ".join(added))
+        return added
+
+    def slot_state(self) -> SlotState | None:
+        row = self.control.execute(
+            "SELECT plugin, database, wal_status, (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 "
+            "FROM pg_replication_slots WHERE slot_name = %s", [self.slot],
+        ).fetchone()
+        return SlotState(*row) if row else None
+
+    def ensure_slot(self, checkpoint_lsn: int | None) -> SlotState:
+        """The slot, created when missing; never recreated once changes were written from it."""
+        state = self.slot_state()
+        if state is None:
+            if checkpoint_lsn is not None:
+                raise WorkerError(
+                    f"replication slot {self.slot!r} is missing, but changes up to {po.int_to_lsn(checkpoint_lsn)} "
+                    "were already written from it: changes since then may be lost and a new slot would hide "
+                    "that. If you accept the gap, delete the checkpoint row in _bemi_worker_checkpoints "
+                    f"(slot = '{self.slot}', database = '{self.database}') and start again."
+                )
+            try:
+                self.control.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [self.slot])
+            except errors.InsufficientPrivilege as exc:
+                raise WorkerError(
+                    f"cannot create replication slot {self.slot!r}: role {self.user!r} needs the REPLICATION "
+                    f"attribute (ALTER ROLE {_quote_ident(self.user)} REPLICATION;): {exc}"
+                ) from exc
+            log.info("created replication slot %s (pgoutput) on database %s", self.slot, self.database)
+            state = self.slot_state()
+        if state.plugin != "pgoutput" or state.database != self.database:
+            raise WorkerError(
+                f"replication slot {self.slot!r} exists but is for plugin {state.plugin!r} on database "
+                f"{state.database!r}; the worker needs a pgoutput slot on {self.database!r}. Use another --slot."
+            )
+        if state.wal_status == "lost":
+            raise WorkerError(
+                f"replication slot {self.slot!r} is invalidated (wal_status = 'lost'): the WAL it needed was "
+                "removed, so changes were lost. The worker will not recreate it silently: investigate, drop the "
+                "slot and the checkpoint row in _bemi_worker_checkpoints, then start again."
+            )
+        return state
+
+    # -- reading and advancing ---------------------------------------------------------------
+
+    def read(self, fetch_rows: int) -> Iterator[list[tuple[int, bytes]]]:
+        """Everything the slot holds now, in chunks of (LSN, pgoutput message) pairs."""
+        publications = _quote_ident(self.publication)
+        cur = self.reader.cursor(name="bemi_slot", binary=True)
+        try:
+            cur.execute(
+                "SELECT (lsn - '0/0'::pg_lsn)::int8, data FROM pg_logical_slot_peek_binary_changes("
+                "%s, NULL, NULL, 'proto_version', '1', 'publication_names', %s, 'messages', 'true')",
+                [self.slot, publications],
+            )
+            while True:
+                try:
+                    rows = cur.fetchmany(fetch_rows)
+                except errors.UndefinedObject as exc:
+                    raise WorkerError(f"replication slot {self.slot!r} disappeared while reading: {exc}") from exc
+                except errors.ObjectInUse as exc:
+                    raise WorkerError(f"replication slot {self.slot!r} is used by another process: {exc}",
+                                      exit_code=3) from exc
+                if not rows:
+                    break
+                yield rows
+        finally:
+            try:
+                cur.close()
+                self.reader.rollback()
+            except psycopg.Error:
+                pass
+
+    def advance(self, lsn: int) -> None:
+        """Confirm everything before ``lsn`` (never moves the slot backwards)."""
+        self.control.execute(
+            "SELECT pg_replication_slot_advance(slot_name, GREATEST(confirmed_flush_lsn, %s::pg_lsn)) "
+            "FROM pg_replication_slots WHERE slot_name = %s",
+            [po.int_to_lsn(lsn), self.slot],
+        )
+
+    def heartbeat(self) -> None:
+        self.control.execute("SELECT pg_logical_emit_message(true, '_bemi_heartbeat', now()::text)")
+
+    def lag_bytes(self, lsn: int) -> int:
+        return self.control.execute(
+            "SELECT (pg_current_wal_lsn() - %s::pg_lsn)::int8", [po.int_to_lsn(lsn)]
+        ).fetchone()[0]
+
+    # -- catalog ----------------------------------------------------------------------------
+
+    def forget_catalog(self) -> None:
+        self._pk_cache.clear()
+
+    def primary_key(self, rel: po.Relation) -> list[str]:
+        """Primary key column names of a relation (from the catalog, cached per relation shape)."""
+        key = (rel.relid, tuple(c.name for c in rel.columns))
+        names = self._pk_cache.get(key)
+        if names is None:
+            names = [r[0] for r in self.control.execute(
+                "SELECT a.attname FROM pg_index i "
+                "CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) "
+                "JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+                "WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.ord", [rel.relid],
+            ).fetchall()]
+            self._pk_cache[key] = names
+        return names
+
+    def type_spec(self, oid: int) -> TypeSpec | None:
+        """How to_jsonb shapes a type that is not built in (domains, enums, arrays...)."""
+        row = self.control.execute(
+            "SELECT t.typtype, t.typbasetype, t.typelem, e.typdelim, "
+            "t.typsubscript = 'array_subscript_handler'::regproc "
+            "FROM pg_type t LEFT JOIN pg_type e ON e.oid = t.typelem WHERE t.oid = %s", [oid],
+        ).fetchone()
+        if row is None:
+            return None
+        typtype, base, elem, delim, is_array = row
+        if typtype == "d":
+            return BUILTIN_TYPES.get(base) or self.type_spec(base)
+        if is_array and elem:
+            return TypeSpec("array", elem, delim or ",")
+        return TypeSpec("string")

@@ -1,0 +1,285 @@
+"""pgoutput messages -> ``changes`` rows, each with the application context in force.
+
+Pure (no I/O). Rules:
+
+* a row change gets the context of the *latest* transactional ``_bemi``
+  message before it in the same transaction; none -> ``{}``. Other prefixes
+  (``_bemi_heartbeat``, anything foreign) and non-transactional messages are ignored;
+* a context payload is untrusted: it must be UTF-8 JSON, an object, at most
+  1 MB; otherwise ``{}`` is used, counted and logged (never an exception);
+* transactions whose commit position is at or before ``skip_through`` (the
+  destination checkpoint) produce no rows: they were written already;
+* ``changes`` and tables named ``_bemi...`` are never tracked.
+"""
+
+from __future__ import annotations
+
+import decimal
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Callable
+
+from bemi.worker import pgoutput as po
+from bemi.worker.values import JsonValues, dump_string
+
+__all__ = ["ChangeRow", "Stitcher", "parse_context", "is_excluded", "MAX_CONTEXT_BYTES"]
+
+log = logging.getLogger("bemi.worker")
+
+MAX_CONTEXT_BYTES = 1024 * 1024
+CONTEXT_PREFIX = "_bemi"
+PRIMARY_KEY_MAX = 255
+
+
+def is_excluded(table: str) -> bool:
+    """Tables the worker never tracks: its destination and its bookkeeping (no feedback loop)."""
+    return table == "changes" or table.startswith("_bemi")
+
+
+@dataclass(slots=True)
+class ChangeRow:
+    schema: str
+    table: str
+    primary_key: str | None
+    operation: str
+    before: str  # JSON text
+    after: str  # JSON text
+    context: str  # JSON text
+    committed_at: datetime
+    transaction_id: int
+    position: int  # LSN of the change
+    commit_position: int  # LSN of the transaction's commit record
+    change_index: int  # order of the change inside its transaction (0-based)
+
+
+# -- context ------------------------------------------------------------------------------
+
+class _Reject(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _Reject(f"{name} is not JSON")
+
+
+def _dump(value: Any) -> str:
+    """Serialise what ``json.loads`` gave back so that ``jsonb`` accepts it."""
+    if isinstance(value, str):
+        return dump_string(value)
+    if isinstance(value, dict):
+        return "{" + ",".join(dump_string(k) + ":" + _dump(v) for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ",".join(_dump(v) for v in value) + "]"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if value is None:
+        return "null"
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite() or not -16000 < value.adjusted() < 130000:  # beyond PostgreSQL numeric
+            return dump_string(str(value))
+        return str(value)
+    return str(value)  # int
+
+
+def parse_context(content: bytes) -> tuple[str, str | None]:
+    """A ``_bemi`` payload -> (context JSON text, problem or None).
+
+    Numbers keep their exact text (decimals, no floats); NUL characters and
+    lone surrogates in strings become U+FFFD because ``jsonb`` cannot store them.
+    """
+    if len(content) > MAX_CONTEXT_BYTES:
+        return "{}", f"context of {len(content)} bytes is larger than 1 MB"
+    try:
+        value = json.loads(content.decode("utf-8"), parse_float=decimal.Decimal, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return "{}", f"context is not valid JSON ({type(exc).__name__})"
+    if not isinstance(value, dict):
+        return "{}", f"context is a JSON {type(value).__name__}, not an object"
+    try:
+        return _dump(value), None
+    except RecursionError:
+        return "{}", "context is nested too deeply"
+
+
+# -- relations ----------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Rel:
+    relation: po.Relation
+    keys: list[str]  # column names as JSON strings
+    formats: list[Callable[[bytes], str]]
+    key_flags: list[bool]  # replica identity key columns (for 'K' old tuples)
+    pk: list[int]  # positions of the primary key columns
+    excluded: bool
+
+
+PrimaryKeyLookup = Callable[[po.Relation], "list[str] | None"]
+
+
+class Stitcher:
+    """Feed it pgoutput messages in order; it appends change rows and reports commits."""
+
+    def __init__(
+        self,
+        values: JsonValues,
+        primary_key: PrimaryKeyLookup | None = None,
+        skip_through: int = 0,
+    ) -> None:
+        self.values = values
+        self.primary_key = primary_key
+        self.skip_through = skip_through
+        self.relations: dict[int, _Rel] = {}
+        self.bad_contexts = 0
+        self._begin: po.Begin | None = None
+        self._skip = False
+        self._context = "{}"
+        self._index = 0
+        self.last_xid: int | None = None  # xid of the transaction of the last Commit returned
+
+    def reset(self) -> None:
+        """Forget a transaction read only in part (the slot will hand it out again)."""
+        self._begin = None
+        self._skip = False
+
+    # The transaction being read (None between transactions).
+    @property
+    def in_transaction(self) -> bool:
+        return self._begin is not None
+
+    @property
+    def skipping(self) -> bool:
+        return self._skip
+
+    def feed(self, lsn: int, data: bytes, out: list[ChangeRow]) -> po.Commit | None:
+        """Decode one message; append its change rows to ``out``; return the Commit if it is one."""
+        msg = po.decode(data)
+        kind = type(msg)
+        if kind is po.Begin:
+            self._begin = msg
+            self._skip = msg.final_lsn <= self.skip_through
+            self._context = "{}"
+            self._index = 0
+        elif kind is po.Commit:
+            self.last_xid = self._begin.xid if self._begin is not None else None
+            self._begin = None
+            self._skip = False
+            return msg
+        elif kind is po.Relation:
+            self._relation(msg)
+        elif self._skip or self._begin is None:
+            pass
+        elif kind is po.Insert:
+            self._row(out, lsn, msg.relid, "CREATE", None, False, msg.new)
+        elif kind is po.Update:
+            self._row(out, lsn, msg.relid, "UPDATE", msg.old, msg.old_is_key, msg.new)
+        elif kind is po.Delete:
+            self._row(out, lsn, msg.relid, "DELETE", msg.old, msg.old_is_key, None)
+        elif kind is po.Truncate:
+            for relid in msg.relids:
+                rel = self.relations.get(relid)
+                if rel is None or rel.excluded:
+                    continue
+                out.append(self._change(rel, lsn, "TRUNCATE", None, "{}", "{}"))
+        elif kind is po.Message:
+            if msg.transactional and msg.prefix == CONTEXT_PREFIX:
+                self._context, problem = parse_context(msg.content)
+                if problem:
+                    self.bad_contexts += 1
+                    log.warning("ignoring the _bemi context at %s in transaction %s: %s",
+                                po.int_to_lsn(msg.lsn), self._begin.xid, problem)
+        return None
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _relation(self, rel: po.Relation) -> None:
+        names = [c.name for c in rel.columns]
+        pk_names = self.primary_key(rel) if self.primary_key else None
+        if not pk_names:
+            # No primary key in the catalog (or the table is gone): fall back on the
+            # replica identity key, unless that is every column (REPLICA IDENTITY FULL).
+            flagged = [c.name for c in rel.columns if c.flags & 1]
+            pk_names = flagged if 0 < len(flagged) < len(names) or rel.replica_identity in "di" else []
+        pk = [names.index(n) for n in pk_names if n in names]
+        self.relations[rel.relid] = _Rel(
+            relation=rel,
+            keys=[json.dumps(n, ensure_ascii=False) for n in names],
+            formats=[self.values.format(c.type_oid) for c in rel.columns],
+            key_flags=[bool(c.flags & 1) for c in rel.columns],
+            pk=pk,
+            excluded=is_excluded(rel.name),
+        )
+
+    def _object(self, rel: _Rel, values: list, key_only: bool = False, fallback: list | None = None) -> str:
+        parts = []
+        keys, formats = rel.keys, rel.formats
+        for i, value in enumerate(values):
+            if key_only and not rel.key_flags[i]:
+                continue
+            if value is po.UNCHANGED:
+                # An unchanged TOASTed value is not sent: take it from the old row.
+                value = fallback[i] if fallback is not None and i < len(fallback) else po.UNCHANGED
+                if value is po.UNCHANGED:
+                    continue  # unknown (no full old row): leave the key out rather than store NULL
+            if value is None:
+                parts.append(keys[i] + ":null")
+            else:
+                parts.append(keys[i] + ":" + formats[i](value))
+        return "{" + ",".join(parts) + "}"
+
+    def _primary_key(self, rel: _Rel, values: list | None, fallback: list | None) -> str | None:
+        if not rel.pk or values is None:
+            return None
+        raw = []
+        for i in rel.pk:
+            value = values[i] if i < len(values) else None
+            if value is po.UNCHANGED:
+                value = fallback[i] if fallback is not None else None
+            if value is po.UNCHANGED:
+                value = None
+            raw.append((i, value))
+        if len(raw) == 1:
+            value = raw[0][1]
+            if value is None:
+                return None
+            text = value.decode("utf-8", "replace")
+        else:
+            text = "[" + ",".join("null" if v is None else rel.formats[i](v) for i, v in raw) + "]"
+        return text[:PRIMARY_KEY_MAX]
+
+    def _row(self, out: list, lsn: int, relid: int, op: str, old: list | None, old_is_key: bool, new: list | None) -> None:
+        rel = self.relations.get(relid)
+        if rel is None:
+            raise po.DecodeError(f"change for relation {relid} before its Relation message")
+        if rel.excluded:
+            return
+        full_old = old if old is not None and not old_is_key else None
+        before = "{}" if old is None else self._object(rel, old, key_only=old_is_key)
+        after = "{}" if new is None else self._object(rel, new, fallback=full_old)
+        if new is not None:
+            pk = self._primary_key(rel, new, full_old)
+        else:
+            pk = self._primary_key(rel, old, None)
+        out.append(self._change(rel, lsn, op, pk, before, after))
+
+    def _change(self, rel: _Rel, lsn: int, op: str, pk: str | None, before: str, after: str) -> ChangeRow:
+        begin = self._begin
+        index = self._index
+        self._index += 1
+        return ChangeRow(
+            schema=rel.relation.namespace,
+            table=rel.relation.name,
+            primary_key=pk,
+            operation=op,
+            before=before,
+            after=after,
+            context=self._context,
+            committed_at=begin.commit_time,
+            transaction_id=begin.xid,
+            position=lsn,
+            commit_position=begin.final_lsn,
+            change_index=index,
+        )

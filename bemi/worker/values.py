@@ -1,0 +1,209 @@
+"""Column text values (as pgoutput sends them) -> JSON, exactly as ``to_jsonb()`` shows them.
+
+pgoutput sends every value as the text its type's output function produces in
+the decoding session (our source session runs with ``TimeZone=UTC``,
+``DateStyle=ISO``, ``IntervalStyle=postgres``, ``extra_float_digits=1``,
+``bytea_output=hex``: the defaults of a UTC session). ``to_jsonb`` starts from
+the same text and only changes its *shape*:
+
+* numbers (int2/4/8, float4/8, numeric) stay numbers, written as-is so that
+  ``numeric`` with many digits and ``bigint`` 2^63-1 are exact; ``NaN`` and
+  infinities become strings;
+* booleans become ``true``/``false``; ``json``/``jsonb`` are nested as JSON;
+* ``date``/``timestamp``/``timestamptz`` use the XSD form
+  (``2023-12-11T17:09:09.12+00:00``); infinities stay ``"infinity"``;
+* arrays become (nested) JSON arrays of their elements, each shaped by its own type;
+* everything else (text, uuid, bytea ``"\\x..."``, enums, intervals, ...) is
+  the output text as a JSON string.
+
+The result of each value is a JSON *fragment* (text), so no number ever goes
+through a float. Loaders are psycopg ``Loader`` classes registered in a
+psycopg ``AdaptersMap``: psycopg's own array loader parses array syntax
+(quoting, escaping, dimensions, NULLs) and calls our element loaders.
+
+Timestamps are reshaped as text rather than through ``datetime`` because
+Python's ``datetime`` cannot hold what PostgreSQL can (``infinity``, BC dates,
+years after 9999); a loader raising there would stop the worker on a valid row.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import psycopg
+from psycopg import pq
+from psycopg.adapt import AdaptersMap, Loader
+
+__all__ = ["TypeSpec", "JsonValues", "BUILTIN_TYPES", "sanitize_json_text", "dump_string"]
+
+Fragment = str  # a JSON value, as text
+Format = Callable[[bytes], Fragment]
+
+
+@dataclass(frozen=True)
+class TypeSpec:
+    """How ``to_jsonb`` shapes values of one type."""
+
+    category: str  # bool, number, json, jsonb, date, timestamp, timestamptz, array, string
+    elem_oid: int = 0  # arrays: element type
+    delimiter: str = ","  # arrays: element delimiter (';' for box)
+
+
+_ARRAY_OF = {
+    1000: 16, 1005: 21, 1007: 23, 1016: 20, 1021: 700, 1022: 701, 1231: 1700, 199: 114,
+    3807: 3802, 1182: 1082, 1115: 1114, 1185: 1184, 1009: 25, 1015: 1043, 1014: 1042,
+    2951: 2950, 1001: 17, 1183: 1083, 1270: 1266, 1187: 1186, 1028: 26, 1041: 869, 651: 650,
+}
+BUILTIN_TYPES: dict[int, TypeSpec] = {
+    16: TypeSpec("bool"),
+    **{oid: TypeSpec("number") for oid in (20, 21, 23, 700, 701, 1700)},
+    114: TypeSpec("json"),
+    3802: TypeSpec("jsonb"),
+    1082: TypeSpec("date"),
+    1114: TypeSpec("timestamp"),
+    1184: TypeSpec("timestamptz"),
+    **{oid: TypeSpec("string") for oid in (17, 18, 19, 25, 26, 1042, 1043, 2950, 1083, 1266, 1186, 869, 650)},
+    **{oid: TypeSpec("array", elem) for oid, elem in _ARRAY_OF.items()},
+}
+
+# -- JSON text helpers -------------------------------------------------------------------
+
+_JSON_ESCAPE = re.compile(
+    r"\\(u[dD][89abAB][0-9a-fA-F]{2}\\u[dD][c-fC-F][0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|.)", re.S
+)
+
+
+def _fix_escape(match: re.Match) -> str:
+    esc = match.group(1)
+    if len(esc) == 5:  # a single \uXXXX
+        code = int(esc[1:], 16)
+        if code == 0 or 0xD800 <= code <= 0xDFFF:
+            return "\\ufffd"
+    return match.group(0)
+
+
+def sanitize_json_text(text: str) -> str:
+    """JSON text -> the same JSON that ``jsonb`` accepts.
+
+    ``json`` columns (and the context) may hold the escape ``\\u0000`` or a lone
+    surrogate escape, which ``jsonb`` rejects; each becomes ``\\ufffd``
+    (U+FFFD REPLACEMENT CHARACTER). Escapes are matched left to right in
+    pairs, so an escaped backslash followed by ``u0000`` is left alone.
+    """
+    if "\\u" not in text:
+        return text
+    return _JSON_ESCAPE.sub(_fix_escape, text)
+
+
+_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
+
+
+def dump_string(text: str) -> Fragment:
+    """A Python string as a JSON string that ``jsonb`` accepts (NUL and lone surrogates -> U+FFFD)."""
+    if "\x00" in text or _BAD_CHARS.search(text):
+        text = _BAD_CHARS.sub("\ufffd", text)
+    return json.dumps(text, ensure_ascii=False)
+
+
+# -- scalar formats ----------------------------------------------------------------------
+
+_TZ_HOURS_ONLY = re.compile(r"([+-]\d\d)( BC)?$")
+
+
+def _make_formats(encoding: str) -> dict[str, Format]:
+    def string(data: bytes) -> Fragment:
+        return dump_string(data.decode(encoding, "replace"))
+
+    def boolean(data: bytes) -> Fragment:
+        return "true" if data == b"t" else "false"
+
+    def number(data: bytes) -> Fragment:
+        text = data.decode("ascii", "replace")
+        if "N" in text or "n" in text:  # NaN, Infinity, -Infinity
+            return '"' + text + '"'
+        return text
+
+    def json_value(data: bytes) -> Fragment:
+        return sanitize_json_text(data.decode(encoding, "replace"))
+
+    def jsonb_value(data: bytes) -> Fragment:
+        return data.decode(encoding, "replace")
+
+    def date(data: bytes) -> Fragment:
+        return '"' + data.decode("ascii", "replace") + '"'
+
+    def timestamp(data: bytes) -> Fragment:
+        text = data.decode("ascii", "replace")
+        if text[0].isdigit():
+            text = text.replace(" ", "T", 1)
+        return '"' + text + '"'
+
+    def timestamptz(data: bytes) -> Fragment:
+        text = data.decode("ascii", "replace")
+        if text[0].isdigit():
+            text = _TZ_HOURS_ONLY.sub(r"\1:00\2", text.replace(" ", "T", 1))
+        return '"' + text + '"'
+
+    return {
+        "string": string, "bool": boolean, "number": number, "json": json_value,
+        "jsonb": jsonb_value, "date": date, "timestamp": timestamp, "timestamptz": timestamptz,
+    }
+
+
+def _dump_nested(items: list[Any]) -> Fragment:
+    return "[" + ",".join(
+        "null" if x is None else (x if isinstance(x, str) else _dump_nested(x)) for x in items
+    ) + "]"
+
+
+# psycopg's text-format array loader (the C one when available), specialised per element type.
+# (text[]'s registered loader is a subclass of it with ``base_oid`` = text.)
+_ARRAY_LOADER_BASE: type = psycopg.adapters.get_loader(1009, pq.Format.TEXT).__mro__[1]
+
+
+class JsonValues:
+    """Type oid -> a function turning the value's text into its ``to_jsonb`` JSON fragment.
+
+    ``resolve(oid)`` is asked (once per type) about types that are not built in
+    (domains, enums, arrays of those...); returning ``None`` means "a string".
+    """
+
+    def __init__(self, resolve: Callable[[int], TypeSpec | None] | None = None, encoding: str = "utf-8"):
+        self._resolve = resolve
+        self._formats = _make_formats(encoding)
+        self._adapters = AdaptersMap(psycopg.adapters)
+        self._cache: dict[int, Format] = {}
+
+    def spec(self, oid: int) -> TypeSpec:
+        spec = BUILTIN_TYPES.get(oid)
+        if spec is None and self._resolve is not None:
+            spec = self._resolve(oid)
+        return spec or TypeSpec("string")
+
+    def format(self, oid: int) -> Format:
+        fmt = self._cache.get(oid)
+        if fmt is None:
+            fmt = self._cache[oid] = self._make(oid)
+        return fmt
+
+    def _make(self, oid: int) -> Format:
+        spec = self.spec(oid)
+        if spec.category != "array":
+            return self._formats.get(spec.category, self._formats["string"])
+        element = self.format(spec.elem_oid)
+        loader_cls = type("ElementFragmentLoader", (Loader,), {"load": lambda self, data, f=element: f(bytes(data))})
+        self._adapters.register_loader(spec.elem_oid, loader_cls)
+        array_cls = type(
+            "FragmentArrayLoader", (_ARRAY_LOADER_BASE,),
+            {"base_oid": spec.elem_oid, "delimiter": spec.delimiter.encode()},
+        )
+        array_loader = array_cls(oid, self._adapters)
+        load = array_loader.load
+
+        def array(data: bytes) -> Fragment:
+            return _dump_nested(load(data))
+
+        return array

@@ -1,0 +1,27 @@
+"""Fixtures of the query tests (imported by the test modules that use them)."""
+
+import pytest
+from django.db import connection
+
+from tests.queryapp.factory import Recorder, create_changes_table
+
+
+@pytest.fixture
+def recorder(db):
+    """A `changes` table (rolled back with the test) and a recorder writing into it."""
+    create_changes_table()
+    return Recorder()
+
+
+@pytest.fixture
+def tx_recorder(transactional_db):
+    """The same for tests that commit: leaves `changes` as it found it (absent, or emptied)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT to_regclass('changes') IS NOT NULL")
+        existed = cursor.fetchone()[0]
+    create_changes_table()
+    with connection.cursor() as cursor:
+        cursor.execute("TRUNCATE changes")
+    yield Recorder()
+    with connection.cursor() as cursor:
+        cursor.execute("TRUNCATE changes" if existed else "DROP TABLE changes")

@@ -24,7 +24,7 @@ _counter = itertools.count()
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_db_dsn(dbname: str | None = None) -> str:
+def db_dsn(dbname: str | None = None) -> str:
     from django.db import connections
 
     s = connections["default"].settings_dict
@@ -111,7 +111,7 @@ class WorkerEnv:
 
 @pytest.fixture
 def worker_env(transactional_db):
-    env = WorkerEnv(test_db_dsn())
+    env = WorkerEnv(db_dsn())
     try:
         yield env
     finally:

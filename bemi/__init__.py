@@ -13,10 +13,10 @@ __version__ = "0.2.0"
 
 _EXPORTS = {
     "BemiMiddleware": "bemi.middleware",
-    "get_bemi_context": "bemi.context",
-    "context": "bemi.context",
-    "set_context": "bemi.context",
-    "get_context": "bemi.context",
+    "get_bemi_context": "bemi.appcontext",
+    "context": "bemi.appcontext",
+    "set_context": "bemi.appcontext",
+    "get_context": "bemi.appcontext",
     "BemiRecordMixin": "bemi.mixins",
     "BemiDatabaseRouter": "bemi.routers",
 }
@@ -24,7 +24,7 @@ _EXPORTS = {
 __all__ = [*_EXPORTS, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from bemi.context import context, get_bemi_context, get_context, set_context
+    from bemi.appcontext import context, get_bemi_context, get_context, set_context
     from bemi.middleware import BemiMiddleware
     from bemi.mixins import BemiRecordMixin
     from bemi.routers import BemiDatabaseRouter

@@ -1,5 +1,288 @@
-"""The execute wrapper that puts the application context into the WAL."""
+"""The execute wrapper that puts the application context into the WAL.
+
+For each INSERT, UPDATE, DELETE, MERGE or data-modifying ``WITH`` that runs
+while a context is set, the wrapper sends
+
+    SELECT pg_logical_emit_message(true, '_bemi', %s::text); <the statement>
+
+in one query string, with the context JSON as a *bound parameter* (never
+pasted into SQL text), then calls ``cursor.nextset()`` so that ``rowcount``,
+``fetchone()`` and ``RETURNING`` rows are the user's statement's. The message
+is transactional: it is in the WAL, just before the row changes, only if
+the statement's transaction commits.
+
+Where one query string cannot hold two statements (``executemany``, a cursor
+with server-side binding, psycopg2) the message is sent as its own statement
+on the same connection and transaction (an atomic block is opened in
+autocommit mode).
+
+Tracking must never break the application: any failure while building the
+context runs the statement unchanged and logs one warning per cause.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from typing import Any, Callable
+
+from django.core.serializers.json import DjangoJSONEncoder
+from django.db import connections, transaction
+from django.db.backends.signals import connection_created
+
+from bemi.conf import MAX_CONTEXT_BYTES
+from bemi.appcontext import ContextError, Frame, current_frame
+from bemi.statements import is_tracked_write
+
+__all__ = ["bemi_execute_wrapper", "install_execute_wrapper", "uninstall_execute_wrapper", "build_payload"]
+
+logger = logging.getLogger("bemi")
+
+EMIT = "SELECT pg_logical_emit_message(true, '_bemi', %s::text); "
+EMIT_NAMED = "SELECT pg_logical_emit_message(true, '_bemi', %(__bemi_context)s::text); "
+EMIT_ALONE = "SELECT pg_logical_emit_message(true, '_bemi', %s::text)"
+PARAM_KEY = "__bemi_context"
+TRUNCATED = "... [truncated by bemi]"
+_INERROR = 3  # libpq PQTRANS_INERROR, same value in psycopg 3 and psycopg2
+
+_warned: set[str] = set()
+
+
+def _warn_once(cause: str, message: str) -> None:
+    if cause not in _warned:
+        _warned.add(cause)
+        logger.warning("bemi: context not attached (%s): %s. Statements still run; "
+                       "this warning is logged once per cause.", cause, message)
+
+
+# -- installation ----------------------------------------------------------------
 
 
 def install_execute_wrapper() -> None:
-    """Attach the wrapper to every PostgreSQL connection (not written yet)."""
+    """Attach the wrapper to every PostgreSQL connection, now and whenever one is opened."""
+    connection_created.connect(_on_connection_created, dispatch_uid="bemi.wrapper")
+    for conn in connections.all(initialized_only=True):
+        _attach(conn)
+
+
+def uninstall_execute_wrapper() -> None:
+    """Detach from the connections of this thread and stop attaching (benchmarks, tests)."""
+    connection_created.disconnect(dispatch_uid="bemi.wrapper")
+    for conn in connections.all(initialized_only=True):
+        while bemi_execute_wrapper in conn.execute_wrappers:
+            conn.execute_wrappers.remove(bemi_execute_wrapper)
+
+
+def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
+    _attach(connection)
+
+
+def _attach(conn: Any) -> None:
+    # First in the list (outermost): Django's ``connection.execute_wrapper()``
+    # context manager pops the *last* wrapper on exit, so appending ours while
+    # a user's block is open would get ours removed and theirs left behind.
+    if conn.vendor == "postgresql" and bemi_execute_wrapper not in conn.execute_wrappers:
+        conn.execute_wrappers.insert(0, bemi_execute_wrapper)
+
+
+# -- the wrapper -------------------------------------------------------------------
+
+
+def bemi_execute_wrapper(execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: dict) -> Any:
+    frame = current_frame()
+    if frame is None or type(sql) is not str or not is_tracked_write(sql):
+        return execute(sql, params, many, context)
+    db = context["connection"]
+    raw = context["cursor"].cursor
+    try:
+        payload = None if _must_skip(db, raw) else build_payload(frame, sql, _server_utf8(db))
+    except ContextError as exc:
+        _warn_once(exc.cause, str(exc))
+        payload = None
+    except Exception as exc:  # never break the application
+        _warn_once("internal", f"{type(exc).__name__}: {exc}")
+        payload = None
+    if payload is None:
+        return execute(sql, params, many, context)
+
+    if many or not _one_string_holds_two(raw):
+        return _execute_after_message(execute, sql, params, many, context, db, raw, payload)
+
+    if params is None:  # psycopg will now interpolate: keep literal % signs literal
+        sql, params = EMIT + sql.replace("%", "%%"), [payload]
+    elif isinstance(params, Mapping):
+        sql, params = EMIT_NAMED + sql, {**params, PARAM_KEY: payload}
+    else:
+        sql, params = EMIT + sql, [payload, *params]
+    result = execute(sql, params, many, context)
+    raw.nextset()  # from the message's SELECT to the user's statement
+    if db.queries_logged:
+        _log_only_users_statement(raw, payload)
+    return result
+
+
+def _log_only_users_statement(raw: Any, payload: str) -> None:
+    """Make Django's query log (DEBUG, ``CaptureQueriesContext``, debug toolbar) show the user's SQL.
+
+    Django reads the last query from psycopg's cursor; cut our message's
+    SELECT off its front. Only done while queries are logged.
+    """
+    query = getattr(raw, "_query", None)
+    text = getattr(query, "query", None)
+    if not isinstance(text, bytes):
+        return
+    try:
+        from psycopg import sql as pgsql
+
+        head = b"SELECT pg_logical_emit_message(true, '_bemi', " + pgsql.Literal(payload).as_bytes(raw) + b"::text); "
+        if text.startswith(head):
+            query.query = text[len(head):]
+    except Exception:  # cosmetic only
+        pass
+
+
+def _execute_after_message(
+    execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict, db: Any, raw: Any, payload: str
+) -> Any:
+    """The message as its own statement, in the same transaction as the user's."""
+    if db.get_autocommit():
+        with transaction.atomic(using=db.alias):
+            raw.execute(EMIT_ALONE, [payload])
+            return execute(sql, params, many, context)
+    raw.execute(EMIT_ALONE, [payload])
+    return execute(sql, params, many, context)
+
+
+_client_cursor_types: dict[type, bool] = {}
+
+
+def _one_string_holds_two(raw: Any) -> bool:
+    """Only psycopg 3's client-side-binding cursor runs ``a; b`` with parameters."""
+    cls = type(raw)
+    known = _client_cursor_types.get(cls)
+    if known is None:
+        try:
+            import psycopg
+
+            known = issubclass(cls, psycopg.ClientCursor)
+        except ImportError:
+            known = False
+        _client_cursor_types[cls] = known
+    return known
+
+
+def _must_skip(db: Any, raw: Any) -> bool:
+    """Failed transaction (the statement will fail anyway) or a named, server-side cursor."""
+    if db.needs_rollback or getattr(raw, "name", None):
+        return True
+    conn = raw.connection
+    info = getattr(conn, "info", None)
+    status = info.transaction_status if info is not None else conn.get_transaction_status()
+    return status == _INERROR
+
+
+def _server_utf8(db: Any) -> bool:
+    """Whether the server encoding is UTF8 (read once per physical connection)."""
+    raw_conn = db.connection
+    cached = db.__dict__.get("_bemi_server_utf8")
+    if cached is not None and cached[0] is raw_conn:
+        return cached[1]
+    info = getattr(raw_conn, "info", None)
+    encoding = info.parameter_status("server_encoding") if info is not None else raw_conn.get_parameter_status(
+        "server_encoding"
+    )
+    if isinstance(encoding, bytes):
+        encoding = encoding.decode()
+    utf8 = encoding == "UTF8"
+    db.__dict__["_bemi_server_utf8"] = (raw_conn, utf8)
+    return utf8
+
+
+# -- the payload -------------------------------------------------------------------
+
+
+class _Encoder(DjangoJSONEncoder):
+    """Django's encoder (datetime, Decimal, UUID, lazy strings...) plus sets as lists."""
+
+    def default(self, o: Any) -> Any:
+        if isinstance(o, (set, frozenset)):
+            try:
+                return sorted(o)
+            except TypeError:
+                return list(o)
+        return super().default(o)
+
+
+def _dumps(value: Any, utf8: bool) -> str:
+    return json.dumps(value, cls=_Encoder, ensure_ascii=not utf8, allow_nan=False)
+
+
+def _nbytes(text: str) -> int:
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def build_payload(frame: Frame, sql: str, utf8: bool) -> str | None:
+    """The context JSON for one statement: the frame's dict plus ``"SQL"``.
+
+    Equal to ``json.dumps({**context, "SQL": sql})``; the dict part is
+    serialised once per frame and the SQL spliced in. ``None``: no context.
+    """
+    head = frame.cache.get(utf8)
+    if head is None:
+        head = frame.cache[utf8] = _serialise_head(frame, utf8)
+    prefix, prefix_bytes, utf8 = head
+    if prefix is None:
+        return None
+    sql_json = _sql_json(sql, utf8)
+    if prefix_bytes + _nbytes(sql_json) + 1 > MAX_CONTEXT_BYTES:
+        _warn_once("sql-truncated", f"the SQL in the context was cut to keep it under {MAX_CONTEXT_BYTES} bytes")
+        sql_json = _truncated_sql_json(sql, MAX_CONTEXT_BYTES - prefix_bytes - 1, utf8)
+    return prefix + sql_json + "}"
+
+
+def _serialise_head(frame: Frame, utf8: bool) -> tuple[str | None, int, bool]:
+    """``'{"user_id": 1, "SQL": '``: the JSON before the SQL value, its size in bytes."""
+    try:
+        values = frame.resolve()
+    except ContextError as exc:
+        _warn_once(exc.cause, str(exc))
+        return None, 0, utf8
+    if values is None:
+        return None, 0, utf8
+    values.pop("SQL", None)  # ours wins
+    try:
+        text = _dumps(values, utf8)
+    except Exception as exc:
+        _warn_once("unserialisable", f"{type(exc).__name__}: {exc}")
+        return None, 0, utf8
+    prefix = text[:-1] + (', "SQL": ' if values else '"SQL": ')
+    try:
+        size = _nbytes(prefix)
+    except UnicodeEncodeError:  # lone surrogates: only valid as \u escapes
+        return _serialise_head(frame, False) if utf8 else (None, 0, utf8)
+    if size + len('""}') > MAX_CONTEXT_BYTES:
+        _warn_once("too-large", f"the context is {size} bytes of JSON, over the {MAX_CONTEXT_BYTES} bytes limit")
+        return None, 0, utf8
+    return prefix, size, utf8
+
+
+def _sql_json(sql: str, utf8: bool) -> str:
+    text = json.dumps(sql, ensure_ascii=not utf8)
+    if utf8 and not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = json.dumps(sql)
+    return text
+
+
+def _truncated_sql_json(sql: str, budget: int, utf8: bool) -> str:
+    """The longest ``sql[:n] + TRUNCATED`` whose JSON fits in ``budget`` bytes."""
+    n = min(len(sql), budget)
+    while True:
+        text = _sql_json(sql[:n] + TRUNCATED, utf8)
+        excess = _nbytes(text) - budget
+        if excess <= 0 or n == 0:
+            return text if excess <= 0 else '""'
+        n = max(0, n - excess)

@@ -8,3 +8,18 @@ def get_bemi_context(request):
         "method": request.method,
         "path": request.path,
     }
+
+
+def raising_context(request):
+    raise ValueError("the context function failed")
+
+
+def list_context(request):
+    return ["not", "a", "dict"]
+
+
+def none_context(request):
+    return None
+
+
+not_callable = 42

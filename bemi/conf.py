@@ -1,0 +1,49 @@
+"""Settings of the ``bemi`` app: one accessor per setting, with its default.
+
+Accessors read ``django.conf.settings`` on every call (cheap) so that
+``override_settings`` in tests and settings changed at run time are honoured.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
+#: Contexts whose JSON (with the ``"SQL"`` key) is larger than this are not sent.
+MAX_CONTEXT_BYTES = 1_000_000
+
+_resolved: dict[str, Callable[[Any], Any]] = {}
+
+
+def context_function_path() -> str | None:
+    """``BEMI_CONTEXT_FUNCTION``: dotted path to ``get_bemi_context(request) -> dict`` (default: unset)."""
+    return getattr(settings, "BEMI_CONTEXT_FUNCTION", None) or None
+
+
+def context_function() -> Callable[[Any], Any]:
+    """The callable named by ``BEMI_CONTEXT_FUNCTION``, imported once per path.
+
+    Raises ``ImproperlyConfigured`` with the reason when it is unset, cannot
+    be imported or is not callable.
+    """
+    path = context_function_path()
+    if path is None:
+        raise ImproperlyConfigured(
+            "BEMI_CONTEXT_FUNCTION is not set. Set it to the dotted path of a function "
+            "get_bemi_context(request) -> dict, e.g. 'your_project.utils.get_bemi_context'."
+        )
+    func = _resolved.get(path)
+    if func is None:
+        if not isinstance(path, str):
+            raise ImproperlyConfigured(f"BEMI_CONTEXT_FUNCTION must be a dotted path string, not {path!r}.")
+        try:
+            func = import_string(path)
+        except ImportError as exc:
+            raise ImproperlyConfigured(f"BEMI_CONTEXT_FUNCTION {path!r} cannot be imported: {exc}") from exc
+        if not callable(func):
+            raise ImproperlyConfigured(f"BEMI_CONTEXT_FUNCTION {path!r} is not callable ({type(func).__name__}).")
+        _resolved[path] = func
+    return func

@@ -1,0 +1,44 @@
+"""``BemiRecordMixin``: a model's own audit trail, from its instances and class.
+
+    class Todo(BemiRecordMixin, models.Model): ...
+
+    todo.bemi_changes()                 # every change of this row, oldest first
+    todo.bemi_changes('is_completed')   # the changes that changed one field
+    todo.bemi_as_of(when)               # the row as it was then (unsaved), or None
+    Todo.bemi_history(todo.pk)          # every version, oldest first
+
+The mixin adds no field and no database column.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bemi.querysets import BemiChangeQuerySet
+    from bemi.timetravel import BemiVersion
+
+
+class BemiRecordMixin:
+    def bemi_changes(self, field_name: str | None = None) -> "BemiChangeQuerySet":
+        """This row's changes (table = the model's db_table, primary_key = str(pk))."""
+        from bemi.models import BemiChange
+
+        if field_name is None:
+            return BemiChange.objects.record(type(self), self.pk)
+        return BemiChange.objects.field_changed(type(self), self.pk, field_name)
+
+    def bemi_as_of(self, when: dt.datetime) -> Any:
+        """This row as it was at ``when`` (an unsaved instance), or None if it did not exist."""
+        from bemi.models import BemiChange
+
+        return BemiChange.objects.as_of(type(self), self.pk, when)
+
+    @classmethod
+    def bemi_history(cls, primary_key: Any) -> Iterator["BemiVersion"]:
+        """``(change, record)`` for every version of the row, oldest first."""
+        from bemi.models import BemiChange
+        from bemi.timetravel import history
+
+        return history(BemiChange.objects.all(), cls, primary_key)

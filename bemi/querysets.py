@@ -1,0 +1,138 @@
+"""The chainable helpers of ``BemiChange.objects``.
+
+JSON filters use containment (``@>``) so that PostgreSQL can answer them
+from the GIN ``jsonb_path_ops`` indexes on ``before``, ``after`` and
+``context``. Time travel lives in ``bemi.timetravel``, revert in
+``bemi.revert``; the queryset only gives them a chainable entry point.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from django.db import models
+from django.db.models import BooleanField, Func, Q
+from django.db.models.fields.json import KeyTransform
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bemi.revert import RevertAction
+
+#: Oldest-first order of changes: commit time, then the commit's WAL position
+#: (two transactions may share a timestamp), then the order inside the transaction.
+CHRONOLOGICAL = ("committed_at", "commit_position", "change_index")
+
+
+class _IsDistinctFrom(Func):
+    """``a IS DISTINCT FROM b``: true when the values differ, NULL counting as a value."""
+
+    arg_joiner = " IS DISTINCT FROM "
+    template = "(%(expressions)s)"
+    output_field = BooleanField()
+
+
+def _require_dict(helper: str, values: Any) -> dict:
+    if not isinstance(values, dict):
+        raise TypeError(
+            f"BemiChange.objects.{helper}() takes a dict of JSON values to match, "
+            f"e.g. {helper}({{'is_completed': True}}); got {type(values).__name__} {values!r}"
+        )
+    return values
+
+
+class BemiChangeQuerySet(models.QuerySet):
+    # -- JSON containment --------------------------------------------------------
+    def before(self, values: dict) -> "BemiChangeQuerySet":
+        """Changes whose ``before`` contains these column values."""
+        return self.filter(before__contains=_require_dict("before", values))
+
+    def before_not(self, values: dict) -> "BemiChangeQuerySet":
+        """Changes whose ``before`` does not contain these column values."""
+        return self.exclude(before__contains=_require_dict("before_not", values))
+
+    def after(self, values: dict) -> "BemiChangeQuerySet":
+        """Changes whose ``after`` contains these column values."""
+        return self.filter(after__contains=_require_dict("after", values))
+
+    def after_not(self, values: dict) -> "BemiChangeQuerySet":
+        """Changes whose ``after`` does not contain these column values."""
+        return self.exclude(after__contains=_require_dict("after_not", values))
+
+    def context(self, values: dict) -> "BemiChangeQuerySet":
+        """Changes made under a context containing these values."""
+        return self.filter(context__contains=_require_dict("context", values))
+
+    def context_not(self, values: dict) -> "BemiChangeQuerySet":
+        """Changes made under a context not containing these values."""
+        return self.exclude(context__contains=_require_dict("context_not", values))
+
+    # -- operations and order ----------------------------------------------------
+    def created(self) -> "BemiChangeQuerySet":
+        return self.filter(operation="CREATE")
+
+    def updated(self) -> "BemiChangeQuerySet":
+        return self.filter(operation="UPDATE")
+
+    def deleted(self) -> "BemiChangeQuerySet":
+        return self.filter(operation="DELETE")
+
+    def asc(self) -> "BemiChangeQuerySet":
+        """Oldest first (the default order)."""
+        return self.order_by(*CHRONOLOGICAL)
+
+    def desc(self) -> "BemiChangeQuerySet":
+        """Newest first."""
+        return self.order_by(*(f"-{name}" for name in CHRONOLOGICAL))
+
+    # -- one record ----------------------------------------------------------------
+    def record(self, model_or_table: Any, primary_key: Any) -> "BemiChangeQuerySet":
+        """The changes of one row, given a model (class or instance) or a table name."""
+        from bemi.timetravel import check_primary_key, resolve_table
+
+        table, _ = resolve_table(model_or_table, self.db)
+        return self.filter(table=table, primary_key=check_primary_key(primary_key))
+
+    def field_changed(self, table: Any, primary_key: Any, field_name: str) -> "BemiChangeQuerySet":
+        """Changes of one row that changed the value of ``field_name`` (a column name).
+
+        A CREATE counts when it set the column, a DELETE when the row had it.
+        An UPDATE whose ``before`` was not recorded (no ``REPLICA IDENTITY
+        FULL``) cannot be told apart and counts as a change.
+        """
+        if not isinstance(field_name, str) or not field_name:
+            raise TypeError(f"field_changed() takes the column name as a string, e.g. 'is_completed'; got {field_name!r}")
+        column = _column_name(table, field_name)
+        return self.record(table, primary_key).filter(
+            Q(operation="CREATE", after__has_key=column)
+            | Q(operation="DELETE", before__has_key=column)
+            | Q(
+                _IsDistinctFrom(KeyTransform(column, "before"), KeyTransform(column, "after")),
+                operation="UPDATE",
+            )
+        )
+
+    # -- time travel and revert ----------------------------------------------------
+    def as_of(self, model_or_table: Any, primary_key: Any, when: datetime) -> Any:
+        """The row as it was at ``when``: a model instance (unsaved) or a dict, or None."""
+        from bemi.timetravel import as_of
+
+        return as_of(self, model_or_table, primary_key, when)
+
+    def revert(self, *, force: bool = False, using: str | None = None) -> list["RevertAction"]:
+        """Undo these changes, newest first, in one transaction (see ``bemi.revert``)."""
+        from bemi.revert import revert
+
+        return revert(self, force=force, using=using)
+
+
+def _column_name(model_or_table: Any, field_name: str) -> str:
+    """Accept a model field name (``author``) where the JSON has the column (``author_id``)."""
+    model = model_or_table if isinstance(model_or_table, type) else getattr(model_or_table, "__class__", None)
+    meta = getattr(model, "_meta", None)
+    if meta is None:
+        return field_name
+    try:
+        field = meta.get_field(field_name)
+    except Exception:
+        return field_name
+    return getattr(field, "column", None) or field_name

@@ -1,0 +1,167 @@
+"""Time travel: a row as it was at a given moment, rebuilt from its changes.
+
+The state at ``when`` is the ``after`` of the row's last change at or before
+``when`` (nothing if that change is a DELETE). When there is no such change
+but a later one exists, the row may predate tracking: the later change's
+``before`` is the state then (it needs ``REPLICA IDENTITY FULL``).
+Exact results therefore need every change recorded since the row was created
+and ``REPLICA IDENTITY FULL`` on the table (the ``bemi`` migration sets it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
+
+from django.apps import apps
+from django.core.exceptions import ValidationError
+from django.db import models
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bemi.models import BemiChange
+    from bemi.querysets import BemiChangeQuerySet
+
+
+class UnknownTableError(LookupError):
+    """A table name that neither a Django model nor any recorded change uses."""
+
+
+class TimeTravelError(ValueError):
+    """The recorded changes cannot tell the state asked for."""
+
+
+# Tables seen in `changes`, per database alias: a table that has changes keeps them.
+_known_tables: dict[str, set[str]] = {}
+
+
+def resolve_table(model_or_table: Any, using: str) -> tuple[str, type[models.Model] | None]:
+    """``(table name, model or None)`` for a model class, a model instance or a table name."""
+    if isinstance(model_or_table, models.Model):
+        model_or_table = type(model_or_table)
+    if isinstance(model_or_table, type) and issubclass(model_or_table, models.Model):
+        return model_or_table._meta.db_table, model_or_table
+    if not isinstance(model_or_table, str) or not model_or_table:
+        raise TypeError(
+            "Pass a model class, a model instance or a table name (its db_table, "
+            f"e.g. 'myapp_todo'); got {type(model_or_table).__name__} {model_or_table!r}"
+        )
+    table = model_or_table
+    if table in _known_tables.get(using, ()) or any(m._meta.db_table == table for m in apps.get_models()):
+        return table, None
+    from bemi.models import BemiChange
+
+    if BemiChange.objects.using(using).filter(table=table).exists():
+        _known_tables.setdefault(using, set()).add(table)
+        return table, None
+    raise UnknownTableError(
+        f"Unknown table {table!r}: no Django model has this db_table and no change of it is "
+        "recorded. Pass the table name as stored in changes.table (the model's "
+        "_meta.db_table, e.g. 'myapp_todo', not the model name), or the model class itself."
+    )
+
+
+def check_when(when: Any) -> dt.datetime:
+    if not isinstance(when, dt.datetime):
+        raise TypeError(
+            f"'when' must be a timezone-aware datetime, e.g. django.utils.timezone.now(); "
+            f"got {type(when).__name__} {when!r}"
+        )
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise ValueError(
+            f"'when' is a naive datetime ({when.isoformat()}): without a time zone it is ambiguous. "
+            "Pass an aware one, e.g. django.utils.timezone.make_aware(when) or "
+            "datetime(..., tzinfo=datetime.timezone.utc)."
+        )
+    return when
+
+
+def check_primary_key(primary_key: Any) -> str:
+    if primary_key is None or isinstance(primary_key, (dict, list, tuple, set)):
+        raise TypeError(f"primary_key must be a single value such as 26 or '26'; got {primary_key!r}")
+    return str(primary_key)
+
+
+def as_of(
+    changes: "BemiChangeQuerySet", model_or_table: Any, primary_key: Any, when: dt.datetime
+) -> models.Model | dict | None:
+    """The row at ``when``: an unsaved model instance (for a model), a dict (for a
+    table name), or None if the row did not exist then."""
+    when = check_when(when)
+    table, model = resolve_table(model_or_table, changes.db)
+    of_row = changes.model._default_manager.using(changes.db).filter(
+        table=table, primary_key=check_primary_key(primary_key)
+    )
+    values = _values_at(of_row, when)
+    if values is None:
+        return None
+    return to_instance(model, values) if model is not None else dict(values)
+
+
+def _values_at(of_row: "BemiChangeQuerySet", when: dt.datetime) -> dict | None:
+    last = of_row.filter(committed_at__lte=when).desc().first()
+    if last is not None:
+        return None if last.operation in ("DELETE", "TRUNCATE") else last.after
+    following = of_row.filter(committed_at__gt=when).asc().first()
+    if following is None or following.operation == "CREATE":
+        return None
+    if not following.before:
+        raise TimeTravelError(
+            f"Row {following.primary_key} of {following.table} existed before its first recorded change "
+            f"({following.operation} at {following.committed_at.isoformat()}, id {following.id}), "
+            "which has no 'before' values. Run ALTER TABLE ... REPLICA IDENTITY FULL on the table "
+            "(the bemi migration does) so that the worker records them."
+        )
+    return following.before
+
+
+def to_instance(model: type[models.Model], values: dict) -> models.Model:
+    """An unsaved instance of ``model`` from a JSON row (keys are column names).
+
+    Columns missing from ``values`` (added to the table later) keep the field default.
+    """
+    kwargs = {}
+    for field in model._meta.concrete_fields:
+        if field.column in values:
+            kwargs[field.attname] = _to_python(field, values[field.column])
+    return model(**kwargs)
+
+
+def _to_python(field: models.Field, value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(field, models.DecimalField) and isinstance(value, float):
+        value = Decimal(repr(value))  # shortest round-tripping text, not the binary expansion
+    elif isinstance(field, models.BinaryField) and isinstance(value, str) and value.startswith("\\x"):
+        return bytes.fromhex(value[2:])  # to_jsonb shows bytea as '\x...'
+    try:
+        return field.to_python(value)
+    except ValidationError as error:
+        raise TimeTravelError(
+            f"Cannot read column {field.column!r} of {field.model.__name__} from the recorded value "
+            f"{value!r}: {'; '.join(error.messages)}"
+        ) from error
+
+
+class BemiVersion(NamedTuple):
+    """One version of a row: the change that made it and the row after it (None once deleted)."""
+
+    change: "BemiChange"
+    record: Any
+
+
+def history(
+    changes: "BemiChangeQuerySet", model_or_table: Any, primary_key: Any
+) -> Iterator[BemiVersion]:
+    """Every version of a row, oldest first."""
+    table, model = resolve_table(model_or_table, changes.db)
+    of_row = changes.model._default_manager.using(changes.db).filter(
+        table=table, primary_key=check_primary_key(primary_key)
+    )
+    for change in of_row.asc().iterator():
+        if change.operation in ("DELETE", "TRUNCATE"):
+            yield BemiVersion(change, None)
+        elif model is not None:
+            yield BemiVersion(change, to_instance(model, change.after))
+        else:
+            yield BemiVersion(change, dict(change.after))

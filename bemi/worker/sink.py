@@ -49,6 +49,9 @@ class Sink:
         self.slot = slot
         self.database = database
         self.in_transaction = False
+        self._cursor: psycopg.Cursor | None = None
+        self._copy_cm = None
+        self._copy = None
 
     def close(self) -> None:
         try:
@@ -90,22 +93,43 @@ class Sink:
         return Checkpoint(*row) if row else None
 
     def write(self, rows: list[ChangeRow], queued_at: datetime) -> None:
-        """COPY rows into ``changes`` inside the open destination transaction (not committed)."""
+        """Stream rows into ``changes`` inside the open destination transaction (not committed).
+
+        One COPY stays open until the commit, so the server inserts (and updates
+        the indexes) while we decode the next rows: the only wait is at the commit.
+        """
         if not rows:
             return
-        self.in_transaction = True
+        if self._copy is None:
+            self.in_transaction = True
+            self._cursor = self.conn.cursor()
+            self._copy_cm = self._cursor.copy(COPY_CHANGES)
+            self._copy = self._copy_cm.__enter__()
         database = self.database
-        with self.conn.cursor() as cur, cur.copy(COPY_CHANGES) as copy:
-            write_row = copy.write_row
-            for r in rows:
-                write_row((
-                    database, r.schema, r.table, r.primary_key, r.operation, r.before, r.after,
-                    r.context, r.committed_at, queued_at, r.transaction_id, r.position,
-                    r.commit_position, r.change_index,
-                ))
+        write_row = self._copy.write_row
+        for r in rows:
+            write_row((
+                database, r.schema, r.table, r.primary_key, r.operation, r.before, r.after,
+                r.context, r.committed_at, queued_at, r.transaction_id, r.position,
+                r.commit_position, r.change_index,
+            ))
+
+    def _end_copy(self, error: BaseException | None = None) -> None:
+        if self._copy is None:
+            return
+        cm, self._copy, self._copy_cm = self._copy_cm, None, None
+        try:
+            if error is None:
+                cm.__exit__(None, None, None)
+            else:
+                cm.__exit__(type(error), error, None)
+        finally:
+            self._cursor.close()
+            self._cursor = None
 
     def commit(self, last: po.Commit, xid: int | None, changes: int) -> None:
         """Store the checkpoint and commit it with the rows written since the last commit."""
+        self._end_copy()
         self.conn.execute(
             "INSERT INTO _bemi_worker_checkpoints AS c "
             "(slot, database, commit_lsn, end_lsn, transaction_id, committed_at, changes, updated_at) "
@@ -120,6 +144,10 @@ class Sink:
         self.in_transaction = False
 
     def rollback(self) -> None:
+        try:
+            self._end_copy(RuntimeError("rolled back"))
+        except Exception:
+            pass
         try:
             self.conn.rollback()
         except psycopg.Error:

@@ -110,7 +110,7 @@ def parse_context(content: bytes) -> tuple[str, str | None]:
 @dataclass(slots=True)
 class _Rel:
     relation: po.Relation
-    keys: list[str]  # column names as JSON strings
+    keys: list[str]  # column names as JSON strings, followed by ':'
     formats: list[Callable[[bytes], str]]
     key_flags: list[bool]  # replica identity key columns (for 'K' old tuples)
     pk: list[int]  # positions of the primary key columns
@@ -206,7 +206,7 @@ class Stitcher:
         pk = [names.index(n) for n in pk_names if n in names]
         self.relations[rel.relid] = _Rel(
             relation=rel,
-            keys=[json.dumps(n, ensure_ascii=False) for n in names],
+            keys=[json.dumps(n, ensure_ascii=False) + ":" for n in names],
             formats=[self.values.format(c.type_oid) for c in rel.columns],
             key_flags=[bool(c.flags & 1) for c in rel.columns],
             pk=pk,
@@ -214,6 +214,11 @@ class Stitcher:
         )
 
     def _object(self, rel: _Rel, values: list, key_only: bool = False, fallback: list | None = None) -> str:
+        if not key_only and po.UNCHANGED not in values:  # the common case, kept fast
+            return "{" + ",".join([
+                key + ("null" if value is None else fmt(value))
+                for key, fmt, value in zip(rel.keys, rel.formats, values)
+            ]) + "}"
         parts = []
         keys, formats = rel.keys, rel.formats
         for i, value in enumerate(values):
@@ -224,10 +229,7 @@ class Stitcher:
                 value = fallback[i] if fallback is not None and i < len(fallback) else po.UNCHANGED
                 if value is po.UNCHANGED:
                     continue  # unknown (no full old row): leave the key out rather than store NULL
-            if value is None:
-                parts.append(keys[i] + ":null")
-            else:
-                parts.append(keys[i] + ":" + formats[i](value))
+            parts.append(keys[i] + ("null" if value is None else formats[i](value)))
         return "{" + ",".join(parts) + "}"
 
     def _primary_key(self, rel: _Rel, values: list | None, fallback: list | None) -> str | None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import re
+from json.encoder import encode_basestring  # the C encoder of json.dumps(str, ensure_ascii=False)
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -115,7 +116,8 @@ _TZ_HOURS_ONLY = re.compile(r"([+-]\d\d)( BC)?$")
 
 def _make_formats(encoding: str) -> dict[str, Format]:
     def string(data: bytes) -> Fragment:
-        return dump_string(data.decode(encoding, "replace"))
+        # Decoded server text holds no NUL and (decoding with "replace") no lone surrogate.
+        return encode_basestring(data.decode(encoding, "replace"))
 
     def boolean(data: bytes) -> Fragment:
         return "true" if data == b"t" else "false"

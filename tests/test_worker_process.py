@@ -30,6 +30,26 @@ def wait_for(predicate, timeout=30.0, interval=0.05):
     return False
 
 
+def wait_for_line(proc: subprocess.Popen, text: str, timeout: float = 30.0) -> bool:
+    """Read the process's stderr until a line contains ``text``."""
+    import selectors
+
+    selector = selectors.DefaultSelector()
+    selector.register(proc.stderr, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if selector.select(timeout=0.1):
+                line = proc.stderr.readline()
+                if not line:
+                    return False
+                if text in line:
+                    return True
+        return False
+    finally:
+        selector.unregister(proc.stderr)
+
+
 def mixed_workload(dsn: str, seconds: float, seed: int = 7) -> int:
     """Committed and rolled-back writes of every kind; returns the number of changes committed."""
     rng = random.Random(seed)
@@ -112,7 +132,8 @@ def test_repeated_kill_9_loses_and_duplicates_nothing(worker_env):
         while workload.is_alive() or kills < 10:
             count_before = env.execute("SELECT count(*) FROM changes")[0][0]
             proc = env.spawn("--batch-rows", "700", "--poll-interval", "0.02")
-            time.sleep(rng.uniform(0.15, 0.8))
+            assert wait_for_line(proc, "reading slot")  # set up: from now on it reads and writes
+            time.sleep(rng.uniform(0.02, 0.5))
             proc.send_signal(signal.SIGKILL)
             assert proc.wait() == -signal.SIGKILL
             kills += 1

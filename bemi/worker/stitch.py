@@ -15,6 +15,7 @@ Pure (no I/O). Rules:
 from __future__ import annotations
 
 import decimal
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -90,7 +91,14 @@ def parse_context(content: bytes) -> tuple[str, str | None]:
 
     Numbers keep their exact text (decimals, no floats); NUL characters and
     lone surrogates in strings become U+FFFD because ``jsonb`` cannot store them.
+    The same context is usually sent with many statements: small ones are cached.
     """
+    if len(content) <= 16384:
+        return _parse_context_cached(content)
+    return _parse_context(content)
+
+
+def _parse_context(content: bytes) -> tuple[str, str | None]:
     if len(content) > MAX_CONTEXT_BYTES:
         return "{}", f"context of {len(content)} bytes is larger than 1 MB"
     try:
@@ -103,6 +111,9 @@ def parse_context(content: bytes) -> tuple[str, str | None]:
         return _dump(value), None
     except RecursionError:
         return "{}", "context is nested too deeply"
+
+
+_parse_context_cached = functools.lru_cache(maxsize=512)(_parse_context)
 
 
 # -- relations ----------------------------------------------------------------------------

@@ -104,9 +104,9 @@ _BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
 
 def dump_string(text: str) -> Fragment:
     """A Python string as a JSON string that ``jsonb`` accepts (NUL and lone surrogates -> U+FFFD)."""
-    if "\x00" in text or _BAD_CHARS.search(text):
+    if _BAD_CHARS.search(text):
         text = _BAD_CHARS.sub("\ufffd", text)
-    return json.dumps(text, ensure_ascii=False)
+    return encode_basestring(text)
 
 
 # -- scalar formats ----------------------------------------------------------------------

@@ -274,3 +274,30 @@ def test_help_documents_the_options():
     for word in ("--once", "--slot", "--publication", "--dsn", "--destination-dsn", "DB_HOST", "DB_PASSWORD",
                  "DESTINATION_DB_", "REPLICATION", "exit status"):
         assert word in result.stdout
+
+
+def test_configured_by_environment_like_the_published_image(worker_env):
+    env = worker_env
+    dest_db = f"bemi_dest_{os.getpid()}"
+    env.execute(f"DROP DATABASE IF EXISTS {dest_db}")
+    env.execute(f"CREATE DATABASE {dest_db}")
+    try:
+        env.execute("CREATE TABLE env_w (id int PRIMARY KEY)")
+        params = dict(p.split("=", 1) for p in env.dsn.split())
+        environ = {**os.environ, "DB_HOST": params["host"], "DB_PORT": params["port"], "DB_NAME": params["dbname"],
+                   "DB_USER": params["user"], "DB_PASSWORD": "unused", "DESTINATION_DB_HOST": params["host"],
+                   "DESTINATION_DB_PORT": params["port"], "DESTINATION_DB_NAME": dest_db,
+                   "DESTINATION_DB_USER": params["user"]}
+        args = [sys.executable, "-m", "bemi.cli", "--once", "--slot", env.slot, "--publication", env.publication]
+        first = subprocess.run(args, env=environ, capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert first.returncode == 0, first.stderr
+        env.execute("INSERT INTO env_w VALUES (1)")
+        second = subprocess.run(args, env=environ, capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert second.returncode == 0, second.stderr
+        assert "wrote 1 changes" in second.stderr
+        with psycopg.connect(db_dsn(dest_db)) as dest:
+            assert dest.execute('SELECT "table", operation, after::text FROM changes').fetchall() == [
+                ("env_w", "CREATE", '{"id": 1}')]
+        assert env.execute("SELECT to_regclass('changes')")[0][0] is None or env.changes() == []
+    finally:
+        env.execute(f"DROP DATABASE IF EXISTS {dest_db} WITH (FORCE)")

@@ -223,7 +223,9 @@ def main_loop(config: Config) -> int:
         log.info("received %s: finishing the batch in hand, then exiting", signal.Signals(signum).name)
         worker.stop()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signals can only be handled there
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = worker.run()
         log.info("stopped; %d changes written", worker.written)

@@ -10,6 +10,7 @@ checkpoint says they are stored and they are skipped).
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime
 from importlib import resources
 
@@ -34,6 +35,15 @@ def _sql(name: str) -> str:
     return resources.files("bemi").joinpath("sql", name).read_text()
 
 
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]")
+
+
+def _copy_text(value: str) -> str:
+    """A value in COPY's text format (backslash, tab, newline and carriage return escaped)."""
+    return value.translate(_COPY_ESCAPES) if _NEEDS_ESCAPE.search(value) else value
+
+
 class Checkpoint:
     def __init__(self, commit_lsn: int, end_lsn: int) -> None:
         self.commit_lsn = commit_lsn
@@ -46,12 +56,15 @@ class Sink:
             self.conn = psycopg.connect(dsn, autocommit=False, application_name="bemi-worker")
         except psycopg.OperationalError as exc:
             raise WorkerError(f"cannot connect to the destination database: {exc}".strip()) from exc
+        self.conn.execute("SET client_encoding TO 'UTF8'")  # write() encodes the COPY data as UTF-8
+        self.conn.commit()
         self.slot = slot
         self.database = database
         self.in_transaction = False
         self._cursor: psycopg.Cursor | None = None
         self._copy_cm = None
         self._copy = None
+        self._prefix = _copy_text(database)
 
     def close(self) -> None:
         try:
@@ -105,14 +118,24 @@ class Sink:
             self._cursor = self.conn.cursor()
             self._copy_cm = self._cursor.copy(COPY_CHANGES)
             self._copy = self._copy_cm.__enter__()
-        database = self.database
-        write_row = self._copy.write_row
+        lines = []
+        append = lines.append
+        prefix = self._prefix
+        last_ctx = last_ctx_text = last_at = last_at_text = None
+        queued = queued_at.isoformat()
         for r in rows:
-            write_row((
-                database, r.schema, r.table, r.primary_key, r.operation, r.before, r.after,
-                r.context, r.committed_at, queued_at, r.transaction_id, r.position,
-                r.commit_position, r.change_index,
-            ))
+            if r.context is not last_ctx:
+                last_ctx, last_ctx_text = r.context, _copy_text(r.context)
+            if r.committed_at is not last_at:
+                last_at, last_at_text = r.committed_at, r.committed_at.isoformat()
+            append("\t".join((
+                prefix, _copy_text(r.schema), _copy_text(r.table),
+                "\\N" if r.primary_key is None else _copy_text(r.primary_key), r.operation,
+                _copy_text(r.before), _copy_text(r.after), last_ctx_text, last_at_text, queued,
+                str(r.transaction_id), str(r.position), str(r.commit_position), str(r.change_index),
+            )))
+        append("")
+        self._copy.write("\n".join(lines).encode())
 
     def _end_copy(self, error: BaseException | None = None) -> None:
         if self._copy is None:

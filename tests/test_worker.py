@@ -293,3 +293,27 @@ def test_crash_in_the_middle_of_a_big_transaction_stores_nothing_of_it(worker_en
 
     env.run_once()
     assert sorted(int(r["primary_key"]) for r in env.changes()) == list(range(1001))
+
+
+def test_adopts_a_changes_table_made_by_the_published_worker(worker_env, caplog):
+    env = worker_env
+    env.execute("DROP TABLE IF EXISTS changes")
+    env.execute("""CREATE TABLE changes (
+        "id" uuid PRIMARY KEY DEFAULT gen_random_uuid(), "database" varchar(255) NOT NULL,
+        "schema" varchar(255) NOT NULL, "table" varchar(255) NOT NULL, "primary_key" varchar(255),
+        "operation" text NOT NULL, "before" jsonb NOT NULL DEFAULT '{}', "after" jsonb NOT NULL DEFAULT '{}',
+        "context" jsonb NOT NULL DEFAULT '{}', "committed_at" timestamptz NOT NULL,
+        "queued_at" timestamptz NOT NULL, "created_at" timestamptz NOT NULL DEFAULT now(),
+        "transaction_id" bigint NOT NULL, "position" bigint NOT NULL)""")
+    env.execute('CREATE UNIQUE INDEX changes_position_table_schema_database_operation_unique '
+                'ON changes ("position", "table", "schema", "database", "operation")')
+    env.execute("CREATE TABLE adopt_w (id int PRIMARY KEY)")
+    caplog.set_level("WARNING", logger="bemi.worker")
+    env.run_once()
+    assert "added columns commit_position, change_index" in caplog.text
+    assert "dropped the unique index changes_position_table_schema_database_operation_unique" in caplog.text
+    with env.conn.cursor() as cur, cur.copy("COPY adopt_w FROM STDIN") as copy:
+        for i in range(100):
+            copy.write_row((i,))
+    env.run_once()
+    assert len(env.changes()) == 100

@@ -15,6 +15,7 @@ from datetime import datetime
 from importlib import resources
 
 import psycopg
+from psycopg import sql
 
 from bemi.worker import pgoutput as po
 from bemi.worker.slot import WorkerError
@@ -80,6 +81,8 @@ class Sink:
             for name in ("changes", "_bemi_worker_checkpoints")
         }
         try:
+            if existed["changes"]:
+                self._upgrade_published_table()
             conn.execute(_sql("changes.sql"))
             conn.execute(_sql("worker.sql"))
             conn.commit()
@@ -95,6 +98,38 @@ class Sink:
         if not existed["_bemi_worker_checkpoints"]:
             log.info("created table _bemi_worker_checkpoints (the worker's checkpoint) in database %s",
                      conn.info.dbname)
+
+    def _upgrade_published_table(self) -> None:
+        """Adopt a `changes` table made by the published worker (drop-in replacement).
+
+        It lacks our identity columns, and its unique index on (position, table,
+        schema, database, operation) would reject all but the first row of a COPY
+        (they share one position): add the columns, drop that index, and say so.
+        """
+        conn = self.conn
+        columns = {r[0] for r in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'changes'::regclass AND attnum > 0 "
+            "AND NOT attisdropped").fetchall()}
+        missing = [c for c in ("commit_position", "change_index") if c not in columns]
+        if missing:
+            conn.execute('ALTER TABLE changes ADD COLUMN IF NOT EXISTS "commit_position" bigint, '
+                         'ADD COLUMN IF NOT EXISTS "change_index" integer')
+            log.warning("added columns %s to the existing changes table (they identify a change: "
+                        "commit position and order in its transaction)", ", ".join(missing))
+        for name, constraint in conn.execute(
+            "SELECT i.indexrelid::regclass::text, c.conname FROM pg_index i "
+            "LEFT JOIN pg_constraint c ON c.conindid = i.indexrelid AND c.conrelid = i.indrelid "
+            "WHERE i.indrelid = 'changes'::regclass AND i.indisunique AND NOT i.indisprimary "
+            "AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a "
+            "     WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)) "
+            "    = ARRAY['database', 'operation', 'position', 'schema', 'table']"
+        ).fetchall():
+            if constraint:
+                conn.execute(sql.SQL("ALTER TABLE changes DROP CONSTRAINT {}").format(sql.Identifier(constraint)))
+            else:
+                conn.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(name)))
+            log.warning("dropped the unique index %s of the published changes table: every row written by one "
+                        "COPY shares one position, so it would drop changes (ours is changes_identity_index)", name)
 
     def checkpoint(self) -> Checkpoint | None:
         row = self.conn.execute(

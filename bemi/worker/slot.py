@@ -347,4 +347,10 @@ class Source:
             return BUILTIN_TYPES.get(base) or self.type_spec(base)
         if is_array and elem:
             return TypeSpec("array", elem, delim or ",")
+        if typtype == "c":
+            fields = self.control.execute(
+                "SELECT a.attname, a.atttypid FROM pg_type t JOIN pg_attribute a ON a.attrelid = t.typrelid "
+                "WHERE t.oid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum", [oid],
+            ).fetchall()
+            return TypeSpec("composite", fields=tuple((name, int(typ)) for name, typ in fields))
         return TypeSpec("string")

@@ -301,3 +301,28 @@ def test_configured_by_environment_like_the_published_image(worker_env):
         assert env.execute("SELECT to_regclass('changes')")[0][0] is None or env.changes() == []
     finally:
         env.execute(f"DROP DATABASE IF EXISTS {dest_db} WITH (FORCE)")
+
+
+def test_manage_py_writes_to_the_bemi_alias_when_databases_has_one(worker_env):
+    env = worker_env
+    dest_db = f"bemi_alias_{os.getpid()}"
+    env.execute(f"DROP DATABASE IF EXISTS {dest_db}")
+    env.execute(f"CREATE DATABASE {dest_db}")
+    try:
+        env.execute("CREATE TABLE alias_w (id int PRIMARY KEY)")
+        source_db = env.execute("SELECT current_database()")[0][0]
+        args = [sys.executable, "-m", "django", "bemi_worker", "--once", "--slot", env.slot,
+                "--publication", env.publication]
+        environ = {**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "BEMI_TEST_DB_NAME": source_db,
+                   "BEMI_TEST_ROUTER": dest_db}
+        first = subprocess.run(args, env=environ, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert first.returncode == 0, first.stderr
+        env.execute("INSERT INTO alias_w VALUES (7)")
+        second = subprocess.run(args, env=environ, capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert second.returncode == 0, second.stderr
+        assert f"writing changes to database {dest_db}" in second.stderr
+        with psycopg.connect(db_dsn(dest_db)) as dest:
+            assert dest.execute('SELECT "database", "table", primary_key FROM changes').fetchall() == [
+                (source_db, "alias_w", "7")]
+    finally:
+        env.execute(f"DROP DATABASE IF EXISTS {dest_db} WITH (FORCE)")

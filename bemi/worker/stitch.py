@@ -156,14 +156,10 @@ class Stitcher:
         self._begin = None
         self._skip = False
 
-    # The transaction being read (None between transactions).
     @property
     def in_transaction(self) -> bool:
+        """Between a Begin and its Commit."""
         return self._begin is not None
-
-    @property
-    def skipping(self) -> bool:
-        return self._skip
 
     def feed(self, lsn: int, data: bytes, out: list[ChangeRow]) -> po.Commit | None:
         """Decode one message; append its change rows to ``out``; return the Commit if it is one."""
@@ -200,8 +196,9 @@ class Stitcher:
                 self._context, problem = parse_context(msg.content)
                 if problem:
                     self.bad_contexts += 1
-                    log.warning("ignoring the _bemi context at %s in transaction %s: %s",
-                                po.int_to_lsn(msg.lsn), self._begin.xid, problem)
+                    if self.bad_contexts <= 100 or self.bad_contexts % 10_000 == 0:  # no log flood
+                        log.warning("ignoring the _bemi context at %s in transaction %s: %s (%d so far)",
+                                    po.int_to_lsn(msg.lsn), self._begin.xid, problem, self.bad_contexts)
         return None
 
     # -- internals --------------------------------------------------------------------------

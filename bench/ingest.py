@@ -102,16 +102,28 @@ class Bench:
         worker_s, written, rss = self.worker_once(slot)
         assert written == changes, (written, changes)
         ceiling_s = self.insert_ceiling()
+        startup_s = self.startup(slot)
         result = {
             "workload": name, "changes": written, "pg_recvlogical_s": recv_s, "worker_s": worker_s,
             "pg_recvlogical_rate": written / recv_s, "worker_rate": written / worker_s,
             "ratio": recv_s / worker_s, "worker_rss_mb": rss / 1024, "insert_ceiling_s": ceiling_s,
+            "startup_s": startup_s,
         }
         print(f"{name}: {written:,} changes; pg_recvlogical {recv_s:.2f} s ({written / recv_s:,.0f}/s); "
               f"worker {worker_s:.2f} s ({written / worker_s:,.0f}/s); ratio {recv_s / worker_s:.2f}x; "
               f"worker peak RSS {rss / 1024:.0f} MB; server-side INSERT of the same rows into an indexed "
-              f"copy of changes alone {ceiling_s:.2f} s ({written / ceiling_s:,.0f}/s)", flush=True)
+              f"copy of changes alone {ceiling_s:.2f} s ({written / ceiling_s:,.0f}/s); worker start-up "
+              f"(an empty --once) {startup_s:.2f} s", flush=True)
         return result
+
+    def startup(self, slot: str) -> float:
+        """Median wall time of `bemi-worker --once` on an empty slot: the process start-up and setup."""
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            subprocess.run(worker_cmd(self.dsn, slot, "--once"), check=True, cwd=ROOT)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
 
     def insert_ceiling(self) -> float:
         """Seconds PostgreSQL alone needs to insert the rows the worker wrote into a `changes` with the same

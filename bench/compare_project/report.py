@@ -109,7 +109,8 @@ def ingest_section(data: dict[str, Any]) -> str:
     elif ingest.get("error"):
         lines.append(f"`{ingest['command']}` failed in this run: {ingest['error']}")
     else:
-        lines += [f"`{ingest['command']}` (run by bench/compare.py, its output verbatim):", "", "```",
+        lines += [f"`{ingest['command']}` (run by bench/compare.py on {ingest.get('date', '?')}, its output verbatim):",
+                  "", "```",
                   ingest["output"].rstrip(), "```"]
     return "\n".join(lines) + "\n"
 

@@ -339,7 +339,7 @@ def run_ingest(quick: bool) -> dict[str, Any] | None:
     if not os.path.exists(script):
         log("bench/ingest.py is not in this checkout: no worker ingest rate in this run")
         return None
-    args = ["--quick"] if quick else []
+    args = ["--duration", "10"] if quick else []  # its own quick form
     command = "python3 bench/ingest.py " + " ".join(args)
     log(f"running {command}")
     python = os.path.join(VENVS, "bemi", "bin", "python")

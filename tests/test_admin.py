@@ -9,7 +9,7 @@ from django.contrib.auth.models import User
 
 from bemi.admin import BemiChangeAdmin
 from bemi.models import BemiChange
-from tests.queryapp.fixtures import http_settings, recorder  # noqa: F401
+from tests.queryapp.fixtures import recorder  # noqa: F401
 from tests.queryapp.models import Todo
 
 PUT = {"user_id": 187234, "method": "PUT", "path": "/todo/26/complete", "SQL": 'UPDATE "todo" SET ...'}
@@ -27,7 +27,7 @@ def history(recorder):
 
 
 @pytest.fixture
-def staff(client, http_settings):
+def staff(client):
     user = User.objects.create_superuser("admin", "admin@example.com", "pw")
     client.force_login(user)
     return client
@@ -59,6 +59,10 @@ def test_changelist_filters_and_search(history, staff):
     assert "is_completed, task" in page or "task, is_completed" in page
     assert "method: POST" not in page
     page = text(staff.get("/admin/bemi/bemichange/?q=%2Ftodo%2F26"))
+    assert "method: PUT" in page and "method: POST" not in page
+    page = text(staff.get("/admin/bemi/bemichange/?q=user_id%3D5"))  # key=value: containment, JSON value
+    assert "user_id: 5" in page and "user_id: 187234" not in page
+    page = text(staff.get("/admin/bemi/bemichange/?q=method%3DPUT"))  # not JSON: a string
     assert "method: PUT" in page and "method: POST" not in page
     page = text(staff.get("/admin/bemi/bemichange/?q=nothing-matches"))
     assert "method: " not in page
@@ -94,7 +98,7 @@ def test_history_of_a_row_without_changes(recorder, staff):
     assert "No change of this row is recorded yet" in text(staff.get("/admin/queryapp/todo/40/history/"))
 
 
-def test_history_needs_permission(history, client, http_settings):
+def test_history_needs_permission(history, client):
     user = User.objects.create_user("visitor", password="pw", is_staff=True)
     client.force_login(user)
     assert client.get("/admin/queryapp/todo/26/history/").status_code == 403

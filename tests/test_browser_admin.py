@@ -28,17 +28,6 @@ FLAGS = [
 ]
 
 
-@pytest.fixture(scope="session")
-def _middleware_available():
-    """Drop BemiMiddleware from the live server while this branch predates it."""
-    import importlib.util
-
-    from django.conf import settings
-
-    if importlib.util.find_spec("bemi.middleware") is None:
-        settings.MIDDLEWARE = [m for m in settings.MIDDLEWARE if m != "bemi.BemiMiddleware"]
-
-
 @pytest.fixture
 def browser():
     missing = [path for path in (CHROMIUM, CHROMEDRIVER) if not os.path.exists(path)]
@@ -74,7 +63,7 @@ def todo_history(tx_recorder):
     User.objects.create_superuser("admin", "admin@example.com", "s3cret-pass")
 
 
-def test_history_page_in_a_browser(_middleware_available, live_server, browser, todo_history):
+def test_history_page_in_a_browser(live_server, browser, todo_history):
     from selenium.webdriver.common.by import By
 
     browser.get(f"{live_server.url}/admin/login/?next=/admin/queryapp/todo/26/change/")
@@ -112,7 +101,7 @@ def test_history_page_in_a_browser(_middleware_available, live_server, browser, 
     assert not browser.find_elements(By.CSS_SELECTOR, "input[type=submit][name=_save]")
 
 
-def test_change_list_filters_in_a_browser(_middleware_available, live_server, browser, todo_history):
+def test_change_list_filters_in_a_browser(live_server, browser, todo_history):
     from selenium.webdriver.common.by import By
 
     browser.get(f"{live_server.url}/admin/login/?next=/admin/bemi/bemichange/")

@@ -69,6 +69,14 @@ LANGUAGE sql STABLE AS $bemi$
   );
 $bemi$;
 
+-- The candidate tables: every table of schema public (filtered by _bemi_is_tracked).
+CREATE OR REPLACE FUNCTION _bemi_tables()
+RETURNS SETOF regclass
+LANGUAGE sql STABLE AS $bemi$
+  SELECT c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+  WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') ORDER BY c.relname;
+$bemi$;
+
 CREATE OR REPLACE FUNCTION _bemi_create_trigger(rel regclass)
 RETURNS void
 LANGUAGE plpgsql AS $bemi$
@@ -90,15 +98,8 @@ $bemi$;
 
 CREATE OR REPLACE PROCEDURE _bemi_create_triggers()
 LANGUAGE plpgsql AS $bemi$
-DECLARE
-  rel regclass;
 BEGIN
-  FOR rel IN
-    SELECT c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') ORDER BY c.relname
-  LOOP
-    PERFORM _bemi_create_trigger(rel);
-  END LOOP;
+  PERFORM _bemi_create_trigger(rel) FROM _bemi_tables() AS rel;
 END;
 $bemi$;
 
@@ -118,15 +119,8 @@ $bemi$;
 
 CREATE OR REPLACE PROCEDURE _bemi_set_replica_identity()
 LANGUAGE plpgsql AS $bemi$
-DECLARE
-  rel regclass;
 BEGIN
-  FOR rel IN
-    SELECT c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') ORDER BY c.relname
-  LOOP
-    PERFORM _bemi_set_replica_identity_on(rel);
-  END LOOP;
+  PERFORM _bemi_set_replica_identity_on(rel) FROM _bemi_tables() AS rel;
 END;
 $bemi$;
 

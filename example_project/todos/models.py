@@ -1,0 +1,19 @@
+"""The one tracked model: a todo, in a table named ``todo`` like the seed's output."""
+
+from django.db import models
+
+from bemi import BemiRecordMixin
+
+
+class Todo(BemiRecordMixin, models.Model):
+    """``todo.bemi_changes()`` lists this row's changes (see todos/history.py for deleted ones)."""
+
+    task = models.CharField(max_length=200)
+    is_completed = models.BooleanField(default=False)
+
+    class Meta:
+        db_table = "todo"
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return self.task

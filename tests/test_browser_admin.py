@@ -74,7 +74,7 @@ def test_history_page_in_a_browser(live_server, browser, todo_history):
 
     browser.find_element(By.LINK_TEXT, "HISTORY" if _uppercase(browser) else "History").click()
     assert browser.current_url.endswith("/admin/queryapp/todo/26/history/")
-    assert "Change history: Sleep 8 hours" in browser.find_element(By.TAG_NAME, "h1").text
+    assert "Change history: Sleep 8 hours" in browser.find_element(By.CSS_SELECTOR, "#content h1").text
 
     rows = browser.find_elements(By.CSS_SELECTOR, "#bemi-history tr.bemi-change")
     assert [r.find_element(By.CSS_SELECTOR, ".bemi-op").text for r in rows] == ["UPDATE", "UPDATE", "CREATE"]

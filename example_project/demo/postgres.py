@@ -59,8 +59,16 @@ def start_cluster(folder: Path, bindir: str) -> Cluster:
     """Start the demo's server on its folder (creating it on the first run)."""
     cluster = _cluster(folder, bindir)
     if cluster.os_user:
-        if ensure_os_user(cluster.os_user):
-            note(f"created the system user {cluster.os_user!r}: PostgreSQL refuses to run as root")
+        try:
+            if ensure_os_user(cluster.os_user):
+                note(f"created the system user {cluster.os_user!r}: PostgreSQL refuses to run as root")
+        except (OSError, subprocess.CalledProcessError) as exc:
+            raise DemoError(
+                f"PostgreSQL refuses to run as root, and the user {cluster.os_user!r} to run it as could not be "
+                f"created: {getattr(exc, 'stderr', '') or exc}",
+                f"Create an unprivileged user (useradd --system {cluster.os_user}), or set BEMI_PG_OS_USER to an "
+                "existing one, or run the demo as an ordinary user.",
+            ) from exc
         if not cluster.os_user_can_use(os.path.join(bindir, "postgres")):
             raise DemoError(
                 f"the user {cluster.os_user!r} cannot run {bindir}/postgres (a parent folder is private)",

@@ -76,6 +76,8 @@ class Demo:
                          f"manage.py runserver on http://127.0.0.1:{self.port}")
         wait_for_http(app, self.port)
         client = scenario.Client(self.port)
+        # Before the worker's slot exists: the login's UPDATE of auth_user.last_login
+        # is not part of the scenario, so it stays out of the printed table.
         step(f"Logging in as {USER!r}")
         client.log_in(USER, PASSWORD)
 

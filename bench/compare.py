@@ -298,6 +298,12 @@ def tables_markdown(data: dict[str, Any]) -> str:
                 cell += f" ({r['time_ratio'][op]:.2f}x)"
             cells.append(cell)
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    lines += ["", "### Spread of the time: fastest and slowest round (the machine's noise)", "",
+              "| alternative | " + " | ".join(titles[o] for o in OPS) + " |",
+              "|---|" + "---:|" * len(OPS)]
+    for key, r in res.items():
+        cells = [f"{fmt_time(lo)} - {fmt_time(hi)}" for lo, hi in (r["times_spread"][op] for op in OPS)]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     lines += ["", "### WAL written per operation (median; ratio against no tracking)", "",
               "| alternative | " + " | ".join(titles[o] for o in OPS) + " |",
               "|---|" + "---:|" * len(OPS)]

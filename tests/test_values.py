@@ -17,7 +17,7 @@ COLUMNS = """
     ia int[], ia2 int[], ta text[], ja jsonb[], tsa timestamptz[], da date[], ba bool[], na numeric[],
     ea mood_v[], ua uuid[], fa float8[],
     ip inet, cidr_ cidr, mac macaddr, bits bit(3), vbits varbit, pt point, bx box, money_ money,
-    rng int4range, tsv tsvector, o oid
+    rng int4range, tsv tsvector, o oid, addr addr_v, addrs addr_v[]
 """
 
 ROWS = [
@@ -32,7 +32,9 @@ ROWS = [
         '{2023-12-11,NULL}', '{t,f}', '{1.10,NaN,-0}', '{sad,ok}', '{a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11}',
         '{1.5,Infinity,-Infinity,NaN}',
         '192.168.0.1/24', '10.0.0.0/8', '08:00:2b:01:02:03', '101', '1101', '(1.5,2)', '((0,0),(1,1))', 12.34,
-        '[1,10)', 'a fat cat', 42)""",
+        '[1,10)', 'a fat cat', 42,
+        ROW('Main "St", 1\\', 5, '{a,"b c"}', '2023-12-11 17:09:09.5+00', ROW(true, 1.50))::addr_v,
+        ARRAY[ROW('x', NULL, '{}', NULL, NULL)::addr_v, NULL])""",
     # edges: extreme numbers, infinities, BC, unicode, empty values
     """(2, false, -32768, -2147483648, 9223372036854775807, 'NaN', 'Infinity',
         123456789012345678901234567890.123456789012345678901234567890, -0.0001,
@@ -43,15 +45,15 @@ ROWS = [
         '00000000-0000-0000-0000-000000000000', '\\x', 'sad', 1, '',
         '{}', '[0:1]={7,8}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{-0,1e-7,1.7976931348623157e308}',
         '::1', '::/0', '00:00:00:00:00:00', '000', '', '(0,0)', '((0,0),(0,0))', -0.5,
-        'empty', '', 0)""",
+        'empty', '', 0, ROW(NULL, NULL, NULL, NULL, NULL)::addr_v, '{}')""",
     # dates and times at the ends of Python's range and beyond
     """(3, NULL, 0, 0, -9223372036854775808, -1.5e-10, 1e300, 0, 0, NULL, NULL, NULL, NULL, NULL,
         '"just a string"', '12.50', '10000-01-01', '10000-01-01 00:00:00', '10000-01-01 00:00:00+00',
         '0001-01-01 00:00:00', '24:00:00', '24:00:00+14', '0',
         NULL, NULL, NULL, NULL, NULL, '{{NULL}}', NULL, '{{{"a"}}}', '{null}', NULL, NULL, NULL, NULL,
-        NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)""",
+        NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)""",
     # all NULL
-    "(4" + ", NULL" * 49 + ")",
+    "(4" + ", NULL" * 51 + ")",
 ]
 
 
@@ -59,20 +61,23 @@ ROWS = [
 def every_type(worker_env):
     env = worker_env
     env.execute("DROP TABLE IF EXISTS every_type_w; DROP TYPE IF EXISTS mood_v; DROP DOMAIN IF EXISTS posint_v; "
-                "DROP DOMAIN IF EXISTS email_v")
+                "DROP DOMAIN IF EXISTS email_v; DROP TYPE IF EXISTS addr_v; DROP TYPE IF EXISTS pair_v")
     env.execute("CREATE TYPE mood_v AS ENUM ('sad', 'ok', 'happy')")
     env.execute("CREATE DOMAIN posint_v AS integer CHECK (VALUE > 0)")
     env.execute("CREATE DOMAIN email_v AS text")
+    env.execute("CREATE TYPE pair_v AS (flag bool, amount numeric)")
+    env.execute("CREATE TYPE addr_v AS (street text, n int, tags text[], at timestamptz, pair pair_v)")
     env.execute(f"CREATE TABLE every_type_w ({COLUMNS})")
     env.execute("ALTER TABLE every_type_w REPLICA IDENTITY FULL")
     yield env
-    env.execute("DROP TABLE IF EXISTS every_type_w; DROP TYPE mood_v; DROP DOMAIN posint_v; DROP DOMAIN email_v")
+    env.execute("DROP TABLE IF EXISTS every_type_w; DROP TYPE mood_v; DROP DOMAIN posint_v; DROP DOMAIN email_v; "
+                "DROP TYPE addr_v; DROP TYPE pair_v")
 
 
 def test_every_type_matches_to_jsonb_of_the_source_row(every_type):
     env = every_type
     env.run_once()
-    assert env.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'every_type_w'")[0][0] == 50
+    assert env.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'every_type_w'")[0][0] == 52
     for row in ROWS:
         env.execute(f"INSERT INTO every_type_w VALUES {row}")
     expected_after = dict(env.execute("SELECT id, to_jsonb(row_)::text FROM every_type_w row_"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
 from bemi.worker import pgoutput as po
 from bemi.worker.runner import Worker
 from tests.workerapp.harness import worker_env  # noqa: F401  (fixture)
@@ -261,3 +263,57 @@ def test_crash_between_destination_commit_and_slot_advance_duplicates_nothing(wo
     ids = [int(r["primary_key"]) for r in env.changes()]
     assert sorted(ids) == list(range(1, 66)) and len(ids) == 65
     assert env.slot_state()["confirmed_flush_lsn"] > before
+
+
+def test_crash_in_the_middle_of_a_big_transaction_stores_nothing_of_it(worker_env):
+    env = worker_env
+    env.execute("CREATE TABLE big_w (id int PRIMARY KEY)")
+    env.run_once()
+    env.execute("INSERT INTO big_w VALUES (0)")
+    env.execute("INSERT INTO big_w SELECT generate_series(1, 1000)")
+    before = env.slot_state()["confirmed_flush_lsn"]
+
+    worker = Worker(env.config(copy_rows=100, batch_rows=1))
+    worker.setup()
+    commits = []
+    real_commit = worker.sink.commit
+
+    def crash_on_second_commit(*args):
+        commits.append(args)
+        if len(commits) == 2:  # 1,000 rows were COPied in chunks of 100 into this transaction
+            raise RuntimeError("simulated crash")
+        real_commit(*args)
+
+    worker.sink.commit = crash_on_second_commit
+    with pytest.raises(RuntimeError):
+        worker.drain()
+    worker.close()
+    assert [r["primary_key"] for r in env.changes()] == ["0"]  # the first transaction only
+    assert env.slot_state()["confirmed_flush_lsn"] > before  # advanced past it, not past the big one
+
+    env.run_once()
+    assert sorted(int(r["primary_key"]) for r in env.changes()) == list(range(1001))
+
+
+def test_adopts_a_changes_table_made_by_the_published_worker(worker_env, caplog):
+    env = worker_env
+    env.execute("DROP TABLE IF EXISTS changes")
+    env.execute("""CREATE TABLE changes (
+        "id" uuid PRIMARY KEY DEFAULT gen_random_uuid(), "database" varchar(255) NOT NULL,
+        "schema" varchar(255) NOT NULL, "table" varchar(255) NOT NULL, "primary_key" varchar(255),
+        "operation" text NOT NULL, "before" jsonb NOT NULL DEFAULT '{}', "after" jsonb NOT NULL DEFAULT '{}',
+        "context" jsonb NOT NULL DEFAULT '{}', "committed_at" timestamptz NOT NULL,
+        "queued_at" timestamptz NOT NULL, "created_at" timestamptz NOT NULL DEFAULT now(),
+        "transaction_id" bigint NOT NULL, "position" bigint NOT NULL)""")
+    env.execute('CREATE UNIQUE INDEX changes_position_table_schema_database_operation_unique '
+                'ON changes ("position", "table", "schema", "database", "operation")')
+    env.execute("CREATE TABLE adopt_w (id int PRIMARY KEY)")
+    caplog.set_level("WARNING", logger="bemi.worker")
+    env.run_once()
+    assert "added columns commit_position, change_index" in caplog.text
+    assert "dropped the unique index changes_position_table_schema_database_operation_unique" in caplog.text
+    with env.conn.cursor() as cur, cur.copy("COPY adopt_w FROM STDIN") as copy:
+        for i in range(100):
+            copy.write_row((i,))
+    env.run_once()
+    assert len(env.changes()) == 100

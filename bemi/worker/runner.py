@@ -14,7 +14,7 @@ import psycopg
 
 from bemi.worker import pgoutput as po
 from bemi.worker.sink import Sink
-from bemi.worker.slot import Source, WorkerError
+from bemi.worker.slot import Source, WorkerError, check_slot
 from bemi.worker.stitch import ChangeRow, Stitcher
 from bemi.worker.values import JsonValues
 
@@ -54,10 +54,10 @@ class Worker:
         self.source = source = Source(cfg.source_dsn, cfg.slot, cfg.publication)
         source.check_privileges()
         source.lock()
+        source.ensure_publication()
         self.sink = Sink(cfg.destination_dsn or cfg.source_dsn, cfg.slot, source.database)
         self.sink.ensure_tables()
         checkpoint = self.sink.checkpoint()
-        source.ensure_publication()
         source.refresh_tables()
         self._last_refresh = time.monotonic()
         state = source.ensure_slot(checkpoint.commit_lsn if checkpoint else None)
@@ -86,14 +86,14 @@ class Worker:
         try:
             self.setup()
             if self.config.once:
-                self.drain()
+                self._drain_checked()
                 return 0
             while not self.stopping.is_set():
                 now = time.monotonic()
                 if now - self._last_refresh >= self.config.refresh_interval:
                     self.source.refresh_tables()
                     self._last_refresh = now
-                if self.drain():
+                if self._drain_checked():
                     self._last_activity = time.monotonic()
                     continue
                 if time.monotonic() - self._last_activity >= self.config.heartbeat_interval:
@@ -106,6 +106,21 @@ class Worker:
             self.close()
 
     # -- one pass over the slot -------------------------------------------------------------
+
+    def _drain_checked(self) -> int:
+        """drain(), turning a slot that vanished or was invalidated meanwhile into a clear error."""
+        try:
+            return self.drain()
+        except psycopg.Error as exc:
+            try:
+                state = self.source.slot_state()
+            except psycopg.Error:
+                raise exc from None
+            if state is None:
+                raise WorkerError(f"replication slot {self.config.slot!r} was dropped while the worker was "
+                                  f"reading it; the worker will not recreate it ({exc})") from exc
+            check_slot(state, self.config.slot, self.source.database)
+            raise
 
     def drain(self) -> int:
         """Read what the slot holds now and store it; returns the number of transactions seen.
@@ -208,7 +223,9 @@ def main_loop(config: Config) -> int:
         log.info("received %s: finishing the batch in hand, then exiting", signal.Signals(signum).name)
         worker.stop()
 
-    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # signals can only be handled there
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = worker.run()
         log.info("stopped; %d changes written", worker.written)

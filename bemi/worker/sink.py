@@ -10,10 +10,12 @@ checkpoint says they are stored and they are skipped).
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime
 from importlib import resources
 
 import psycopg
+from psycopg import sql
 
 from bemi.worker import pgoutput as po
 from bemi.worker.slot import WorkerError
@@ -34,6 +36,15 @@ def _sql(name: str) -> str:
     return resources.files("bemi").joinpath("sql", name).read_text()
 
 
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]")
+
+
+def _copy_text(value: str) -> str:
+    """A value in COPY's text format (backslash, tab, newline and carriage return escaped)."""
+    return value.translate(_COPY_ESCAPES) if _NEEDS_ESCAPE.search(value) else value
+
+
 class Checkpoint:
     def __init__(self, commit_lsn: int, end_lsn: int) -> None:
         self.commit_lsn = commit_lsn
@@ -46,9 +57,15 @@ class Sink:
             self.conn = psycopg.connect(dsn, autocommit=False, application_name="bemi-worker")
         except psycopg.OperationalError as exc:
             raise WorkerError(f"cannot connect to the destination database: {exc}".strip()) from exc
+        self.conn.execute("SET client_encoding TO 'UTF8'")  # write() encodes the COPY data as UTF-8
+        self.conn.commit()
         self.slot = slot
         self.database = database
         self.in_transaction = False
+        self._cursor: psycopg.Cursor | None = None
+        self._copy_cm = None
+        self._copy = None
+        self._prefix = _copy_text(database)
 
     def close(self) -> None:
         try:
@@ -64,6 +81,8 @@ class Sink:
             for name in ("changes", "_bemi_worker_checkpoints")
         }
         try:
+            if existed["changes"]:
+                self._upgrade_published_table()
             conn.execute(_sql("changes.sql"))
             conn.execute(_sql("worker.sql"))
             conn.commit()
@@ -80,6 +99,38 @@ class Sink:
             log.info("created table _bemi_worker_checkpoints (the worker's checkpoint) in database %s",
                      conn.info.dbname)
 
+    def _upgrade_published_table(self) -> None:
+        """Adopt a `changes` table made by the published worker (drop-in replacement).
+
+        It lacks our identity columns, and its unique index on (position, table,
+        schema, database, operation) would reject all but the first row of a COPY
+        (they share one position): add the columns, drop that index, and say so.
+        """
+        conn = self.conn
+        columns = {r[0] for r in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'changes'::regclass AND attnum > 0 "
+            "AND NOT attisdropped").fetchall()}
+        missing = [c for c in ("commit_position", "change_index") if c not in columns]
+        if missing:
+            conn.execute('ALTER TABLE changes ADD COLUMN IF NOT EXISTS "commit_position" bigint, '
+                         'ADD COLUMN IF NOT EXISTS "change_index" integer')
+            log.warning("added columns %s to the existing changes table (they identify a change: "
+                        "commit position and order in its transaction)", ", ".join(missing))
+        for name, constraint in conn.execute(
+            "SELECT i.indexrelid::regclass::text, c.conname FROM pg_index i "
+            "LEFT JOIN pg_constraint c ON c.conindid = i.indexrelid AND c.conrelid = i.indrelid "
+            "WHERE i.indrelid = 'changes'::regclass AND i.indisunique AND NOT i.indisprimary "
+            "AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a "
+            "     WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)) "
+            "    = ARRAY['database', 'operation', 'position', 'schema', 'table']"
+        ).fetchall():
+            if constraint:
+                conn.execute(sql.SQL("ALTER TABLE changes DROP CONSTRAINT {}").format(sql.Identifier(constraint)))
+            else:
+                conn.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(name)))
+            log.warning("dropped the unique index %s of the published changes table: every row written by one "
+                        "COPY shares one position, so it would drop changes (ours is changes_identity_index)", name)
+
     def checkpoint(self) -> Checkpoint | None:
         row = self.conn.execute(
             "SELECT (commit_lsn - '0/0'::pg_lsn)::int8, (end_lsn - '0/0'::pg_lsn)::int8 "
@@ -90,22 +141,53 @@ class Sink:
         return Checkpoint(*row) if row else None
 
     def write(self, rows: list[ChangeRow], queued_at: datetime) -> None:
-        """COPY rows into ``changes`` inside the open destination transaction (not committed)."""
+        """Stream rows into ``changes`` inside the open destination transaction (not committed).
+
+        One COPY stays open until the commit, so the server inserts (and updates
+        the indexes) while we decode the next rows: the only wait is at the commit.
+        """
         if not rows:
             return
-        self.in_transaction = True
-        database = self.database
-        with self.conn.cursor() as cur, cur.copy(COPY_CHANGES) as copy:
-            write_row = copy.write_row
-            for r in rows:
-                write_row((
-                    database, r.schema, r.table, r.primary_key, r.operation, r.before, r.after,
-                    r.context, r.committed_at, queued_at, r.transaction_id, r.position,
-                    r.commit_position, r.change_index,
-                ))
+        if self._copy is None:
+            self.in_transaction = True
+            self._cursor = self.conn.cursor()
+            self._copy_cm = self._cursor.copy(COPY_CHANGES)
+            self._copy = self._copy_cm.__enter__()
+        lines = []
+        append = lines.append
+        prefix = self._prefix
+        last_ctx = last_ctx_text = last_at = last_at_text = None
+        queued = queued_at.isoformat()
+        for r in rows:
+            if r.context is not last_ctx:
+                last_ctx, last_ctx_text = r.context, _copy_text(r.context)
+            if r.committed_at is not last_at:
+                last_at, last_at_text = r.committed_at, r.committed_at.isoformat()
+            append("\t".join((
+                prefix, _copy_text(r.schema), _copy_text(r.table),
+                "\\N" if r.primary_key is None else _copy_text(r.primary_key), r.operation,
+                _copy_text(r.before), _copy_text(r.after), last_ctx_text, last_at_text, queued,
+                str(r.transaction_id), str(r.position), str(r.commit_position), str(r.change_index),
+            )))
+        append("")
+        self._copy.write("\n".join(lines).encode())
+
+    def _end_copy(self, error: BaseException | None = None) -> None:
+        if self._copy is None:
+            return
+        cm, self._copy, self._copy_cm = self._copy_cm, None, None
+        try:
+            if error is None:
+                cm.__exit__(None, None, None)
+            else:
+                cm.__exit__(type(error), error, None)
+        finally:
+            self._cursor.close()
+            self._cursor = None
 
     def commit(self, last: po.Commit, xid: int | None, changes: int) -> None:
         """Store the checkpoint and commit it with the rows written since the last commit."""
+        self._end_copy()
         self.conn.execute(
             "INSERT INTO _bemi_worker_checkpoints AS c "
             "(slot, database, commit_lsn, end_lsn, transaction_id, committed_at, changes, updated_at) "
@@ -120,6 +202,10 @@ class Sink:
         self.in_transaction = False
 
     def rollback(self) -> None:
+        try:
+            self._end_copy(RuntimeError("rolled back"))
+        except Exception:
+            pass
         try:
             self.conn.rollback()
         except psycopg.Error:

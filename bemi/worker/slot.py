@@ -20,7 +20,7 @@ from psycopg import errors, sql
 from bemi.worker import pgoutput as po
 from bemi.worker.values import BUILTIN_TYPES, TypeSpec
 
-__all__ = ["Source", "SlotState", "WorkerError", "SESSION_SETTINGS"]
+__all__ = ["Source", "SlotState", "WorkerError", "SESSION_SETTINGS", "check_slot"]
 
 log = logging.getLogger("bemi.worker")
 
@@ -51,6 +51,21 @@ class SlotState:
     database: str
     wal_status: str | None
     confirmed_flush: int
+
+
+def check_slot(state: SlotState, slot: str, database: str) -> None:
+    """Refuse a slot the worker cannot read safely (wrong kind, or invalidated)."""
+    if state.plugin != "pgoutput" or state.database != database:
+        raise WorkerError(
+            f"replication slot {slot!r} exists but is for plugin {state.plugin!r} on database "
+            f"{state.database!r}; the worker needs a pgoutput slot on {database!r}. Use another --slot."
+        )
+    if state.wal_status == "lost":
+        raise WorkerError(
+            f"replication slot {slot!r} is invalidated (wal_status = 'lost'): the WAL it needed was "
+            "removed, so changes were lost. The worker will not recreate it silently: investigate, drop the "
+            "slot and the checkpoint row in _bemi_worker_checkpoints, then start again."
+        )
 
 
 def _connect(dsn: str, autocommit: bool) -> psycopg.Connection:
@@ -250,17 +265,7 @@ class Source:
                 ) from exc
             log.info("created replication slot %s (pgoutput) on database %s", self.slot, self.database)
             state = self.slot_state()
-        if state.plugin != "pgoutput" or state.database != self.database:
-            raise WorkerError(
-                f"replication slot {self.slot!r} exists but is for plugin {state.plugin!r} on database "
-                f"{state.database!r}; the worker needs a pgoutput slot on {self.database!r}. Use another --slot."
-            )
-        if state.wal_status == "lost":
-            raise WorkerError(
-                f"replication slot {self.slot!r} is invalidated (wal_status = 'lost'): the WAL it needed was "
-                "removed, so changes were lost. The worker will not recreate it silently: investigate, drop the "
-                "slot and the checkpoint row in _bemi_worker_checkpoints, then start again."
-            )
+        check_slot(state, self.slot, self.database)
         return state
 
     # -- reading and advancing ---------------------------------------------------------------
@@ -342,4 +347,10 @@ class Source:
             return BUILTIN_TYPES.get(base) or self.type_spec(base)
         if is_array and elem:
             return TypeSpec("array", elem, delim or ",")
+        if typtype == "c":
+            fields = self.control.execute(
+                "SELECT a.attname, a.atttypid FROM pg_type t JOIN pg_attribute a ON a.attrelid = t.typrelid "
+                "WHERE t.oid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum", [oid],
+            ).fetchall()
+            return TypeSpec("composite", fields=tuple((name, int(typ)) for name, typ in fields))
         return TypeSpec("string")

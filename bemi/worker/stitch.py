@@ -15,6 +15,7 @@ Pure (no I/O). Rules:
 from __future__ import annotations
 
 import decimal
+import functools
 import json
 import logging
 from dataclasses import dataclass
@@ -90,7 +91,14 @@ def parse_context(content: bytes) -> tuple[str, str | None]:
 
     Numbers keep their exact text (decimals, no floats); NUL characters and
     lone surrogates in strings become U+FFFD because ``jsonb`` cannot store them.
+    The same context is usually sent with many statements: small ones are cached.
     """
+    if len(content) <= 16384:
+        return _parse_context_cached(content)
+    return _parse_context(content)
+
+
+def _parse_context(content: bytes) -> tuple[str, str | None]:
     if len(content) > MAX_CONTEXT_BYTES:
         return "{}", f"context of {len(content)} bytes is larger than 1 MB"
     try:
@@ -105,12 +113,15 @@ def parse_context(content: bytes) -> tuple[str, str | None]:
         return "{}", "context is nested too deeply"
 
 
+_parse_context_cached = functools.lru_cache(maxsize=512)(_parse_context)
+
+
 # -- relations ----------------------------------------------------------------------------
 
 @dataclass(slots=True)
 class _Rel:
     relation: po.Relation
-    keys: list[str]  # column names as JSON strings
+    keys: list[str]  # column names as JSON strings, followed by ':'
     formats: list[Callable[[bytes], str]]
     key_flags: list[bool]  # replica identity key columns (for 'K' old tuples)
     pk: list[int]  # positions of the primary key columns
@@ -145,14 +156,10 @@ class Stitcher:
         self._begin = None
         self._skip = False
 
-    # The transaction being read (None between transactions).
     @property
     def in_transaction(self) -> bool:
+        """Between a Begin and its Commit."""
         return self._begin is not None
-
-    @property
-    def skipping(self) -> bool:
-        return self._skip
 
     def feed(self, lsn: int, data: bytes, out: list[ChangeRow]) -> po.Commit | None:
         """Decode one message; append its change rows to ``out``; return the Commit if it is one."""
@@ -189,8 +196,9 @@ class Stitcher:
                 self._context, problem = parse_context(msg.content)
                 if problem:
                     self.bad_contexts += 1
-                    log.warning("ignoring the _bemi context at %s in transaction %s: %s",
-                                po.int_to_lsn(msg.lsn), self._begin.xid, problem)
+                    if self.bad_contexts <= 100 or self.bad_contexts % 10_000 == 0:  # no log flood
+                        log.warning("ignoring the _bemi context at %s in transaction %s: %s (%d so far)",
+                                    po.int_to_lsn(msg.lsn), self._begin.xid, problem, self.bad_contexts)
         return None
 
     # -- internals --------------------------------------------------------------------------
@@ -206,7 +214,7 @@ class Stitcher:
         pk = [names.index(n) for n in pk_names if n in names]
         self.relations[rel.relid] = _Rel(
             relation=rel,
-            keys=[json.dumps(n, ensure_ascii=False) for n in names],
+            keys=[json.dumps(n, ensure_ascii=False) + ":" for n in names],
             formats=[self.values.format(c.type_oid) for c in rel.columns],
             key_flags=[bool(c.flags & 1) for c in rel.columns],
             pk=pk,
@@ -214,6 +222,11 @@ class Stitcher:
         )
 
     def _object(self, rel: _Rel, values: list, key_only: bool = False, fallback: list | None = None) -> str:
+        if not key_only and po.UNCHANGED not in values:  # the common case, kept fast
+            return "{" + ",".join([
+                key + ("null" if value is None else fmt(value))
+                for key, fmt, value in zip(rel.keys, rel.formats, values)
+            ]) + "}"
         parts = []
         keys, formats = rel.keys, rel.formats
         for i, value in enumerate(values):
@@ -224,10 +237,7 @@ class Stitcher:
                 value = fallback[i] if fallback is not None and i < len(fallback) else po.UNCHANGED
                 if value is po.UNCHANGED:
                     continue  # unknown (no full old row): leave the key out rather than store NULL
-            if value is None:
-                parts.append(keys[i] + ":null")
-            else:
-                parts.append(keys[i] + ":" + formats[i](value))
+            parts.append(keys[i] + ("null" if value is None else formats[i](value)))
         return "{" + ",".join(parts) + "}"
 
     def _primary_key(self, rel: _Rel, values: list | None, fallback: list | None) -> str | None:

@@ -13,13 +13,15 @@ the same text and only changes its *shape*:
 * ``date``/``timestamp``/``timestamptz`` use the XSD form
   (``2023-12-11T17:09:09.12+00:00``); infinities stay ``"infinity"``;
 * arrays become (nested) JSON arrays of their elements, each shaped by its own type;
+* composite values become objects of their fields, each shaped by its own type;
 * everything else (text, uuid, bytea ``"\\x..."``, enums, intervals, ...) is
   the output text as a JSON string.
 
 The result of each value is a JSON *fragment* (text), so no number ever goes
 through a float. Loaders are psycopg ``Loader`` classes registered in a
 psycopg ``AdaptersMap``: psycopg's own array loader parses array syntax
-(quoting, escaping, dimensions, NULLs) and calls our element loaders.
+(quoting, escaping, dimensions, NULLs) and calls our element loaders, and its
+record loader splits composite values into their fields' text.
 
 Timestamps are reshaped as text rather than through ``datetime`` because
 Python's ``datetime`` cannot hold what PostgreSQL can (``infinity``, BC dates,
@@ -30,12 +32,14 @@ from __future__ import annotations
 
 import json
 import re
+from json.encoder import encode_basestring  # the C encoder of json.dumps(str, ensure_ascii=False)
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import psycopg
 from psycopg import pq
 from psycopg.adapt import AdaptersMap, Loader
+from psycopg.types.composite import RecordLoader
 
 __all__ = ["TypeSpec", "JsonValues", "BUILTIN_TYPES", "sanitize_json_text", "dump_string"]
 
@@ -47,9 +51,10 @@ Format = Callable[[bytes], Fragment]
 class TypeSpec:
     """How ``to_jsonb`` shapes values of one type."""
 
-    category: str  # bool, number, json, jsonb, date, timestamp, timestamptz, array, string
+    category: str  # bool, number, json, jsonb, date, timestamp, timestamptz, array, composite, string
     elem_oid: int = 0  # arrays: element type
     delimiter: str = ","  # arrays: element delimiter (';' for box)
+    fields: tuple[tuple[str, int], ...] = ()  # composites: (name, type oid) of each field
 
 
 _ARRAY_OF = {
@@ -103,9 +108,9 @@ _BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
 
 def dump_string(text: str) -> Fragment:
     """A Python string as a JSON string that ``jsonb`` accepts (NUL and lone surrogates -> U+FFFD)."""
-    if "\x00" in text or _BAD_CHARS.search(text):
+    if _BAD_CHARS.search(text):
         text = _BAD_CHARS.sub("\ufffd", text)
-    return json.dumps(text, ensure_ascii=False)
+    return encode_basestring(text)
 
 
 # -- scalar formats ----------------------------------------------------------------------
@@ -115,7 +120,8 @@ _TZ_HOURS_ONLY = re.compile(r"([+-]\d\d)( BC)?$")
 
 def _make_formats(encoding: str) -> dict[str, Format]:
     def string(data: bytes) -> Fragment:
-        return dump_string(data.decode(encoding, "replace"))
+        # Decoded server text holds no NUL and (decoding with "replace") no lone surrogate.
+        return encode_basestring(data.decode(encoding, "replace"))
 
     def boolean(data: bytes) -> Fragment:
         return "true" if data == b"t" else "false"
@@ -175,6 +181,9 @@ class JsonValues:
         self._resolve = resolve
         self._formats = _make_formats(encoding)
         self._adapters = AdaptersMap(psycopg.adapters)
+        # for records: every field as its raw text (bytes), shaped afterwards by the field's type
+        self._record_adapters = AdaptersMap(psycopg.adapters)
+        self._record_adapters.register_loader(25, _RawLoader)
         self._cache: dict[int, Format] = {}
 
     def spec(self, oid: int) -> TypeSpec:
@@ -191,6 +200,8 @@ class JsonValues:
 
     def _make(self, oid: int) -> Format:
         spec = self.spec(oid)
+        if spec.category == "composite" and spec.fields:
+            return self._composite(spec)
         if spec.category != "array":
             return self._formats.get(spec.category, self._formats["string"])
         element = self.format(spec.elem_oid)
@@ -207,3 +218,23 @@ class JsonValues:
             return _dump_nested(load(data))
 
         return array
+
+    def _composite(self, spec: TypeSpec) -> Format:
+        keys = [encode_basestring(name) + ":" for name, _oid in spec.fields]
+        formats = [self.format(oid) for _name, oid in spec.fields]
+        split = RecordLoader(2249, self._record_adapters).load
+
+        def composite(data: bytes) -> Fragment:
+            values = split(data)
+            if len(values) != len(keys):  # the type changed since this row was written
+                return self._formats["string"](data)
+            return "{" + ",".join(
+                key + ("null" if value is None else fmt(value)) for key, fmt, value in zip(keys, formats, values)
+            ) + "}"
+
+        return composite
+
+
+class _RawLoader(Loader):
+    def load(self, data) -> bytes:
+        return bytes(data)

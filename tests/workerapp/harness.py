@@ -24,7 +24,7 @@ _counter = itertools.count()
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def test_db_dsn(dbname: str | None = None) -> str:
+def db_dsn(dbname: str | None = None) -> str:
     from django.db import connections
 
     s = connections["default"].settings_dict
@@ -40,6 +40,9 @@ class WorkerEnv:
         self.conn = psycopg.connect(dsn, autocommit=True)
         self.conn.execute("SET TimeZone = 'UTC'")
         self.processes: list[subprocess.Popen] = []
+        # leave the database as we found it: drop the tables the worker created
+        self.preexisting = {name for name in ("changes", "_bemi_worker_checkpoints")
+                            if self.execute("SELECT to_regclass(%s)", [name])[0][0]}
 
     # -- the source database --------------------------------------------------------------
     def execute(self, query: str, params: Any = None) -> list[tuple]:
@@ -102,6 +105,9 @@ class WorkerEnv:
         self.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
                      [self.slot])
         self.execute(f'DROP PUBLICATION IF EXISTS "{self.publication}"')
+        for name in ("changes", "_bemi_worker_checkpoints"):
+            if name not in self.preexisting:
+                self.execute(f"DROP TABLE IF EXISTS {name}")
         if self.execute("SELECT to_regclass('changes')")[0][0]:
             self.execute("TRUNCATE changes")
         if self.execute("SELECT to_regclass('_bemi_worker_checkpoints')")[0][0]:
@@ -111,7 +117,7 @@ class WorkerEnv:
 
 @pytest.fixture
 def worker_env(transactional_db):
-    env = WorkerEnv(test_db_dsn())
+    env = WorkerEnv(db_dsn())
     try:
         yield env
     finally:

@@ -1,0 +1,219 @@
+"""Worker ingest benchmark: the bemi worker end to end against pg_recvlogical.
+
+    python bench/ingest.py                 # full run (about 3 minutes)
+    python bench/ingest.py --duration 10   # quick run: 10 s of steady load
+
+Starts its own PostgreSQL cluster. For each bulk workload, two pgoutput slots
+are created at the same WAL position on the same publication, the workload
+runs, then:
+
+* ``pg_recvlogical`` decodes its slot to /dev/null (the floor: decoding only);
+* the worker drains its slot: decode, stitch with the context, write into
+  ``changes`` with all its indexes, checkpoint, advance.
+
+Workloads: 100,000 rows in one transaction; 20,000 single-row transactions
+(each with a context message, as the Django wrapper sends); a steady 500
+transactions/s for --duration seconds with the worker running, measuring
+commit-to-visible latency (source commit timestamp to destination commit
+timestamp, both from track_commit_timestamp on the same server); the peak RSS
+of the worker process while it ingests one 1,000,000-row transaction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import psycopg  # noqa: E402
+
+from tests.pgcluster import Cluster  # noqa: E402
+
+CONTEXT = ("SELECT pg_logical_emit_message(true, '_bemi', "
+           "'{\"user_id\": 187234, \"endpoint\": \"/todo\", \"method\": \"POST\", "
+           "\"SQL\": \"INSERT INTO \\\"todo\\\" (\\\"task\\\", \\\"is_completed\\\") VALUES (%s, %s)\"}')")
+
+
+def worker_cmd(dsn: str, slot: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "bemi.cli", "--dsn", dsn, "--slot", slot, "--publication", "bemi",
+            "--verbosity", "0", *args]
+
+
+class Bench:
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.dsn = cluster.dsn()
+        self.conn = psycopg.connect(self.dsn, autocommit=True)
+        self.n = 0
+
+    def reset(self) -> None:
+        c = self.conn
+        for (slot,) in c.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
+            c.execute("SELECT pg_drop_replication_slot(%s)", [slot])
+        c.execute("DROP TABLE IF EXISTS todo, changes, _bemi_worker_checkpoints, changes_stage, changes_ceiling")
+        c.execute("DROP PUBLICATION IF EXISTS bemi")
+        c.execute("CREATE TABLE todo (id bigserial PRIMARY KEY, task text NOT NULL, is_completed bool NOT NULL)")
+        c.execute("ALTER TABLE todo REPLICA IDENTITY FULL")
+        c.execute("CHECKPOINT")
+
+    def setup_slots(self) -> tuple[str, str]:
+        """The worker's slot (created by a first --once run) and pg_recvlogical's, at the same position."""
+        self.n += 1
+        slot, recv = f"bemi{self.n}", f"recv{self.n}"
+        subprocess.run(worker_cmd(self.dsn, slot, "--once"), check=True, cwd=ROOT)
+        self.conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [recv])
+        return slot, recv
+
+    def recvlogical(self, slot: str) -> float:
+        end = self.conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0]
+        args = [os.path.join(self.cluster.bindir, "pg_recvlogical"), "-h", self.cluster.host,
+                "-p", str(self.cluster.port), "-U", self.cluster.user, "-d", "postgres", "--slot", slot,
+                "--start", "--endpos", end, "--no-loop", "-f", "/dev/null",
+                "-o", "proto_version=1", "-o", "publication_names=bemi", "-o", "messages=true"]
+        started = time.perf_counter()
+        subprocess.run(args, check=True)
+        return time.perf_counter() - started
+
+    def worker_once(self, slot: str) -> tuple[float, int, int]:
+        """Wall time, changes written and peak RSS (kB) of one `bemi-worker --once` process."""
+        before = self.conn.execute("SELECT count(*) FROM changes").fetchone()[0]
+        started = time.perf_counter()
+        proc = subprocess.Popen(worker_cmd(self.dsn, slot, "--once"), cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        elapsed = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        assert proc.returncode == 0, proc.returncode
+        after = self.conn.execute("SELECT count(*) FROM changes").fetchone()[0]
+        return elapsed, after - before, usage.ru_maxrss
+
+    def bulk(self, name: str, load) -> dict:
+        self.reset()
+        slot, recv = self.setup_slots()
+        load()
+        changes = self.conn.execute("SELECT count(*) FROM todo").fetchone()[0]
+        recv_s = self.recvlogical(recv)
+        worker_s, written, rss = self.worker_once(slot)
+        assert written == changes, (written, changes)
+        ceiling_s = self.insert_ceiling()
+        startup_s = self.startup(slot)
+        result = {
+            "workload": name, "changes": written, "pg_recvlogical_s": recv_s, "worker_s": worker_s,
+            "pg_recvlogical_rate": written / recv_s, "worker_rate": written / worker_s,
+            "ratio": recv_s / worker_s, "worker_rss_mb": rss / 1024, "insert_ceiling_s": ceiling_s,
+            "startup_s": startup_s,
+        }
+        print(f"{name}: {written:,} changes; pg_recvlogical {recv_s:.2f} s ({written / recv_s:,.0f}/s); "
+              f"worker {worker_s:.2f} s ({written / worker_s:,.0f}/s); ratio {recv_s / worker_s:.2f}x; "
+              f"worker peak RSS {rss / 1024:.0f} MB; server-side INSERT of the same rows into an indexed "
+              f"copy of changes alone {ceiling_s:.2f} s ({written / ceiling_s:,.0f}/s); worker start-up "
+              f"(an empty --once) {startup_s:.2f} s", flush=True)
+        return result
+
+    def startup(self, slot: str) -> float:
+        """Median wall time of `bemi-worker --once` on an empty slot: the process start-up and setup."""
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            subprocess.run(worker_cmd(self.dsn, slot, "--once"), check=True, cwd=ROOT)
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    def insert_ceiling(self) -> float:
+        """Seconds PostgreSQL alone needs to insert the rows the worker wrote into a `changes` with the same
+        indexes (INSERT ... SELECT on the server): the bound on any worker that writes this table."""
+        c = self.conn
+        c.execute("DROP TABLE IF EXISTS changes_stage, changes_ceiling")
+        c.execute("CREATE TABLE changes_stage AS SELECT * FROM changes")
+        c.execute("CREATE TABLE changes_ceiling (LIKE changes INCLUDING ALL)")
+        started = time.perf_counter()
+        c.execute("INSERT INTO changes_ceiling SELECT * FROM changes_stage")
+        elapsed = time.perf_counter() - started
+        c.execute("DROP TABLE changes_stage, changes_ceiling")
+        return elapsed
+
+    # -- workloads ---------------------------------------------------------------------------
+
+    def one_big_transaction(self, rows: int):
+        def load():
+            with self.conn.transaction():
+                self.conn.execute(CONTEXT)
+                self.conn.execute("INSERT INTO todo (task, is_completed) "
+                                  "SELECT 'task ' || g, g %% 2 = 0 FROM generate_series(1, %s) g", [rows])
+        return load
+
+    def single_row_transactions(self, count: int):
+        def load():
+            cur = self.conn.cursor()
+            for i in range(count):  # one round trip per transaction: context message + row
+                cur.execute("BEGIN; " + CONTEXT + f"; INSERT INTO todo (task, is_completed) "
+                            f"VALUES ('task {i}', false); COMMIT")
+        return load
+
+    def steady(self, rate: int, seconds: float) -> dict:
+        self.reset()
+        slot, recv = self.setup_slots()
+        self.conn.execute("SELECT pg_drop_replication_slot(%s)", [recv])
+        worker = subprocess.Popen(worker_cmd(self.dsn, slot), cwd=ROOT)
+        time.sleep(1.0)
+        sent = 0
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            cur = conn.cursor()
+            started = time.perf_counter()
+            interval = 1.0 / rate
+            while True:
+                now = time.perf_counter()
+                if now - started >= seconds:
+                    break
+                due = started + sent * interval
+                if now < due:
+                    time.sleep(due - now)
+                cur.execute("BEGIN; " + CONTEXT + f"; INSERT INTO todo (task, is_completed) VALUES ('t{sent}', false); COMMIT")
+                sent += 1
+            achieved = sent / (time.perf_counter() - started)
+        deadline = time.monotonic() + 60
+        while self.conn.execute("SELECT count(*) FROM changes").fetchone()[0] < sent and time.monotonic() < deadline:
+            time.sleep(0.1)
+        worker.terminate()
+        worker.wait(60)
+        latencies = [r[0] for r in self.conn.execute(
+            "SELECT EXTRACT(epoch FROM pg_xact_commit_timestamp(xmin) - committed_at)::float8 * 1000 FROM changes"
+        ).fetchall()]
+        latencies.sort()
+        p50 = statistics.median(latencies)
+        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        print(f"steady: {sent} transactions in {seconds:.0f} s ({achieved:.0f} tx/s achieved); commit-to-visible "
+              f"latency p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {latencies[-1]:.0f} ms", flush=True)
+        return {"workload": "steady", "sent": sent, "rate": achieved, "p50_ms": p50, "p99_ms": p99,
+                "max_ms": latencies[-1]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of steady load (default 60)")
+    parser.add_argument("--rate", type=int, default=500, help="transactions/s of steady load (default 500)")
+    parser.add_argument("--big-rows", type=int, default=100_000, help="rows of the one-transaction workload")
+    parser.add_argument("--small-tx", type=int, default=20_000, help="single-row transactions")
+    parser.add_argument("--rss-rows", type=int, default=1_000_000, help="rows of the RSS workload (0: skip)")
+    options = parser.parse_args()
+
+    cluster = Cluster(settings={"track_commit_timestamp": "on", "max_wal_size": "4GB",
+                                "synchronous_commit": "on"}).start_throwaway()
+    bench = Bench(cluster)
+    print(f"PostgreSQL {bench.conn.execute('SHOW server_version').fetchone()[0]}, {os.cpu_count()} CPUs; "
+          f"python {sys.version.split()[0]}; psycopg {psycopg.__version__} ({psycopg.pq.__impl__})", flush=True)
+    bench.bulk(f"{options.big_rows:,} rows in one transaction", bench.one_big_transaction(options.big_rows))
+    bench.bulk(f"{options.small_tx:,} single-row transactions", bench.single_row_transactions(options.small_tx))
+    bench.steady(options.rate, options.duration)
+    if options.rss_rows:
+        bench.bulk(f"{options.rss_rows:,} rows in one transaction (RSS)", bench.one_big_transaction(options.rss_rows))
+
+
+if __name__ == "__main__":
+    main()

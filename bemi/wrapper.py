@@ -214,8 +214,12 @@ class _Encoder(DjangoJSONEncoder):
         return super().default(o)
 
 
+# Reused encoders (an encoder keeps no state between calls).
+_ENCODERS = {utf8: _Encoder(ensure_ascii=not utf8, allow_nan=False) for utf8 in (True, False)}
+
+
 def _dumps(value: Any, utf8: bool) -> str:
-    return json.dumps(value, cls=_Encoder, ensure_ascii=not utf8, allow_nan=False)
+    return _ENCODERS[utf8].encode(value)
 
 
 def _nbytes(text: str) -> int:

@@ -18,8 +18,11 @@ MAX_CONTEXT_BYTES = 1_000_000
 _resolved: dict[str, Callable[[Any], Any]] = {}
 
 
-def context_function_path() -> str | None:
-    """``BEMI_CONTEXT_FUNCTION``: dotted path to ``get_bemi_context(request) -> dict`` (default: unset)."""
+def context_function_path() -> Any:
+    """``BEMI_CONTEXT_FUNCTION``: dotted path to ``get_bemi_context(request) -> dict`` (default: unset).
+
+    The function itself is accepted too.
+    """
     return getattr(settings, "BEMI_CONTEXT_FUNCTION", None) or None
 
 
@@ -35,10 +38,12 @@ def context_function() -> Callable[[Any], Any]:
             "BEMI_CONTEXT_FUNCTION is not set. Set it to the dotted path of a function "
             "get_bemi_context(request) -> dict, e.g. 'your_project.utils.get_bemi_context'."
         )
+    if not isinstance(path, str):
+        if callable(path):
+            return path
+        raise ImproperlyConfigured(f"BEMI_CONTEXT_FUNCTION must be a dotted path or a function, not {path!r}.")
     func = _resolved.get(path)
     if func is None:
-        if not isinstance(path, str):
-            raise ImproperlyConfigured(f"BEMI_CONTEXT_FUNCTION must be a dotted path string, not {path!r}.")
         try:
             func = import_string(path)
         except ImportError as exc:

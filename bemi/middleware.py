@@ -9,7 +9,7 @@ middleware stacks without a thread switch.
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from typing import Any, Callable
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
 

@@ -177,8 +177,8 @@ def _must_skip(db: Any, raw: Any) -> bool:
     if db.needs_rollback or getattr(raw, "name", None):
         return True
     conn = raw.connection
-    info = getattr(conn, "info", None)
-    status = info.transaction_status if info is not None else conn.get_transaction_status()
+    pgconn = getattr(conn, "pgconn", None)  # psycopg 3; psycopg2 has get_transaction_status()
+    status = pgconn.transaction_status if pgconn is not None else conn.get_transaction_status()
     return status == _INERROR
 
 
@@ -214,8 +214,12 @@ class _Encoder(DjangoJSONEncoder):
         return super().default(o)
 
 
+# Reused encoders (an encoder keeps no state between calls).
+_ENCODERS = {utf8: _Encoder(ensure_ascii=not utf8, allow_nan=False) for utf8 in (True, False)}
+
+
 def _dumps(value: Any, utf8: bool) -> str:
-    return json.dumps(value, cls=_Encoder, ensure_ascii=not utf8, allow_nan=False)
+    return _ENCODERS[utf8].encode(value)
 
 
 def _nbytes(text: str) -> int:
@@ -228,12 +232,30 @@ def build_payload(frame: Frame, sql: str, utf8: bool) -> str | None:
     Equal to ``json.dumps({**context, "SQL": sql})``; the dict part is
     serialised once per frame and the SQL spliced in. ``None``: no context.
     """
-    head = frame.cache.get(utf8)
+    cache = frame.cache
+    payload = cache.get((utf8, sql))  # Django repeats its SQL: a loop of create() is one lookup
+    if payload is not None:
+        return payload
+    head = cache.get(utf8)
     if head is None:
-        head = frame.cache[utf8] = _serialise_head(frame, utf8)
-    prefix, prefix_bytes, utf8 = head
+        head = _serialise_head(frame, utf8)
+        if frame.request is not None and not frame.request.evaluated:
+            return None  # a write made by the context function itself: no context, cache nothing
+        cache[utf8] = head
+    prefix, prefix_bytes, utf8_head = head
     if prefix is None:
         return None
+    payload = _splice(prefix, prefix_bytes, sql, utf8_head)
+    if len(payload) <= _PAYLOAD_CACHE_MAX_LEN and len(cache) < _PAYLOAD_CACHE_SIZE:
+        cache[(utf8, sql)] = payload
+    return payload
+
+
+_PAYLOAD_CACHE_SIZE = 64  # entries per frame
+_PAYLOAD_CACHE_MAX_LEN = 16384
+
+
+def _splice(prefix: str, prefix_bytes: int, sql: str, utf8: bool) -> str:
     sql_json = _sql_json(sql, utf8)
     if prefix_bytes + _nbytes(sql_json) + 1 > MAX_CONTEXT_BYTES:
         _warn_once("sql-truncated", f"the SQL in the context was cut to keep it under {MAX_CONTEXT_BYTES} bytes")

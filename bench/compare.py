@@ -298,6 +298,12 @@ def tables_markdown(data: dict[str, Any]) -> str:
                 cell += f" ({r['time_ratio'][op]:.2f}x)"
             cells.append(cell)
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+    lines += ["", "### Spread of the time: fastest and slowest round (the machine's noise)", "",
+              "| alternative | " + " | ".join(titles[o] for o in OPS) + " |",
+              "|---|" + "---:|" * len(OPS)]
+    for key, r in res.items():
+        cells = [f"{fmt_time(lo)} - {fmt_time(hi)}" for lo, hi in (r["times_spread"][op] for op in OPS)]
+        lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
     lines += ["", "### WAL written per operation (median; ratio against no tracking)", "",
               "| alternative | " + " | ".join(titles[o] for o in OPS) + " |",
               "|---|" + "---:|" * len(OPS)]
@@ -339,7 +345,7 @@ def run_ingest(quick: bool) -> dict[str, Any] | None:
     if not os.path.exists(script):
         log("bench/ingest.py is not in this checkout: no worker ingest rate in this run")
         return None
-    args = ["--quick"] if quick else []
+    args = ["--duration", "10"] if quick else []  # its own quick form
     command = "python3 bench/ingest.py " + " ".join(args)
     log(f"running {command}")
     python = os.path.join(VENVS, "bemi", "bin", "python")
@@ -368,6 +374,8 @@ def main() -> int:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--bemi-src", help="measure this project from another source tree (default: this checkout)")
     parser.add_argument("--no-ingest", action="store_true", help="skip this project's worker benchmark")
+    parser.add_argument("--reuse", action="store_true",
+                        help="no new measurements: re-render the doc and chart from --json (re-runs bench/ingest.py)")
     args = parser.parse_args()
 
     sizes = dict(QUICK if args.quick else FULL)
@@ -380,29 +388,37 @@ def main() -> int:
     if args.only:
         keys = args.only.split(",")
         alts = [a for a in ALTERNATIVES if a.key in keys]
-    for alt in alts:
-        ensure_venv(alt.key, COMMON + alt.requirements)
-
-    started = time.time()
-    command = "python3 bench/compare.py" + (" --quick" if args.quick else "") + (
-        f" --rounds {args.rounds}" if args.rounds else "")
-    at_start = machine()
-    data = run(sizes, alts)
-    data["machine"] = {**at_start, "loadavg_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+    if args.reuse:  # re-render (and re-run bench/ingest.py) without measuring again
+        with open(args.json) as fh:
+            data = json.load(fh)
+    else:
+        for alt in alts:
+            ensure_venv(alt.key, COMMON + alt.requirements)
+        started = time.time()
+        at_start = machine()
+        data = run(sizes, alts)
+        data["machine"] = {**at_start, "loadavg_at_end": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+        data.update(
+            command="python3 bench/compare.py" + (" --quick" if args.quick else "")
+            + (f" --rounds {args.rounds}" if args.rounds else ""),
+            seconds=round(time.time() - started),
+            date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        )
     if "bemi" in data["results"] and not args.no_ingest:
-        data["ingest"] = run_ingest(args.quick)
+        ensure_venv("bemi", COMMON + ALTERNATIVES[1].requirements)
+        data["ingest"] = run_ingest("--quick" in data["command"])
         if data["ingest"]:
+            data["ingest"]["date"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
             print(data["ingest"].get("output") or data["ingest"].get("error"))
-    data.update(command=command, seconds=round(time.time() - started),
-                date=dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as fh:
         json.dump(data, fh, indent=1)
     print(tables_markdown(data))
     print(versions_markdown(data))
-    log(f"raw results in {args.json}; took {data['seconds']} s")
+    log(f"raw results in {args.json}; the measurements took {data['seconds']} s")
 
-    doc = args.doc or (None if args.quick or args.only else os.path.join(REPO, "docs", "compare.md"))
+    partial = "--quick" in data["command"] or args.only
+    doc = args.doc or (None if partial else os.path.join(REPO, "docs", "compare.md"))
     if doc:
         os.makedirs(os.path.dirname(os.path.abspath(doc)), exist_ok=True)
         image = os.path.join(os.path.dirname(doc), "compare.png")

@@ -24,9 +24,15 @@ def no_leftover_context():
 
 
 def test_public_names():
-    from bemi import BemiMiddleware, context, get_bemi_context, get_context, set_context  # noqa: F401
+    from bemi import BemiMiddleware, context, get_bemi_context, get_context, set_context
+    from bemi.middleware import BemiMiddleware as Middleware
 
-    assert callable(bemi.context) and isinstance(bemi.context(a=1), bemi.context)
+    assert BemiMiddleware is Middleware
+    assert all(callable(f) for f in (get_bemi_context, get_context, set_context))
+    assert isinstance(context(a=1), context)
+    import bemi.appcontext  # importing the module must not shadow bemi.context()
+
+    assert bemi.context is context
 
 
 def test_set_get_and_clear():
@@ -143,6 +149,11 @@ def test_get_bemi_context_calls_the_setting():
     assert bemi.get_bemi_context(request) == {"user_id": None, "method": "POST", "path": "/todo"}
 
 
+def test_get_bemi_context_accepts_the_function_itself():
+    with override_settings(BEMI_CONTEXT_FUNCTION=lambda request: {"path": request.path}):
+        assert bemi.get_bemi_context(RequestFactory().get("/x")) == {"path": "/x"}
+
+
 @pytest.mark.parametrize(
     "path, message",
     [
@@ -150,6 +161,7 @@ def test_get_bemi_context_calls_the_setting():
         ("tests.ctxapp.context.missing_function", "cannot be imported"),
         ("no_such_module.fn", "cannot be imported"),
         ("tests.ctxapp.context.not_callable", "is not callable"),
+        (42, "dotted path or a function"),
     ],
 )
 def test_get_bemi_context_misconfigured(path, message):

@@ -149,6 +149,18 @@ def test_context_function_returning_none_means_no_context(wal, caplog):
     assert not [r for r in caplog.records if r.name == "bemi"]
 
 
+def test_context_function_that_writes_itself(wal):
+    """Its own write gets no context (no recursion); the request's writes get the context."""
+    with override_settings(BEMI_CONTEXT_FUNCTION="tests.ctxapp.context.writing_context"):
+        assert Client().post("/ctx/extra/").status_code == 200
+    records = wal.read()
+    pairs = tracked(records)
+    assert [m.json["path"] for m, _ in pairs] == ["/overridden", "/ctx/extra/"]
+    assert all(m.json["from_function"] is True for m, _ in pairs)
+    assert all("ctxapp_item" in rows[0].table for _, rows in pairs)
+    assert [r.kind for r in records if "ctxapp_tag" in r.table] == ["INSERT"]
+
+
 def test_no_setting_no_context(wal):
     with override_settings(BEMI_CONTEXT_FUNCTION=None):
         Client().get("/ctx/create/")

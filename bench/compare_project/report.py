@@ -41,9 +41,14 @@ ORM, each in autocommit (one transaction each):
 - cascading `delete()`: `Todo.objects.filter(...).delete()` of {n_delete:,} todos with {children}
   subtasks each ({n_delete_rows:,} rows); Django collects and deletes the subtasks first.
 
-Timings are medians over {rounds} rounds after a warm-up round. In each round every alternative
-runs once, in an order rotated each round, so that the noise of the machine spreads over all of
-them. WAL bytes are the difference of `pg_current_wal_insert_lsn()` around the operation.
+Timings are medians over {rounds} rounds after a warm-up round. Every alternative runs in its own
+long-lived process; within a round they take turns operation by operation (all `create()`s,
+then all `save()`s, ...), in an order rotated every round and operation, so that the same
+operation of every alternative runs within moments of the others. The ratio in brackets is the
+median of the per-round ratios (alternative / no tracking in the same round), which cancels
+most of the load that other processes put on the machine; the median times beside it are not
+paired, so the two can disagree slightly. WAL bytes are the difference of
+`pg_current_wal_insert_lsn()` around the operation (deterministic: the same in every round).
 
 "Captured" runs each operation once more ({cap_bulk} rows for the bulk ones, {cap_delete} todos
 with {children} subtasks each for the delete) plus raw SQL through `connection.cursor()`, and
@@ -109,7 +114,8 @@ def ingest_section(data: dict[str, Any]) -> str:
     elif ingest.get("error"):
         lines.append(f"`{ingest['command']}` failed in this run: {ingest['error']}")
     else:
-        lines += [f"`{ingest['command']}` (run by bench/compare.py, its output verbatim):", "", "```",
+        lines += [f"`{ingest['command']}` (run by bench/compare.py on {ingest.get('date', '?')}, its output verbatim):",
+                  "", "```",
                   ingest["output"].rstrip(), "```"]
     return "\n".join(lines) + "\n"
 

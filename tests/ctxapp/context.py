@@ -23,3 +23,11 @@ def none_context(request):
 
 
 not_callable = 42
+
+
+def writing_context(request):
+    """A context function that itself writes (through the same connection)."""
+    from tests.ctxapp.models import Tag
+
+    Tag.objects.get_or_create(name=f"seen {request.path}")
+    return {"path": request.path, "from_function": True}

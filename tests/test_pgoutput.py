@@ -72,3 +72,12 @@ def test_lsn_text_round_trip():
 def test_garbage_is_a_decode_error(data):
     with pytest.raises(po.DecodeError):
         po.decode(data)
+
+
+def test_insert_short_path_matches_the_full_decoder():
+    for _lsn, data in messages("insert_with_context"):
+        if data[:1] == b"I":
+            full = po.decode(data)
+            assert po.decode_insert(data) == (full.relid, full.new)
+            with pytest.raises(po.DecodeError):
+                po.decode_insert(data[:-3])

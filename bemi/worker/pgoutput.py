@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 __all__ = [
     "Begin", "Commit", "Relation", "Column", "TypeMsg", "Origin", "Insert", "Update",
     "Delete", "Truncate", "Message", "Tuple", "decode", "DecodeError", "lsn_to_int",
-    "int_to_lsn", "pg_timestamp",
+    "int_to_lsn", "pg_timestamp", "decode_insert",
 ]
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
@@ -196,6 +196,17 @@ def _insert(data: bytes) -> Insert:
         raise DecodeError("insert without a new tuple")
     new, _ = _tuple(data, 6)
     return Insert(relid, new)
+
+
+def decode_insert(data: bytes) -> tuple[int, Tuple]:
+    """An Insert message as (relation id, new tuple), without building an Insert object."""
+    try:
+        (relid,) = _U32.unpack_from(data, 1)
+        if data[5] != 0x4E:
+            raise DecodeError("insert without a new tuple")
+        return relid, _tuple(data, 6)[0]
+    except (struct.error, IndexError) as exc:
+        raise DecodeError(f"truncated or malformed 'I' message: {exc}") from exc
 
 
 def _update(data: bytes) -> Update:

@@ -93,6 +93,7 @@ class Worker:
                 if now - self._last_refresh >= self.config.refresh_interval:
                     self.source.refresh_tables()
                     self._last_refresh = now
+                started = time.monotonic()
                 if self._drain_checked():
                     self._last_activity = time.monotonic()
                     continue
@@ -100,7 +101,10 @@ class Worker:
                     self.source.heartbeat()
                     self._last_activity = time.monotonic()
                     continue
-                self.stopping.wait(self.config.poll_interval)
+                # An empty pass that took long was re-decoding old WAL (see docs/worker.md):
+                # wait as long before the next one instead of keeping a server core busy.
+                empty_pass = time.monotonic() - started
+                self.stopping.wait(max(self.config.poll_interval, min(empty_pass, 5.0)))
             return 0
         finally:
             self.close()

@@ -78,8 +78,12 @@ class Sink:
         conn = self.conn
         existed = {
             name: conn.execute("SELECT to_regclass(%s) IS NOT NULL", [name]).fetchone()[0]
-            for name in ("changes", "_bemi_worker_checkpoints")
+            for name in ("changes", "_bemi_worker_checkpoints", "changes_identity_index")
         }
+        if all(existed.values()):
+            # Nothing to create: no DDL (it would need CREATE on the schema and take table locks).
+            conn.rollback()
+            return
         try:
             if existed["changes"]:
                 self._upgrade_published_table()

@@ -163,6 +163,11 @@ class Stitcher:
 
     def feed(self, lsn: int, data: bytes, out: list[ChangeRow]) -> po.Commit | None:
         """Decode one message; append its change rows to ``out``; return the Commit if it is one."""
+        if data[0] == 0x49 and self._begin is not None:  # Insert, the bulk of most streams: short path
+            if not self._skip:
+                relid, new = po.decode_insert(data)
+                self._row(out, lsn, relid, "CREATE", None, False, new)
+            return None
         msg = po.decode(data)
         kind = type(msg)
         if kind is po.Begin:

@@ -30,7 +30,6 @@ years after 9999); a loader raising there would stop the worker on a valid row.
 
 from __future__ import annotations
 
-import json
 import re
 from json.encoder import encode_basestring  # the C encoder of json.dumps(str, ensure_ascii=False)
 from dataclasses import dataclass

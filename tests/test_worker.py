@@ -316,3 +316,21 @@ def test_adopts_a_changes_table_made_by_the_published_worker(worker_env, caplog)
             copy.write_row((i,))
     env.run_once()
     assert len(env.changes()) == 100
+
+
+def test_rows_written_in_the_transaction_that_creates_a_table_are_tracked(worker_env):
+    # The worker's periodic refresh adds new tables a moment later; the
+    # `migrate bemi` event trigger adds them to the publication at once.
+    env = worker_env
+    env.run_once()
+    env.conn.autocommit = False
+    env.execute("CREATE TABLE born_w (id int PRIMARY KEY, note text)")
+    env.execute("INSERT INTO born_w VALUES (1, 'same transaction')")
+    env.conn.commit()
+    env.conn.autocommit = True
+    env.execute("INSERT INTO born_w VALUES (2, 'right after')")
+    env.run_once()
+    assert [(c["operation"], c["after"]) for c in env.changes("\"table\" = 'born_w'")] == [
+        ("CREATE", {"id": 1, "note": "same transaction"}),
+        ("CREATE", {"id": 2, "note": "right after"}),
+    ]

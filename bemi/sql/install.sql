@@ -124,6 +124,35 @@ BEGIN
 END;
 $bemi$;
 
+-- Publications the worker manages carry this comment (bemi/worker/slot.py,
+-- MANAGED_PUBLICATION_COMMENT). A new table joins them in the transaction
+-- that creates it, so its very first rows are published: the worker's own
+-- periodic refresh would only add it a moment later.
+CREATE OR REPLACE FUNCTION _bemi_publish(rel regclass)
+RETURNS void
+LANGUAGE plpgsql AS $bemi$
+DECLARE
+  pub text;
+BEGIN
+  IF NOT _bemi_is_tracked(rel) OR (SELECT c.relispartition FROM pg_class c WHERE c.oid = rel) THEN
+    RETURN;
+  END IF;
+  FOR pub IN
+    SELECT p.pubname FROM pg_publication p
+    WHERE NOT p.puballtables
+      AND obj_description(p.oid, 'pg_publication') = 'bemi: tables of schema public'
+      AND NOT EXISTS (SELECT 1 FROM pg_publication_rel pr WHERE pr.prpubid = p.oid AND pr.prrelid = rel)
+  LOOP
+    BEGIN
+      EXECUTE format('ALTER PUBLICATION %I ADD TABLE %s', pub, rel);
+    EXCEPTION WHEN others THEN
+      RAISE NOTICE 'bemi: could not add % to publication %: %; the worker adds it on its next refresh',
+        rel, pub, SQLERRM;
+    END;
+  END LOOP;
+END;
+$bemi$;
+
 -- Event trigger functions: act on the tables the DDL command just created.
 CREATE OR REPLACE FUNCTION _bemi_create_table_trigger_func()
 RETURNS event_trigger
@@ -145,6 +174,9 @@ DECLARE
 BEGIN
   FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() WHERE object_type = 'table' LOOP
     PERFORM _bemi_set_replica_identity_on(cmd.objid::regclass);
+    -- After the identity: published without one, its UPDATE/DELETE would fail.
+    -- (Event triggers fire in name order: this one runs last.)
+    PERFORM _bemi_publish(cmd.objid::regclass);
   END LOOP;
 END;
 $bemi$;

@@ -30,6 +30,7 @@ DROP PROCEDURE IF EXISTS _bemi_create_triggers();
 DROP PROCEDURE IF EXISTS _bemi_set_replica_identity();
 DROP FUNCTION IF EXISTS _bemi_create_trigger(regclass);
 DROP FUNCTION IF EXISTS _bemi_set_replica_identity_on(regclass);
+DROP FUNCTION IF EXISTS _bemi_publish(regclass);
 DROP FUNCTION IF EXISTS _bemi_is_tracked(regclass);
 DROP FUNCTION IF EXISTS _bemi_tables();
 DROP FUNCTION IF EXISTS _bemi_row_trigger_func();

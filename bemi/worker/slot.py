@@ -35,6 +35,9 @@ SESSION_SETTINGS = {
     "lock_timeout": "5s",
 }
 LOCK_CLASS = 0x62656D69  # 'bemi'
+# Marks the publications this worker keeps up to date; the `migrate bemi` event
+# trigger adds each new table to them at once (bemi/sql/install.sql, _bemi_publish).
+MANAGED_PUBLICATION_COMMENT = "bemi: tables of schema public"
 
 
 class WorkerError(RuntimeError):
@@ -163,6 +166,7 @@ class Source:
                     f"database. Run: GRANT CREATE ON DATABASE {_quote_ident(self.database)} TO {_quote_ident(self.user)}; "
                     f"(or create it as its owner: CREATE PUBLICATION {_quote_ident(self.publication)};)"
                 ) from exc
+            self._mark_managed()
             log.info("created publication %s (public tables except changes and _bemi* are added to it)",
                      self.publication)
             return
@@ -173,6 +177,13 @@ class Source:
                 f"publication {self.publication!r} belongs to {owner!r}, so role {self.user!r} cannot add tables "
                 f"to it. Run: ALTER PUBLICATION {_quote_ident(self.publication)} OWNER TO {_quote_ident(self.user)};"
             )
+        if not all_tables:
+            self._mark_managed()
+
+    def _mark_managed(self) -> None:
+        """Let the `migrate bemi` event trigger add new tables to this publication as they are created."""
+        self.control.execute(sql.SQL("COMMENT ON PUBLICATION {} IS {}").format(
+            sql.Identifier(self.publication), sql.Literal(MANAGED_PUBLICATION_COMMENT)))
 
     def refresh_tables(self) -> list[str]:
         """Put every trackable public table in the publication; return the names added.

@@ -148,7 +148,9 @@ def test_repeated_kill_9_loses_and_duplicates_nothing(worker_env):
             truth_rows = conn.execute(COMPARE).fetchall()
         assert len(killed_rows) == result["expected"] > 1000
         assert killed_rows == truth_rows
-        assert progressed >= kills // 2  # the worker was busy, not idle, when it was killed
+        # Several kills hit a worker that was storing changes, not an idle one. (Not kills // 2:
+        # kills after the 5 s workload ends find nothing to do, and on a loaded machine those are many.)
+        assert progressed >= 3, (progressed, kills)
     finally:
         env.execute("SELECT pg_drop_replication_slot(%s) FROM pg_replication_slots WHERE slot_name = %s",
                     [truth.slot, truth.slot])

@@ -19,29 +19,26 @@ from typing import Any
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 from django.utils.module_loading import import_string
+
+from bemi import conf
+from bemi.middleware import BemiMiddleware
 
 MIN_SERVER_VERSION = 140000
 
 
 @register()
 def check_context_function(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    path = getattr(settings, "BEMI_CONTEXT_FUNCTION", None)
-    if path is None:
+    if conf.context_function_path() is None:
         return []
     try:
-        function = import_string(path) if isinstance(path, str) else path
-    except ImportError as exc:
+        conf.context_function()
+    except ImproperlyConfigured as exc:
         return [Error(
-            f"BEMI_CONTEXT_FUNCTION {path!r} cannot be imported: {exc}",
+            str(exc),
             hint="Set BEMI_CONTEXT_FUNCTION to the dotted path of a function get_bemi_context(request) -> dict.",
-            id="bemi.E001",
-        )]
-    if not callable(function):
-        return [Error(
-            f"BEMI_CONTEXT_FUNCTION {path!r} is not callable.",
-            hint="Point it at a function get_bemi_context(request) -> dict.",
             id="bemi.E001",
         )]
     return []
@@ -55,10 +52,6 @@ def _has_bemi_middleware() -> bool:
     entries = list(getattr(settings, "MIDDLEWARE", None) or [])
     if MIDDLEWARE_PATHS.intersection(entries):
         return True
-    try:
-        from bemi.middleware import BemiMiddleware
-    except ImportError:
-        return False
     for entry in entries:
         try:
             middleware = import_string(entry)
@@ -71,7 +64,7 @@ def _has_bemi_middleware() -> bool:
 
 @register()
 def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    if getattr(settings, "BEMI_CONTEXT_FUNCTION", None) is None or _has_bemi_middleware():
+    if conf.context_function_path() is None or _has_bemi_middleware():
         return []
     return [Warning(
         "BEMI_CONTEXT_FUNCTION is set but 'bemi.BemiMiddleware' is not in MIDDLEWARE, "

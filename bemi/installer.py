@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import logging
 import sys
-from importlib import resources
 from typing import Any
 
+from bemi import sql
+
 logger = logging.getLogger("bemi")
-
-
-def read_sql(name: str) -> str:
-    return resources.files("bemi").joinpath("sql", name).read_text(encoding="utf-8")
 
 
 def run_sql_file(connection: Any, name: str) -> list[str]:
@@ -35,7 +32,7 @@ def run_sql_file(connection: Any, name: str) -> list[str]:
         raw.add_notice_handler(handler)
     try:
         with connection.cursor() as cursor:
-            cursor.execute(read_sql(name))
+            cursor.execute(sql.read(name))
     finally:
         if handler is not None:
             raw.remove_notice_handler(handler)

@@ -49,11 +49,11 @@ def setup_django(cluster: Cluster) -> None:
 
 def fill(rows: int) -> None:
     """Create `changes` (bemi/sql/changes.sql), load rows with one INSERT, then build the indexes."""
-    from importlib import resources
+    from bemi import sql as bemi_sql
 
     from django.db import connection
 
-    ddl = resources.files("bemi").joinpath("sql/changes.sql").read_text()
+    ddl = bemi_sql.read("changes.sql")
     start = ddl.index("CREATE TABLE")
     create_table = ddl[start: ddl.index(");", start) + 2]
     records = rows // CHANGES_PER_RECORD

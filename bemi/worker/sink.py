@@ -12,11 +12,11 @@ from __future__ import annotations
 import logging
 import re
 from datetime import datetime
-from importlib import resources
 
 import psycopg
 from psycopg import sql
 
+from bemi import sql as bemi_sql
 from bemi.worker import pgoutput as po
 from bemi.worker.slot import WorkerError
 from bemi.worker.stitch import ChangeRow
@@ -30,10 +30,6 @@ COPY_CHANGES = (
     '"context", "committed_at", "queued_at", "transaction_id", "position", "commit_position", '
     '"change_index") FROM STDIN'
 )
-
-
-def _sql(name: str) -> str:
-    return resources.files("bemi").joinpath("sql", name).read_text()
 
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
@@ -87,8 +83,8 @@ class Sink:
         try:
             if existed["changes"]:
                 self._upgrade_published_table()
-            conn.execute(_sql("changes.sql"))
-            conn.execute(_sql("worker.sql"))
+            conn.execute(bemi_sql.read("changes.sql"))
+            conn.execute(bemi_sql.read("worker.sql"))
             conn.commit()
         except psycopg.errors.InsufficientPrivilege as exc:
             conn.rollback()

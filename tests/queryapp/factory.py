@@ -11,18 +11,18 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-from importlib import resources
 from typing import Any, Iterator
 
 from django.db import connections
 
+from bemi import sql as bemi_sql
 from bemi.models import BemiChange
 
 BASE = dt.datetime(2023, 12, 11, 17, 9, 9, tzinfo=dt.timezone.utc)
 
 
 def create_changes_table(using: str = "default") -> None:
-    sql = resources.files("bemi").joinpath("sql/changes.sql").read_text()
+    sql = bemi_sql.read("changes.sql")
     with connections[using].cursor() as cursor:
         cursor.execute(sql)
 

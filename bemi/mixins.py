@@ -21,6 +21,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 class BemiRecordMixin:
+    # A mixin for subclasses of django.db.models.Model, which provides pk.
+    if TYPE_CHECKING:  # pragma: no cover
+        pk: Any
+
     def bemi_changes(self, field_name: str | None = None) -> "BemiChangeQuerySet":
         """This row's changes (table = the model's db_table, primary_key = str(pk))."""
         from bemi.models import BemiChange

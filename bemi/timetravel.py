@@ -40,7 +40,8 @@ def resolve_table(model_or_table: Any, using: str) -> tuple[str, type[models.Mod
     if isinstance(model_or_table, models.Model):
         model_or_table = type(model_or_table)
     if isinstance(model_or_table, type) and issubclass(model_or_table, models.Model):
-        return model_or_table._meta.db_table, model_or_table
+        model: type[models.Model] = model_or_table
+        return model._meta.db_table, model
     if not isinstance(model_or_table, str) or not model_or_table:
         raise TypeError(
             "Pass a model class, a model instance or a table name (its db_table, "

@@ -130,7 +130,7 @@ def _log_only_users_statement(raw: Any, payload: str) -> None:
     """
     query = getattr(raw, "_query", None)
     text = getattr(query, "query", None)
-    if not isinstance(text, bytes):
+    if query is None or not isinstance(text, bytes):
         return
     try:
         from psycopg import sql as pgsql

@@ -55,9 +55,9 @@ class Worker:
         source.check_privileges()
         source.lock()
         source.ensure_publication()
-        self.sink = Sink(cfg.destination_dsn or cfg.source_dsn, cfg.slot, source.database)
-        self.sink.ensure_tables()
-        checkpoint = self.sink.checkpoint()
+        self.sink = sink = Sink(cfg.destination_dsn or cfg.source_dsn, cfg.slot, source.database)
+        sink.ensure_tables()
+        checkpoint = sink.checkpoint()
         source.refresh_tables()
         self._last_refresh = time.monotonic()
         state = source.ensure_slot(checkpoint.commit_lsn if checkpoint else None)
@@ -68,7 +68,13 @@ class Worker:
         self.stitcher = Stitcher(self.values, source.primary_key,
                                  skip_through=checkpoint.commit_lsn if checkpoint else 0)
         log.info("reading slot %s (publication %s) of database %s; writing changes to database %s",
-                 cfg.slot, cfg.publication, source.database, self.sink.conn.info.dbname)
+                 cfg.slot, cfg.publication, source.database, sink.conn.info.dbname)
+
+    def _ready(self) -> tuple[Source, Sink]:
+        """The source and the sink, which setup() opened."""
+        if self.source is None or self.sink is None:
+            raise RuntimeError("Worker.setup() has not run")
+        return self.source, self.sink
 
     def close(self) -> None:
         if self.sink:
@@ -88,17 +94,18 @@ class Worker:
             if self.config.once:
                 self._drain_checked()
                 return 0
+            source, _sink = self._ready()
             while not self.stopping.is_set():
                 now = time.monotonic()
                 if now - self._last_refresh >= self.config.refresh_interval:
-                    self.source.refresh_tables()
+                    source.refresh_tables()
                     self._last_refresh = now
                 started = time.monotonic()
                 if self._drain_checked():
                     self._last_activity = time.monotonic()
                     continue
                 if time.monotonic() - self._last_activity >= self.config.heartbeat_interval:
-                    self.source.heartbeat()
+                    source.heartbeat()
                     self._last_activity = time.monotonic()
                     continue
                 # An empty pass that took long was re-decoding old WAL (see docs/worker.md):
@@ -116,14 +123,15 @@ class Worker:
         try:
             return self.drain()
         except psycopg.Error as exc:
+            source, _sink = self._ready()
             try:
-                state = self.source.slot_state()
+                state = source.slot_state()
             except psycopg.Error:
                 raise exc from None
             if state is None:
                 raise WorkerError(f"replication slot {self.config.slot!r} was dropped while the worker was "
                                   f"reading it; the worker will not recreate it ({exc})") from exc
-            check_slot(state, self.config.slot, self.source.database)
+            check_slot(state, self.config.slot, source.database)
             raise
 
     def drain(self) -> int:
@@ -134,7 +142,8 @@ class Worker:
         at the end of a source transaction, together with the checkpoint.
         """
         cfg = self.config
-        source, sink, stitcher = self.source, self.sink, self.stitcher
+        source, sink = self._ready()
+        stitcher = self.stitcher
         source.forget_catalog()
         rows: list[ChangeRow] = []
         pending = 0  # rows COPied into the open destination transaction
@@ -185,15 +194,16 @@ class Worker:
         return transactions
 
     def _commit(self, commit: po.Commit, xid: int | None, count: int, started: float) -> None:
-        self.sink.commit(commit, xid, count)
+        source, sink = self._ready()
+        sink.commit(commit, xid, count)
         self.stitcher.skip_through = commit.commit_lsn
-        self.source.advance(commit.end_lsn)
+        source.advance(commit.end_lsn)
         self.written += count
         elapsed = max(time.monotonic() - started, 1e-6)
         lag_seconds = (datetime.now(timezone.utc) - commit.commit_time).total_seconds()
         log.info("wrote %d changes in %.3f s (%.0f changes/s); up to %s; lag %d bytes, %.1f s",
                  count, elapsed, count / elapsed, po.int_to_lsn(commit.end_lsn),
-                 self.source.lag_bytes(commit.end_lsn), max(lag_seconds, 0.0))
+                 source.lag_bytes(commit.end_lsn), max(lag_seconds, 0.0))
 
 
 def _python_encoding(pg_encoding: str) -> str:

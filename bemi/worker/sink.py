@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from contextlib import AbstractContextManager
 from datetime import datetime
 
 import psycopg
@@ -18,7 +19,7 @@ from psycopg import sql
 
 from bemi import sql as bemi_sql
 from bemi.worker import pgoutput as po
-from bemi.worker.slot import WorkerError
+from bemi.worker.slot import WorkerError, one_row
 from bemi.worker.stitch import ChangeRow
 
 __all__ = ["Sink", "Checkpoint"]
@@ -59,8 +60,8 @@ class Sink:
         self.database = database
         self.in_transaction = False
         self._cursor: psycopg.Cursor | None = None
-        self._copy_cm = None
-        self._copy = None
+        self._copy_cm: AbstractContextManager[psycopg.Copy] | None = None
+        self._copy: psycopg.Copy | None = None
         self._prefix = _copy_text(database)
 
     def close(self) -> None:
@@ -73,7 +74,7 @@ class Sink:
         """Create ``changes`` (+ indexes) and the checkpoint table when missing, and say so."""
         conn = self.conn
         existed = {
-            name: conn.execute("SELECT to_regclass(%s) IS NOT NULL", [name]).fetchone()[0]
+            name: one_row(conn.execute("SELECT to_regclass(%s) IS NOT NULL", [name]))[0]
             for name in ("changes", "_bemi_worker_checkpoints", "changes_identity_index")
         }
         if all(existed.values()):
@@ -153,10 +154,13 @@ class Sink:
             self._cursor = self.conn.cursor()
             self._copy_cm = self._cursor.copy(COPY_CHANGES)
             self._copy = self._copy_cm.__enter__()
-        lines = []
+        lines: list[str] = []
         append = lines.append
         prefix = self._prefix
-        last_ctx = last_ctx_text = last_at = last_at_text = None
+        # The first row always sets the texts (its context and committed_at are never None).
+        last_ctx: str | None = None
+        last_at: datetime | None = None
+        last_ctx_text = last_at_text = ""
         queued = queued_at.isoformat()
         for r in rows:
             if r.context is not last_ctx:
@@ -173,16 +177,17 @@ class Sink:
         self._copy.write("\n".join(lines).encode())
 
     def _end_copy(self, error: BaseException | None = None) -> None:
-        if self._copy is None:
+        cm, cursor = self._copy_cm, self._cursor
+        if self._copy is None or cm is None or cursor is None:  # write() sets all three, _copy last
             return
-        cm, self._copy, self._copy_cm = self._copy_cm, None, None
+        self._copy, self._copy_cm = None, None
         try:
             if error is None:
                 cm.__exit__(None, None, None)
             else:
                 cm.__exit__(type(error), error, None)
         finally:
-            self._cursor.close()
+            cursor.close()
             self._cursor = None
 
     def commit(self, last: po.Commit, xid: int | None, changes: int) -> None:

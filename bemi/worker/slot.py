@@ -13,6 +13,7 @@ import logging
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import psycopg
 from psycopg import errors, sql
@@ -20,7 +21,7 @@ from psycopg import errors, sql
 from bemi.worker import pgoutput as po
 from bemi.worker.values import BUILTIN_TYPES, TypeSpec
 
-__all__ = ["Source", "SlotState", "WorkerError", "SESSION_SETTINGS", "check_slot"]
+__all__ = ["Source", "SlotState", "WorkerError", "SESSION_SETTINGS", "check_slot", "one_row"]
 
 log = logging.getLogger("bemi.worker")
 
@@ -54,6 +55,17 @@ class SlotState:
     database: str
     wal_status: str | None
     confirmed_flush: int
+
+
+R = TypeVar("R")
+
+
+def one_row(cur: psycopg.Cursor[R]) -> R:
+    """The row of a query that always returns one (psycopg types ``fetchone()`` as optional)."""
+    row = cur.fetchone()
+    if row is None:
+        raise RuntimeError("a query that always returns a row returned none")
+    return row
 
 
 def check_slot(state: SlotState, slot: str, database: str) -> None:
@@ -97,11 +109,11 @@ class Source:
         self.publication = publication
         self.control = _connect(dsn, autocommit=True)
         self.reader = _connect(dsn, autocommit=False)
-        row = self.control.execute(
+        row = one_row(self.control.execute(
             "SELECT current_database(), current_user, r.rolsuper, r.rolreplication, "
             "current_setting('wal_level'), current_setting('server_encoding') "
             "FROM pg_roles r WHERE r.rolname = current_user"
-        ).fetchone()
+        ))
         self.database, self.user, self.superuser, self.replication, wal_level, self.encoding = row
         if wal_level != "logical":
             raise WorkerError(
@@ -127,7 +139,7 @@ class Source:
 
     def lock(self) -> None:
         """Take the advisory lock of this slot, or explain who holds it."""
-        got = self.control.execute("SELECT pg_try_advisory_lock(%s, %s)", [LOCK_CLASS, self._lock_key]).fetchone()[0]
+        got = one_row(self.control.execute("SELECT pg_try_advisory_lock(%s, %s)", [LOCK_CLASS, self._lock_key]))[0]
         if got:
             return
         holder = self.control.execute(
@@ -276,6 +288,8 @@ class Source:
                 ) from exc
             log.info("created replication slot %s (pgoutput) on database %s", self.slot, self.database)
             state = self.slot_state()
+            if state is None:  # dropped by someone else in between
+                raise WorkerError(f"replication slot {self.slot!r} was dropped right after the worker created it")
         check_slot(state, self.slot, self.database)
         return state
 
@@ -321,9 +335,9 @@ class Source:
         self.control.execute("SELECT pg_logical_emit_message(true, '_bemi_heartbeat', now()::text)")
 
     def lag_bytes(self, lsn: int) -> int:
-        return self.control.execute(
+        return one_row(self.control.execute(
             "SELECT (pg_current_wal_lsn() - %s::pg_lsn)::int8", [po.int_to_lsn(lsn)]
-        ).fetchone()[0]
+        ))[0]
 
     # -- catalog ----------------------------------------------------------------------------
 

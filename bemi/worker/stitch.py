@@ -282,6 +282,8 @@ class Stitcher:
 
     def _change(self, rel: _Rel, lsn: int, op: str, pk: str | None, before: str, after: str) -> ChangeRow:
         begin = self._begin
+        if begin is None:  # never: callers only get here inside a transaction
+            raise po.DecodeError("change outside a transaction (no Begin message before it)")
         index = self._index
         self._index += 1
         return ChangeRow(

@@ -166,7 +166,14 @@ def _dump_nested(items: list[Any]) -> Fragment:
 
 # psycopg's text-format array loader (the C one when available), specialised per element type.
 # (text[]'s registered loader is a subclass of it with ``base_oid`` = text.)
-_ARRAY_LOADER_BASE: type = psycopg.adapters.get_loader(1009, pq.Format.TEXT).__mro__[1]
+def _array_loader_base() -> type:
+    text_array_loader = psycopg.adapters.get_loader(1009, pq.Format.TEXT)
+    if text_array_loader is None:  # psycopg registers it at import
+        raise ImportError("psycopg has no text-format loader for text[] (oid 1009)")
+    return text_array_loader.__mro__[1]
+
+
+_ARRAY_LOADER_BASE: type = _array_loader_base()
 
 
 class JsonValues:

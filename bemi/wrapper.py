@@ -96,7 +96,8 @@ def bemi_execute_wrapper(execute: Callable[..., Any], sql: Any, params: Any, man
     db = context["connection"]
     raw = context["cursor"].cursor
     try:
-        payload = None if _must_skip(db, raw) else build_payload(frame, sql, _server_utf8(db))
+        skip = _must_skip(db, raw) or not _may_emit(db)
+        payload = None if skip else build_payload(frame, sql, _server_utf8(db))
     except ContextError as exc:
         _warn_once(exc.cause, str(exc))
         payload = None
@@ -180,6 +181,35 @@ def _must_skip(db: Any, raw: Any) -> bool:
     pgconn = getattr(conn, "pgconn", None)  # psycopg 3; psycopg2 has get_transaction_status()
     status = pgconn.transaction_status if pgconn is not None else conn.get_transaction_status()
     return status == _INERROR
+
+
+def _may_emit(db: Any) -> bool:
+    """Whether this role may call ``pg_logical_emit_message`` (asked once per physical connection).
+
+    Any role may by default, but a ``REVOKE`` would make the message, and
+    with it the user's statement in the same query string, fail.
+    """
+    raw_conn = db.connection
+    cached = db.__dict__.get("_bemi_may_emit")
+    if cached is not None and cached[0] is raw_conn:
+        return cached[1]
+    cursor = raw_conn.cursor()
+    try:
+        cursor.execute(
+            "SELECT current_user, has_function_privilege("
+            "'pg_catalog.pg_logical_emit_message(boolean, text, text)', 'EXECUTE')"
+        )
+        role, allowed = cursor.fetchone()
+    finally:
+        cursor.close()
+    if not allowed:
+        _warn_once(
+            "no-privilege",
+            f"role {role!r} may not execute pg_logical_emit_message; run GRANT EXECUTE ON FUNCTION "
+            f"pg_logical_emit_message(boolean, text, text) TO {role};",
+        )
+    db.__dict__["_bemi_may_emit"] = (raw_conn, allowed)
+    return allowed
 
 
 def _server_utf8(db: Any) -> bool:

@@ -212,3 +212,36 @@ def test_lone_surrogate_falls_back_to_ascii_escapes(wal):
     (message, _), = tracked(wal.read())
     assert message.content == json.dumps({"bad": "\ud800 half a pair", "SQL": sql})  # \ud800 escaped
     assert message.json["bad"] == "\ud800 half a pair"
+
+
+def test_role_that_may_not_emit_messages_still_writes(wal, caplog):
+    """A REVOKE on pg_logical_emit_message would fail the whole query string: skip the message instead."""
+    from django.db.backends.postgresql.base import DatabaseWrapper
+
+    caplog.set_level(logging.WARNING, logger="bemi")
+    table = Item._meta.db_table
+    with connection.cursor() as cursor:
+        cursor.execute("DROP ROLE IF EXISTS bemi_no_emit")
+        cursor.execute("CREATE ROLE bemi_no_emit LOGIN")
+        cursor.execute(f"GRANT ALL ON {table} TO bemi_no_emit")
+        cursor.execute(f"GRANT USAGE ON SEQUENCE {table}_id_seq TO bemi_no_emit")
+        cursor.execute("REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC")
+    other = DatabaseWrapper({**connection.settings_dict, "USER": "bemi_no_emit"}, alias="no_emit")
+    try:
+        with bemi.context(user_id=1):
+            for name in ("first", "second"):
+                with other.cursor() as cursor:
+                    cursor.execute(f"INSERT INTO {table} (name, qty, note) VALUES (%s, 1, '')", [name])
+        assert sorted(Item.objects.values_list("name", flat=True)) == ["first", "second"]
+        records = wal.read()
+        assert tracked(records) == []
+        assert len(row_changes(records, table)) == 2
+        warnings = [r.getMessage() for r in caplog.records if r.name == "bemi"]
+        assert len(warnings) == 1 and "GRANT EXECUTE ON FUNCTION pg_logical_emit_message" in warnings[0]
+    finally:
+        other.close()
+        with connection.cursor() as cursor:
+            cursor.execute("GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO PUBLIC")
+            cursor.execute(f"REVOKE ALL ON {table} FROM bemi_no_emit")
+            cursor.execute(f"REVOKE ALL ON SEQUENCE {table}_id_seq FROM bemi_no_emit")
+            cursor.execute("DROP ROLE bemi_no_emit")

@@ -183,6 +183,17 @@ def _must_skip(db: Any, raw: Any) -> bool:
     return status == _INERROR
 
 
+# The text variant of the function, whatever its signature (PostgreSQL 17 added a
+# fourth argument, ``flush boolean DEFAULT false``).
+EMIT_PRIVILEGE = """
+    SELECT current_user, p.oid::regprocedure::text, has_function_privilege(p.oid, 'EXECUTE')
+    FROM pg_catalog.pg_proc p
+    WHERE p.proname = 'pg_logical_emit_message'
+      AND p.pronamespace = 'pg_catalog'::regnamespace
+      AND p.proargtypes[2] = 'text'::regtype
+"""
+
+
 def _may_emit(db: Any) -> bool:
     """Whether this role may call ``pg_logical_emit_message`` (asked once per physical connection).
 
@@ -195,18 +206,15 @@ def _may_emit(db: Any) -> bool:
         return cached[1]
     cursor = raw_conn.cursor()
     try:
-        cursor.execute(
-            "SELECT current_user, has_function_privilege("
-            "'pg_catalog.pg_logical_emit_message(boolean, text, text)', 'EXECUTE')"
-        )
-        role, allowed = cursor.fetchone()
+        cursor.execute(EMIT_PRIVILEGE)
+        role, function, allowed = cursor.fetchone()
     finally:
         cursor.close()
     if not allowed:
         _warn_once(
             "no-privilege",
             f"role {role!r} may not execute pg_logical_emit_message; run GRANT EXECUTE ON FUNCTION "
-            f"pg_logical_emit_message(boolean, text, text) TO {role};",
+            f"{function} TO {role};",
         )
     db.__dict__["_bemi_may_emit"] = (raw_conn, allowed)
     return allowed

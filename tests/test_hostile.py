@@ -225,7 +225,9 @@ def test_role_that_may_not_emit_messages_still_writes(wal, caplog):
         cursor.execute("CREATE ROLE bemi_no_emit LOGIN")
         cursor.execute(f"GRANT ALL ON {table} TO bemi_no_emit")
         cursor.execute(f"GRANT USAGE ON SEQUENCE {table}_id_seq TO bemi_no_emit")
-        cursor.execute("REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC")
+        cursor.execute(wrapper.EMIT_PRIVILEGE)
+        function = cursor.fetchone()[1]  # its signature depends on the server version
+        cursor.execute(f"REVOKE EXECUTE ON FUNCTION {function} FROM PUBLIC")
     other = DatabaseWrapper({**connection.settings_dict, "USER": "bemi_no_emit"}, alias="no_emit")
     try:
         with bemi.context(user_id=1):
@@ -241,7 +243,7 @@ def test_role_that_may_not_emit_messages_still_writes(wal, caplog):
     finally:
         other.close()
         with connection.cursor() as cursor:
-            cursor.execute("GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO PUBLIC")
+            cursor.execute(f"GRANT EXECUTE ON FUNCTION {function} TO PUBLIC")
             cursor.execute(f"REVOKE ALL ON {table} FROM bemi_no_emit")
             cursor.execute(f"REVOKE ALL ON SEQUENCE {table}_id_seq FROM bemi_no_emit")
             cursor.execute("DROP ROLE bemi_no_emit")

@@ -286,9 +286,12 @@ def tables_markdown(data: dict[str, Any]) -> str:
     sizes, res = data["sizes"], data["results"]
     titles = op_titles(sizes)
     base = res.get("none")
-    lines = ["### Time per operation (median; in brackets the median of the per-round ratios against no tracking)", "",
-             "| alternative | " + " | ".join(titles[o] for o in OPS) + " |",
-             "|---|" + "---:|" * len(OPS)]
+
+    def heading(title: str) -> list[str]:
+        return [f"### {title}", "", "| alternative | " + " | ".join(titles[o] for o in OPS) + " |",
+                "|---|" + "---:|" * len(OPS)]
+
+    lines = heading("Time per operation (median; in brackets the median of the per-round ratios against no tracking)")
     for key, r in res.items():
         cells = []
         for op in OPS:
@@ -298,15 +301,11 @@ def tables_markdown(data: dict[str, Any]) -> str:
                 cell += f" ({r['time_ratio'][op]:.2f}x)"
             cells.append(cell)
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
-    lines += ["", "### Spread of the time: fastest and slowest round (the machine's noise)", "",
-              "| alternative | " + " | ".join(titles[o] for o in OPS) + " |",
-              "|---|" + "---:|" * len(OPS)]
+    lines += ["", *heading("Spread of the time: fastest and slowest round (the machine's noise)")]
     for key, r in res.items():
         cells = [f"{fmt_time(lo)} - {fmt_time(hi)}" for lo, hi in (r["times_spread"][op] for op in OPS)]
         lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
-    lines += ["", "### WAL written per operation (median; ratio against no tracking)", "",
-              "| alternative | " + " | ".join(titles[o] for o in OPS) + " |",
-              "|---|" + "---:|" * len(OPS)]
+    lines += ["", *heading("WAL written per operation (median; ratio against no tracking)")]
     for key, r in res.items():
         cells = []
         for op in OPS:

@@ -96,8 +96,11 @@ def bemi_execute_wrapper(execute: Callable[..., Any], sql: Any, params: Any, man
     db = context["connection"]
     raw = context["cursor"].cursor
     try:
-        skip = _must_skip(db, raw) or not _may_emit(db)
-        payload = None if skip else build_payload(frame, sql, _server_utf8(db))
+        payload = None
+        if not _must_skip(db, raw):
+            may_emit, utf8 = _connection_facts(db)
+            if may_emit:
+                payload = build_payload(frame, sql, utf8)
     except ContextError as exc:
         _warn_once(exc.cause, str(exc))
         payload = None
@@ -183,10 +186,15 @@ def _must_skip(db: Any, raw: Any) -> bool:
     return status == _INERROR
 
 
-# The text variant of the function, whatever its signature (PostgreSQL 17 added a
-# fourth argument, ``flush boolean DEFAULT false``).
-EMIT_PRIVILEGE = """
-    SELECT current_user, p.oid::regprocedure::text, has_function_privilege(p.oid, 'EXECUTE')
+# Asked once per physical connection, at its first tracked write: may this role
+# call pg_logical_emit_message (any role may, unless someone revoked it; a
+# failing message would take the user's statement in the same query string down
+# with it), and is the server encoding UTF8 (then the JSON keeps non-ASCII
+# characters as they are)? The function's text variant is found by name: its
+# signature depends on the version (PostgreSQL 17 added ``flush boolean DEFAULT false``).
+CONNECTION_FACTS = """
+    SELECT current_user, p.oid::regprocedure::text, has_function_privilege(p.oid, 'EXECUTE'),
+           current_setting('server_encoding') = 'UTF8'
     FROM pg_catalog.pg_proc p
     WHERE p.proname = 'pg_logical_emit_message'
       AND p.pronamespace = 'pg_catalog'::regnamespace
@@ -194,47 +202,27 @@ EMIT_PRIVILEGE = """
 """
 
 
-def _may_emit(db: Any) -> bool:
-    """Whether this role may call ``pg_logical_emit_message`` (asked once per physical connection).
-
-    Any role may by default, but a ``REVOKE`` would make the message, and
-    with it the user's statement in the same query string, fail.
-    """
+def _connection_facts(db: Any) -> tuple[bool, bool]:
+    """``(may_emit, server_utf8)`` of the current physical connection, cached on the Django wrapper."""
     raw_conn = db.connection
-    cached = db.__dict__.get("_bemi_may_emit")
+    cached = db.__dict__.get("_bemi_connection_facts")
     if cached is not None and cached[0] is raw_conn:
         return cached[1]
     cursor = raw_conn.cursor()
     try:
-        cursor.execute(EMIT_PRIVILEGE)
-        role, function, allowed = cursor.fetchone()
+        cursor.execute(CONNECTION_FACTS)
+        role, function, may_emit, utf8 = cursor.fetchone()
     finally:
         cursor.close()
-    if not allowed:
+    if not may_emit:
         _warn_once(
             "no-privilege",
             f"role {role!r} may not execute pg_logical_emit_message; run GRANT EXECUTE ON FUNCTION "
             f"{function} TO {role};",
         )
-    db.__dict__["_bemi_may_emit"] = (raw_conn, allowed)
-    return allowed
-
-
-def _server_utf8(db: Any) -> bool:
-    """Whether the server encoding is UTF8 (read once per physical connection)."""
-    raw_conn = db.connection
-    cached = db.__dict__.get("_bemi_server_utf8")
-    if cached is not None and cached[0] is raw_conn:
-        return cached[1]
-    info = getattr(raw_conn, "info", None)
-    encoding = info.parameter_status("server_encoding") if info is not None else raw_conn.get_parameter_status(
-        "server_encoding"
-    )
-    if isinstance(encoding, bytes):
-        encoding = encoding.decode()
-    utf8 = encoding == "UTF8"
-    db.__dict__["_bemi_server_utf8"] = (raw_conn, utf8)
-    return utf8
+    facts = (bool(may_emit), bool(utf8))
+    db.__dict__["_bemi_connection_facts"] = (raw_conn, facts)
+    return facts
 
 
 # -- the payload -------------------------------------------------------------------

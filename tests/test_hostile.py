@@ -225,7 +225,7 @@ def test_role_that_may_not_emit_messages_still_writes(wal, caplog):
         cursor.execute("CREATE ROLE bemi_no_emit LOGIN")
         cursor.execute(f"GRANT ALL ON {table} TO bemi_no_emit")
         cursor.execute(f"GRANT USAGE ON SEQUENCE {table}_id_seq TO bemi_no_emit")
-        cursor.execute(wrapper.EMIT_PRIVILEGE)
+        cursor.execute(wrapper.CONNECTION_FACTS)
         function = cursor.fetchone()[1]  # its signature depends on the server version
         cursor.execute(f"REVOKE EXECUTE ON FUNCTION {function} FROM PUBLIC")
     other = DatabaseWrapper({**connection.settings_dict, "USER": "bemi_no_emit"}, alias="no_emit")
@@ -247,3 +247,33 @@ def test_role_that_may_not_emit_messages_still_writes(wal, caplog):
             cursor.execute(f"REVOKE ALL ON {table} FROM bemi_no_emit")
             cursor.execute(f"REVOKE ALL ON SEQUENCE {table}_id_seq FROM bemi_no_emit")
             cursor.execute("DROP ROLE bemi_no_emit")
+
+
+def test_non_utf8_server_gets_ascii_escaped_json(pg_server):
+    """A LATIN1 database cannot store an emoji as text: the JSON escapes it (\\ud83d\\ude42) instead."""
+    import psycopg
+    from django.db.backends.postgresql.base import DatabaseWrapper
+
+    from tests.wal import WalReader
+
+    name = "bemi_latin1"
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' TEMPLATE template0")
+    other = DatabaseWrapper({**connection.settings_dict, "NAME": name}, alias="latin1")
+    try:
+        with other.cursor() as cursor:
+            cursor.execute("CREATE TABLE note (id serial PRIMARY KEY, body text)")
+        reader = WalReader(pg_server.dsn(name))
+        try:
+            with bemi.context(v="caf\u00e9 \U0001F642"), other.cursor() as cursor:
+                cursor.execute("INSERT INTO note (body) VALUES (%s)", ["ascii"])
+            (message,) = reader.messages()
+        finally:
+            reader.close()
+        assert message.content.isascii()
+        assert json.loads(message.content) == {"v": "caf\u00e9 \U0001F642", "SQL": "INSERT INTO note (body) VALUES (%s)"}
+    finally:
+        other.close()
+        with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

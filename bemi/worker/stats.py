@@ -1,0 +1,49 @@
+"""What a running worker counts and knows, for logs, metrics and health checks.
+
+Pure (no I/O). The worker loop updates one ``WorkerStats``; the metrics
+endpoint and ``/healthz`` read it from another thread. Every field is a plain
+value replaced or incremented under the GIL, so readers need no lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+
+__all__ = ["WorkerStats"]
+
+
+@dataclass
+class WorkerStats:
+    #: Changes stored in ``changes``, by (table, operation); incremented at each destination commit.
+    written: Counter[tuple[str, str]] = field(default_factory=Counter)
+    #: Changes the destination rejected, stored in ``_bemi_worker_failures`` instead.
+    dead_letters: int = 0
+    #: ``_bemi`` messages dropped as invalid or oversized (the change is stored with ``{}``).
+    dropped_contexts: int = 0
+    #: Reconnections after a lost source or destination connection.
+    reconnects: int = 0
+    #: True while the replication stream is open and being read.
+    streaming: bool = False
+    #: Position (LSN as int) and commit time of the last source transaction stored.
+    last_commit_lsn: int = 0
+    last_commit_time: datetime | None = None
+    #: The server's WAL end as last reported by the walsender (keepalive or XLogData), as int.
+    server_wal_end: int = 0
+    #: WAL the slot retains (``pg_current_wal_lsn() - restart_lsn``), refreshed from time to time.
+    slot_retained_wal_bytes: int = 0
+    #: ``time.monotonic()`` of the last message received from the server.
+    last_message_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def written_total(self) -> int:
+        return sum(self.written.values())
+
+    @property
+    def lag_bytes(self) -> int:
+        """WAL the server has that is not stored yet (0 when caught up)."""
+        if not self.server_wal_end or not self.last_commit_lsn:
+            return 0
+        return max(self.server_wal_end - self.last_commit_lsn, 0)

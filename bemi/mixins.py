@@ -15,9 +15,22 @@ from __future__ import annotations
 import datetime as dt
 from typing import TYPE_CHECKING, Any, Iterator
 
+from bemi.timetravel import BemiVersion, history
+
 if TYPE_CHECKING:  # pragma: no cover
     from bemi.querysets import BemiChangeQuerySet
-    from bemi.timetravel import BemiVersion
+
+
+def _changes() -> "BemiChangeQuerySet":
+    """``BemiChange.objects.all()``, imported when first used.
+
+    The one function-level import of the query side: a project's ``models.py``
+    imports this mixin while Django is still loading apps, and importing a model
+    (``BemiChange``) at that point raises ``AppRegistryNotReady``.
+    """
+    from bemi.models import BemiChange
+
+    return BemiChange.objects.all()
 
 
 class BemiRecordMixin:
@@ -27,22 +40,15 @@ class BemiRecordMixin:
 
     def bemi_changes(self, field_name: str | None = None) -> "BemiChangeQuerySet":
         """This row's changes (table = the model's db_table, primary_key = str(pk))."""
-        from bemi.models import BemiChange
-
         if field_name is None:
-            return BemiChange.objects.record(type(self), self.pk)
-        return BemiChange.objects.field_changed(type(self), self.pk, field_name)
+            return _changes().record(type(self), self.pk)
+        return _changes().field_changed(type(self), self.pk, field_name)
 
     def bemi_as_of(self, when: dt.datetime) -> Any:
         """This row as it was at ``when`` (an unsaved instance), or None if it did not exist."""
-        from bemi.models import BemiChange
-
-        return BemiChange.objects.as_of(type(self), self.pk, when)
+        return _changes().as_of(type(self), self.pk, when)
 
     @classmethod
     def bemi_history(cls, primary_key: Any) -> Iterator["BemiVersion"]:
         """``(change, record)`` for every version of the row, oldest first."""
-        from bemi.models import BemiChange
-        from bemi.timetravel import history
-
-        return history(BemiChange.objects.all(), cls, primary_key)
+        return history(_changes(), cls, primary_key)

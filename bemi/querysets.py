@@ -4,19 +4,22 @@ JSON filters use containment (``@>``) so that PostgreSQL can answer them
 from the GIN ``jsonb_path_ops`` indexes on ``before``, ``after`` and
 ``context``. Time travel lives in ``bemi.timetravel``, revert in
 ``bemi.revert``; the queryset only gives them a chainable entry point.
+Imports run one way: ``bemi.models`` -> ``bemi.querysets`` ->
+``bemi.timetravel`` and ``bemi.revert``, which import no bemi module at load
+time (they reach ``BemiChange`` through the queryset they are given).
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from django.db import models
 from django.db.models import BooleanField, Func, Q
 from django.db.models.fields.json import KeyTransform
 
-if TYPE_CHECKING:  # pragma: no cover
-    from bemi.revert import RevertAction
+from bemi import timetravel
+from bemi.revert import RevertAction, revert as revert_changes
 
 #: Oldest-first order of changes: commit time, then the commit's WAL position
 #: (two transactions may share a timestamp), then the order inside the transaction.
@@ -87,22 +90,35 @@ class BemiChangeQuerySet(models.QuerySet):
     # -- one record ----------------------------------------------------------------
     def record(self, model_or_table: Any, primary_key: Any) -> "BemiChangeQuerySet":
         """The changes of one row, given a model (class or instance) or a table name."""
-        from bemi.timetravel import check_primary_key, resolve_table
+        table, _ = timetravel.resolve_table(model_or_table, self)
+        return self.filter(table=table, primary_key=timetravel.check_primary_key(primary_key))
 
-        table, _ = resolve_table(model_or_table, self.db)
-        return self.filter(table=table, primary_key=check_primary_key(primary_key))
-
-    def field_changed(self, table: Any, primary_key: Any, field_name: str) -> "BemiChangeQuerySet":
+    def field_changed(
+        self,
+        model_or_table: Any = None,
+        primary_key: Any = None,
+        field_name: str | None = None,
+        *,
+        table: Any = None,
+    ) -> "BemiChangeQuerySet":
         """Changes of one row that changed the value of ``field_name`` (a column name).
 
         A CREATE counts when it set the column, a DELETE when the row had it.
         An UPDATE whose ``before`` was not recorded (no ``REPLICA IDENTITY
         FULL``) cannot be told apart and counts as a change.
+        ``table=`` is the published package's keyword for ``model_or_table``.
         """
+        if table is not None:
+            if model_or_table is not None:
+                raise TypeError(
+                    "field_changed() got both model_or_table and table (the published package's name "
+                    "for the same argument); pass one of them"
+                )
+            model_or_table = table
         if not isinstance(field_name, str) or not field_name:
             raise TypeError(f"field_changed() takes the column name as a string, e.g. 'is_completed'; got {field_name!r}")
-        column = _column_name(table, field_name)
-        return self.record(table, primary_key).filter(
+        column = _column_name(model_or_table, field_name)
+        return self.record(model_or_table, primary_key).filter(
             Q(operation="CREATE", after__has_key=column)
             | Q(operation="DELETE", before__has_key=column)
             | Q(
@@ -114,15 +130,11 @@ class BemiChangeQuerySet(models.QuerySet):
     # -- time travel and revert ----------------------------------------------------
     def as_of(self, model_or_table: Any, primary_key: Any, when: datetime) -> Any:
         """The row as it was at ``when``: a model instance (unsaved) or a dict, or None."""
-        from bemi.timetravel import as_of
+        return timetravel.as_of(self, model_or_table, primary_key, when)
 
-        return as_of(self, model_or_table, primary_key, when)
-
-    def revert(self, *, force: bool = False, using: str | None = None) -> list["RevertAction"]:
+    def revert(self, *, force: bool = False, using: str | None = None) -> list[RevertAction]:
         """Undo these changes, newest first, in one transaction (see ``bemi.revert``)."""
-        from bemi.revert import revert
-
-        return revert(self, force=force, using=using)
+        return revert_changes(self, force=force, using=using)
 
 
 def _column_name(model_or_table: Any, field_name: str) -> str:

@@ -17,6 +17,7 @@ the audit trail says which change it reverts.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -262,8 +263,6 @@ def _undo(cursor: Any, table: _Table, change: "BemiChange") -> RevertAction:
 
 
 def _json(values: dict) -> str:
-    import json
-
     return json.dumps(values or {})
 
 

@@ -35,8 +35,14 @@ class TimeTravelError(ValueError):
 _known_tables: dict[str, set[str]] = {}
 
 
-def resolve_table(model_or_table: Any, using: str) -> tuple[str, type[models.Model] | None]:
-    """``(table name, model or None)`` for a model class, a model instance or a table name."""
+def resolve_table(
+    model_or_table: Any, changes: "BemiChangeQuerySet"
+) -> tuple[str, type[models.Model] | None]:
+    """``(table name, model or None)`` for a model class, a model instance or a table name.
+
+    A table name must be a model's ``db_table`` or have recorded changes, looked up
+    through ``changes`` (any queryset of ``BemiChange``: its model and database).
+    """
     if isinstance(model_or_table, models.Model):
         model_or_table = type(model_or_table)
     if isinstance(model_or_table, type) and issubclass(model_or_table, models.Model):
@@ -48,11 +54,10 @@ def resolve_table(model_or_table: Any, using: str) -> tuple[str, type[models.Mod
             f"e.g. 'myapp_todo'); got {type(model_or_table).__name__} {model_or_table!r}"
         )
     table = model_or_table
+    using = changes.db
     if table in _known_tables.get(using, ()) or any(m._meta.db_table == table for m in apps.get_models()):
         return table, None
-    from bemi.models import BemiChange
-
-    if BemiChange.objects.using(using).filter(table=table).exists():
+    if changes.model._default_manager.using(using).filter(table=table).exists():
         _known_tables.setdefault(using, set()).add(table)
         return table, None
     raise UnknownTableError(
@@ -89,14 +94,22 @@ def as_of(
     """The row at ``when``: an unsaved model instance (for a model), a dict (for a
     table name), or None if the row did not exist then."""
     when = check_when(when)
-    table, model = resolve_table(model_or_table, changes.db)
-    of_row = changes.model._default_manager.using(changes.db).filter(
-        table=table, primary_key=check_primary_key(primary_key)
-    )
+    of_row, model = _row_changes(changes, model_or_table, primary_key)
     values = _values_at(of_row, when)
     if values is None:
         return None
     return to_instance(model, values) if model is not None else dict(values)
+
+
+def _row_changes(
+    changes: "BemiChangeQuerySet", model_or_table: Any, primary_key: Any
+) -> tuple["BemiChangeQuerySet", type[models.Model] | None]:
+    """All recorded changes of one row (whatever ``changes`` is filtered on), and its model if known."""
+    table, model = resolve_table(model_or_table, changes)
+    of_row = changes.model._default_manager.using(changes.db).filter(
+        table=table, primary_key=check_primary_key(primary_key)
+    )
+    return of_row, model
 
 
 def _values_at(of_row: "BemiChangeQuerySet", when: dt.datetime) -> dict | None:
@@ -155,10 +168,7 @@ def history(
     changes: "BemiChangeQuerySet", model_or_table: Any, primary_key: Any
 ) -> Iterator[BemiVersion]:
     """Every version of a row, oldest first."""
-    table, model = resolve_table(model_or_table, changes.db)
-    of_row = changes.model._default_manager.using(changes.db).filter(
-        table=table, primary_key=check_primary_key(primary_key)
-    )
+    of_row, model = _row_changes(changes, model_or_table, primary_key)
     for change in of_row.asc().iterator():
         if change.operation in ("DELETE", "TRUNCATE"):
             yield BemiVersion(change, None)

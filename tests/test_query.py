@@ -108,6 +108,17 @@ def test_field_changed(seed):
     assert rows(q.field_changed(Todo, 27, "no_such_column")) == []
 
 
+def test_field_changed_names_its_first_argument_like_record(seed):
+    q = BemiChange.objects
+    expected = [("26", "CREATE"), ("26", "UPDATE")]
+    assert rows(q.field_changed(model_or_table=Todo, primary_key=26, field_name="is_completed")) == expected
+    assert rows(q.record(model_or_table="todo", primary_key=26)) == expected
+    # `table=` is the published package's keyword and keeps working
+    assert rows(q.field_changed(table="todo", primary_key=26, field_name="is_completed")) == expected
+    with pytest.raises(TypeError, match="both model_or_table and table"):
+        q.field_changed(Todo, 26, "is_completed", table="todo")
+
+
 def test_field_changed_takes_the_field_or_the_column_name(recorder):
     item = Item.objects.create(label="a")
     with recorder.track(Item, item.pk):

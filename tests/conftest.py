@@ -1,4 +1,8 @@
-"""Fixtures shared by every test area."""
+"""Fixtures shared by every test area.
+
+Fixture modules of one area register here once (``pytest_plugins``), so a test
+module uses ``recorder`` or ``worker_env`` by naming it, without importing it.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,13 @@ import os
 
 import pytest
 
-from tests.pgcluster import ensure_test_cluster
+from tests.pgcluster import ensure_test_cluster, find_bindir
+from tests.wal import WalReader, django_dsn
+
+pytest_plugins = [
+    "tests.queryapp.fixtures",  # recorder, tx_recorder: `changes` rows written like the worker writes them
+    "tests.workerapp.harness",  # worker_env: a slot and publication of the test's own, the worker in or out of process
+]
 
 
 @pytest.fixture(scope="session")
@@ -17,16 +27,12 @@ def pg_server():
 
 @pytest.fixture(scope="session")
 def pg_bindir() -> str:
-    from tests.pgcluster import find_bindir
-
     return os.environ.get("BEMI_TEST_PGBINDIR") or find_bindir()
 
 
 @pytest.fixture
 def wal(django_db_setup, django_db_blocker):
     """A test_decoding slot on the test database, created before the test runs."""
-    from tests.wal import WalReader, django_dsn
-
     with django_db_blocker.unblock():
         reader = WalReader(django_dsn())
     yield reader

@@ -44,7 +44,6 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "bemi",
     "tests.ctxapp",
-    "tests.workerapp",
     "tests.queryapp",
 ]
 

@@ -9,7 +9,6 @@ from django.contrib.auth.models import User
 
 from bemi.admin import BemiChangeAdmin
 from bemi.models import BemiChange
-from tests.queryapp.fixtures import recorder  # noqa: F401
 from tests.queryapp.models import Todo
 
 PUT = {"user_id": 187234, "method": "PUT", "path": "/todo/26/complete", "SQL": 'UPDATE "todo" SET ...'}

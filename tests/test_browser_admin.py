@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from django.contrib.auth.models import User
 
-from tests.queryapp.fixtures import tx_recorder  # noqa: F401
 from tests.queryapp.models import Todo
 
 CHROMIUM = "/usr/bin/chromium"

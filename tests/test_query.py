@@ -6,7 +6,6 @@ import pytest
 
 from bemi.models import BemiChange
 from bemi.timetravel import UnknownTableError
-from tests.queryapp.fixtures import recorder  # noqa: F401
 from tests.queryapp.models import Item, Todo
 
 

@@ -13,7 +13,6 @@ import bemi
 from bemi.models import BemiChange
 from bemi.revert import RevertConflict
 from tests.queryapp.models import Item, Project, Todo
-from tests.workerapp.harness import worker_env  # noqa: F401  (fixture)
 
 
 def drain(env) -> None:

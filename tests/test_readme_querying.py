@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.queryapp.fixtures import recorder  # noqa: F401
 from tests.queryapp.models import Todo
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -8,7 +8,6 @@ import pytest
 
 from bemi.models import BemiChange
 from bemi.revert import RevertConflict, RevertError
-from tests.queryapp.fixtures import recorder  # noqa: F401
 from tests.queryapp.models import Item, Project, Todo
 
 REQUEST = {"request_id": "r-1", "user_id": 7}

@@ -3,7 +3,6 @@
 import pytest
 
 from bemi.models import BemiChange
-from tests.queryapp.fixtures import tx_recorder  # noqa: F401
 from tests.queryapp.models import Todo
 
 

@@ -9,7 +9,6 @@ import pytest
 from bemi.models import BemiChange
 from bemi.timetravel import TimeTravelError, UnknownTableError
 from tests.queryapp.factory import BASE
-from tests.queryapp.fixtures import recorder  # noqa: F401
 from tests.queryapp.models import Item, Project, Todo
 
 UTC = dt.timezone.utc

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from bemi.worker.values import JsonValues, sanitize_json_text
-from tests.workerapp.harness import worker_env  # noqa: F401  (fixture)
 
 COLUMNS = """
     id bigint PRIMARY KEY,

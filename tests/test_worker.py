@@ -8,7 +8,6 @@ import pytest
 
 from bemi.worker import pgoutput as po
 from bemi.worker.runner import Worker
-from tests.workerapp.harness import worker_env  # noqa: F401  (fixture)
 
 
 def test_first_start_creates_what_is_missing_and_says_so(worker_env, caplog):

@@ -9,7 +9,6 @@ import bemi
 from bemi.management.commands.bemi_worker import dsn_for_alias
 from tests.ctxapp.models import Item
 from tests.queryapp.models import Todo
-from tests.workerapp.harness import worker_env  # noqa: F401  (fixture)
 
 SEED_QUERY = 'SELECT "primary_key", "table", "operation", "before", "after", "context", "committed_at" FROM changes'
 

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from bemi.worker.slot import SlotState, WorkerError, check_slot
-from tests.workerapp.harness import ROOT, WorkerEnv, db_dsn, worker_env  # noqa: F401
+from tests.workerapp.harness import ROOT, WorkerEnv, db_dsn
 
 COMPARE = ('SELECT commit_position, change_index, "schema", "table", operation, primary_key, before::text, '
            'after::text, context::text, position, transaction_id, committed_at FROM changes '

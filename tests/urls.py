@@ -6,5 +6,4 @@ from django.urls import include, path
 urlpatterns = [
     path("admin/", admin.site.urls),
     path("ctx/", include("tests.ctxapp.urls")),
-    path("query/", include("tests.queryapp.urls")),
 ]

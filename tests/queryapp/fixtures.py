@@ -1,4 +1,4 @@
-"""Fixtures of the query tests (imported by the test modules that use them)."""
+"""Fixtures of the query tests (registered in tests/conftest.py with pytest_plugins)."""
 
 import pytest
 from django.db import connection

@@ -8,6 +8,7 @@ leftover slot would keep the test database from being dropped.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -51,8 +52,6 @@ class WorkerEnv:
 
     def context(self, **ctx: Any) -> str:
         """SQL that emits a _bemi context message, to prepend to a statement."""
-        import json
-
         text = json.dumps(ctx).replace("'", "''")
         return f"SELECT pg_logical_emit_message(true, '_bemi', '{text}');"
 

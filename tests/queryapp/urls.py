@@ -1,3 +1,0 @@
-"""Views of this test area."""
-
-urlpatterns: list = []

@@ -16,7 +16,7 @@ COLUMNS = """
     ia int[], ia2 int[], ta text[], ja jsonb[], tsa timestamptz[], da date[], ba bool[], na numeric[],
     ea mood_v[], ua uuid[], fa float8[],
     ip inet, cidr_ cidr, mac macaddr, bits bit(3), vbits varbit, pt point, bx box, money_ money,
-    rng int4range, tsv tsvector, o oid, addr addr_v, addrs addr_v[]
+    rng int4range, tsv tsvector, o oid, addr addr_v, addrs addr_v[], bxa box[]
 """
 
 ROWS = [
@@ -33,7 +33,7 @@ ROWS = [
         '192.168.0.1/24', '10.0.0.0/8', '08:00:2b:01:02:03', '101', '1101', '(1.5,2)', '((0,0),(1,1))', 12.34,
         '[1,10)', 'a fat cat', 42,
         ROW('Main "St", 1\\', 5, '{a,"b c"}', '2023-12-11 17:09:09.5+00', ROW(true, 1.50))::addr_v,
-        ARRAY[ROW('x', NULL, '{}', NULL, NULL)::addr_v, NULL])""",
+        ARRAY[ROW('x', NULL, '{}', NULL, NULL)::addr_v, NULL], '{(1,1),(0,0);(2,2),(1,1)}')""",
     # edges: extreme numbers, infinities, BC, unicode, empty values
     """(2, false, -32768, -2147483648, 9223372036854775807, 'NaN', 'Infinity',
         123456789012345678901234567890.123456789012345678901234567890, -0.0001,
@@ -44,15 +44,15 @@ ROWS = [
         '00000000-0000-0000-0000-000000000000', '\\x', 'sad', 1, '',
         '{}', '[0:1]={7,8}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{}', '{-0,1e-7,1.7976931348623157e308}',
         '::1', '::/0', '00:00:00:00:00:00', '000', '', '(0,0)', '((0,0),(0,0))', -0.5,
-        'empty', '', 0, ROW(NULL, NULL, NULL, NULL, NULL)::addr_v, '{}')""",
+        'empty', '', 0, ROW(NULL, NULL, NULL, NULL, NULL)::addr_v, '{}', '{}')""",
     # dates and times at the ends of Python's range and beyond
     """(3, NULL, 0, 0, -9223372036854775808, -1.5e-10, 1e300, 0, 0, NULL, NULL, NULL, NULL, NULL,
         '"just a string"', '12.50', '10000-01-01', '10000-01-01 00:00:00', '10000-01-01 00:00:00+00',
         '0001-01-01 00:00:00', '24:00:00', '24:00:00+14', '0',
         NULL, NULL, NULL, NULL, NULL, '{{NULL}}', NULL, '{{{"a"}}}', '{null}', NULL, NULL, NULL, NULL,
-        NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)""",
+        NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)""",
     # all NULL
-    "(4" + ", NULL" * 51 + ")",
+    "(4" + ", NULL" * 52 + ")",
 ]
 
 
@@ -76,7 +76,7 @@ def every_type(worker_env):
 def test_every_type_matches_to_jsonb_of_the_source_row(every_type):
     env = every_type
     env.run_once()
-    assert env.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'every_type_w'")[0][0] == 52
+    assert env.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = 'every_type_w'")[0][0] == 53
     for row in ROWS:
         env.execute(f"INSERT INTO every_type_w VALUES {row}")
     expected_after = dict(env.execute("SELECT id, to_jsonb(row_)::text FROM every_type_w row_"))
@@ -121,6 +121,7 @@ def test_json_column_with_nul_escape_is_stored_with_a_replacement_character(work
     (1009, b'{"a,b","c\\"d",NULL}', '["a,b","c\\"d",null]'),
     (3802, b'{"a": 1}', '{"a": 1}'),
     (25, "ünï".encode(), '"ünï"'),
+    (1020, b"{(1,1),(0,0);(2,2),(1,1)}", '["(1,1),(0,0)","(2,2),(1,1)"]'),  # box[]: ';' between elements
 ])
 def test_fragments(oid, text, fragment):
     assert JsonValues().format(oid)(text) == fragment

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import psycopg
 from psycopg import pq
 from psycopg.adapt import AdaptersMap, Loader
+from psycopg.postgres import types as pg_types
 from psycopg.types.composite import RecordLoader
 
 __all__ = ["TypeSpec", "JsonValues", "BUILTIN_TYPES", "sanitize_json_text", "dump_string"]
@@ -56,22 +57,35 @@ class TypeSpec:
     fields: tuple[tuple[str, int], ...] = ()  # composites: (name, type oid) of each field
 
 
-_ARRAY_OF = {
-    1000: 16, 1005: 21, 1007: 23, 1016: 20, 1021: 700, 1022: 701, 1231: 1700, 199: 114,
-    3807: 3802, 1182: 1082, 1115: 1114, 1185: 1184, 1009: 25, 1015: 1043, 1014: 1042,
-    2951: 2950, 1001: 17, 1183: 1083, 1270: 1266, 1187: 1186, 1028: 26, 1041: 869, 651: 650,
+# Built-in types by category (psycopg's names: bpchar is char(n), "char" the one-byte type).
+# Each comes with its array type; other types (domains, enums, composites, arrays of
+# those, and built-ins not listed here) are looked up in the catalog once (``resolve``).
+_CATEGORIES: dict[str, tuple[str, ...]] = {
+    "bool": ("bool",),
+    "number": ("int2", "int4", "int8", "float4", "float8", "numeric"),
+    "json": ("json",),
+    "jsonb": ("jsonb",),
+    "date": ("date",),
+    "timestamp": ("timestamp",),
+    "timestamptz": ("timestamptz",),
+    "string": (
+        "bytea", '"char"', "name", "text", "oid", "bpchar", "varchar", "uuid",
+        "time", "timetz", "interval", "inet", "cidr", "box",
+    ),
 }
-BUILTIN_TYPES: dict[int, TypeSpec] = {
-    16: TypeSpec("bool"),
-    **{oid: TypeSpec("number") for oid in (20, 21, 23, 700, 701, 1700)},
-    114: TypeSpec("json"),
-    3802: TypeSpec("jsonb"),
-    1082: TypeSpec("date"),
-    1114: TypeSpec("timestamp"),
-    1184: TypeSpec("timestamptz"),
-    **{oid: TypeSpec("string") for oid in (17, 18, 19, 25, 26, 1042, 1043, 2950, 1083, 1266, 1186, 869, 650)},
-    **{oid: TypeSpec("array", elem) for oid, elem in _ARRAY_OF.items()},
-}
+
+
+def _builtin_types() -> dict[int, TypeSpec]:
+    specs: dict[int, TypeSpec] = {}
+    for category, names in _CATEGORIES.items():
+        for name in names:
+            info = pg_types[name]
+            specs[info.oid] = TypeSpec(category)
+            specs[info.array_oid] = TypeSpec("array", info.oid, info.delimiter)  # box[]: ';'
+    return specs
+
+
+BUILTIN_TYPES: dict[int, TypeSpec] = _builtin_types()
 
 # -- JSON text helpers -------------------------------------------------------------------
 
@@ -164,12 +178,14 @@ def _dump_nested(items: list[Any]) -> Fragment:
     ) + "]"
 
 
+_TEXT = pg_types["text"]
+
 # psycopg's text-format array loader (the C one when available), specialised per element type.
 # (text[]'s registered loader is a subclass of it with ``base_oid`` = text.)
 def _array_loader_base() -> type:
-    text_array_loader = psycopg.adapters.get_loader(1009, pq.Format.TEXT)
+    text_array_loader = psycopg.adapters.get_loader(_TEXT.array_oid, pq.Format.TEXT)
     if text_array_loader is None:  # psycopg registers it at import
-        raise ImportError("psycopg has no text-format loader for text[] (oid 1009)")
+        raise ImportError(f"psycopg has no text-format loader for text[] (oid {_TEXT.array_oid})")
     return text_array_loader.__mro__[1]
 
 
@@ -189,7 +205,7 @@ class JsonValues:
         self._adapters = AdaptersMap(psycopg.adapters)
         # for records: every field as its raw text (bytes), shaped afterwards by the field's type
         self._record_adapters = AdaptersMap(psycopg.adapters)
-        self._record_adapters.register_loader(25, _RawLoader)
+        self._record_adapters.register_loader(_TEXT.oid, _RawLoader)
         self._cache: dict[int, Format] = {}
 
     def spec(self, oid: int) -> TypeSpec:
@@ -228,7 +244,7 @@ class JsonValues:
     def _composite(self, spec: TypeSpec) -> Format:
         keys = [encode_basestring(name) + ":" for name, _oid in spec.fields]
         formats = [self.format(oid) for _name, oid in spec.fields]
-        split = RecordLoader(2249, self._record_adapters).load
+        split = RecordLoader(pg_types["record"].oid, self._record_adapters).load
 
         def composite(data: bytes) -> Fragment:
             values = split(data)

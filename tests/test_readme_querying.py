@@ -1,4 +1,4 @@
-"""The README's "Querying changes" examples run as doctests, on the product page's example changes."""
+"""The README's "Querying changes" examples run as doctests, on the changes of the Bemi documentation's example."""
 
 import datetime as dt
 import doctest
@@ -24,8 +24,8 @@ def pycon_blocks(text: str) -> list[str]:
 
 
 @pytest.fixture
-def product_page_changes(recorder):
-    """The psql output of the product page, as the worker would have written it."""
+def docs_example_changes(recorder):
+    """The psql output of the Bemi documentation's example, as the worker would have written it."""
     at = lambda second: dt.datetime(2023, 12, 11, 17, 9, second, tzinfo=dt.timezone.utc)  # noqa: E731
     post = {"user_id": 187234, "endpoint": "/todo", "method": "POST", "SQL": "INSERT INTO ..."}
     for pk, task, second in [(26, "Sleep", 9), (27, "Eat", 11), (28, "Repeat", 13)]:
@@ -47,7 +47,7 @@ def test_readme_has_an_example_of_every_helper():
     assert (README.parent / "docs" / "admin-history.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_readme_examples_run(product_page_changes):
+def test_readme_examples_run(docs_example_changes):
     blocks = pycon_blocks(section("querying"))
     assert len(blocks) >= 4
     parser = doctest.DocTestParser()

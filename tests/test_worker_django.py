@@ -1,4 +1,4 @@
-"""From Django ORM writes to `changes` rows: the product page's Todo scenario, exactly."""
+"""From Django ORM writes to `changes` rows: the Todo scenario of the Bemi documentation, exactly."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from bemi.management.commands.bemi_worker import dsn_for_alias
 from tests.ctxapp.models import Item
 from tests.queryapp.models import Todo
 
-SEED_QUERY = 'SELECT "primary_key", "table", "operation", "before", "after", "context", "committed_at" FROM changes'
+DOCS_QUERY = 'SELECT "primary_key", "table", "operation", "before", "after", "context", "committed_at" FROM changes'
 
 
 def run_command(env, **options):
     call_command("bemi_worker", once=True, slot=env.slot, publication=env.publication, verbosity=0, **options)
 
 
-def test_seed_todo_scenario_gives_the_rows_of_the_product_page(worker_env):
+def test_documented_todo_scenario_gives_the_documented_rows(worker_env):
     env = worker_env
     run_command(env)  # first start: publication, slot, changes table
     with bemi.context(user_id=187234, endpoint="/todo", method="POST"):
@@ -32,7 +32,7 @@ def test_seed_todo_scenario_gives_the_rows_of_the_product_page(worker_env):
         eat.delete()
     run_command(env)
 
-    rows = env.execute(SEED_QUERY + " ORDER BY commit_position, change_index")
+    rows = env.execute(DOCS_QUERY + " ORDER BY commit_position, change_index")
     assert [(pk, table, op, before, after) for pk, table, op, before, after, _ctx, _at in rows] == [
         (str(sleep.pk), "todo", "CREATE", {}, {"id": sleep.pk, "task": "Sleep", "is_completed": False}),
         (str(eat_pk), "todo", "CREATE", {}, {"id": eat_pk, "task": "Eat", "is_completed": False}),

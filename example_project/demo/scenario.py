@@ -1,4 +1,4 @@
-"""The seed's scenario as real HTTP requests, sent like a browser (and an API client) would.
+"""The Bemi documentation's scenario as real HTTP requests, sent like a browser (and an API client) would.
 
 Create "Sleep", "Eat" and "Repeat" with the list page's form, complete
 "Sleep" with ``PUT``, delete "Eat" with ``DELETE``. Five changes, each made

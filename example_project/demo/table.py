@@ -1,4 +1,4 @@
-"""The ``changes`` table, printed as the seed's psql command prints it.
+"""The ``changes`` table, printed as the Bemi documentation's psql command prints it.
 
 psql from the server's bin folder runs the command itself when it is there;
 otherwise the same query's text values are laid out the way psql lays them

@@ -1,4 +1,4 @@
-"""The one tracked model: a todo, in a table named ``todo`` like the seed's output."""
+"""The one tracked model: a todo, in a table named ``todo`` like the output of the Bemi documentation's example."""
 
 from django.db import models
 

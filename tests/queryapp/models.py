@@ -6,7 +6,7 @@ from bemi import BemiRecordMixin
 
 
 class Todo(BemiRecordMixin, models.Model):
-    """The Todo of the product page: three columns, as in its psql output."""
+    """The Todo of the Bemi documentation's example: three columns, as in its psql output."""
 
     task = models.CharField(max_length=200)
     is_completed = models.BooleanField(default=False)

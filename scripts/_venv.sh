@@ -17,7 +17,12 @@ ensure_venv() {
     local digest
     digest=$(cat pyproject.toml | sha256sum | cut -c1-16)
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$digest" ]; then
-        echo "==> Installing bemi-django[$extras] into $VENV"
+        echo "==> Installing bemi-django-selfhosted[$extras] (this checkout, editable) into $VENV"
+        # The published bemi-django (or this project under that old name) ships the same
+        # import package `bemi`: take it out first so that only this checkout provides it.
+        if "$VENV/bin/python" -m pip show -q bemi-django >/dev/null 2>&1; then
+            "$VENV/bin/python" -m pip uninstall -q -y --disable-pip-version-check bemi-django
+        fi
         "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$extras]"
         echo "$digest" > "$stamp"
     fi

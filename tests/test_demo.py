@@ -184,7 +184,7 @@ def test_second_run_reuses_the_setup_and_prints_the_same(clone):
     done = run_demo(clone, "--port", str(port))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "Creating a virtual environment" not in done.stdout
-    assert "Installing bemi-django" not in done.stdout
+    assert "Installing bemi-django-selfhosted" not in done.stdout
     assert "Starting a private PostgreSQL" in done.stdout  # the same folder, not a new one
     assert_documented_table(done.stdout)  # ids from 1 again: the demo data was reset
     _stopped(clone, port)

@@ -402,7 +402,7 @@ def versions() -> dict[str, Any]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": sys.version.split()[0], "django": django.get_version()}
-    dists = {"bemi": ["bemi-django"], "bemi013": ["bemi-django"], "pghistory": ["django-pghistory", "django-pgtrigger"],
+    dists = {"bemi": ["bemi-django-selfhosted"], "bemi013": ["bemi-django"], "pghistory": ["django-pghistory", "django-pgtrigger"],
              "simplehistory": ["django-simple-history"]}.get(ALT, [])
     for dist in [*dists, "psycopg"]:
         try:

@@ -13,7 +13,7 @@ import time
 import psycopg
 import pytest
 
-from bemi.worker.slot import SlotState, WorkerError, check_slot
+from bemi.worker.errors import SlotState, WorkerError, check_slot
 from tests.workerapp.harness import ROOT, WorkerEnv, db_dsn
 
 COMPARE = ('SELECT commit_position, change_index, "schema", "table", operation, primary_key, before::text, '

@@ -14,7 +14,8 @@ import psycopg
 
 from bemi.worker import pgoutput as po
 from bemi.worker.sink import Sink
-from bemi.worker.slot import Source, WorkerError, check_slot
+from bemi.worker.errors import WorkerError, check_slot
+from bemi.worker.slot import Source
 from bemi.worker.stitch import ChangeRow, Stitcher
 from bemi.worker.values import JsonValues
 

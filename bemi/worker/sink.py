@@ -19,7 +19,7 @@ from psycopg import sql
 
 from bemi import sql as bemi_sql
 from bemi.worker import pgoutput as po
-from bemi.worker.slot import WorkerError, one_row
+from bemi.worker.errors import WorkerError, one_row
 from bemi.worker.stitch import ChangeRow
 
 __all__ = ["Sink", "Checkpoint"]

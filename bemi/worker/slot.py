@@ -12,16 +12,17 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import TypeVar
 
 import psycopg
-from psycopg import errors, sql
+from psycopg import errors
 
 from bemi.worker import pgoutput as po
+from bemi.worker.errors import SlotState, WorkerError, check_slot, one_row
+from bemi.worker.publication import MANAGED_PUBLICATION_COMMENT, Publication
 from bemi.worker.values import BUILTIN_TYPES, TypeSpec
 
-__all__ = ["Source", "SlotState", "WorkerError", "SESSION_SETTINGS", "check_slot", "one_row"]
+__all__ = ["Source", "SlotState", "WorkerError", "SESSION_SETTINGS", "check_slot", "one_row",
+           "MANAGED_PUBLICATION_COMMENT"]
 
 log = logging.getLogger("bemi.worker")
 
@@ -36,51 +37,6 @@ SESSION_SETTINGS = {
     "lock_timeout": "5s",
 }
 LOCK_CLASS = 0x62656D69  # 'bemi'
-# Marks the publications this worker keeps up to date; the `migrate bemi` event
-# trigger adds each new table to them at once (bemi/sql/install.sql, _bemi_publish).
-MANAGED_PUBLICATION_COMMENT = "bemi: tables of schema public"
-
-
-class WorkerError(RuntimeError):
-    """A condition the operator must fix; the worker exits with ``exit_code``."""
-
-    def __init__(self, message: str, exit_code: int = 2) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@dataclass
-class SlotState:
-    plugin: str
-    database: str
-    wal_status: str | None
-    confirmed_flush: int
-
-
-R = TypeVar("R")
-
-
-def one_row(cur: psycopg.Cursor[R]) -> R:
-    """The row of a query that always returns one (psycopg types ``fetchone()`` as optional)."""
-    row = cur.fetchone()
-    if row is None:
-        raise RuntimeError("a query that always returns a row returned none")
-    return row
-
-
-def check_slot(state: SlotState, slot: str, database: str) -> None:
-    """Refuse a slot the worker cannot read safely (wrong kind, or invalidated)."""
-    if state.plugin != "pgoutput" or state.database != database:
-        raise WorkerError(
-            f"replication slot {slot!r} exists but is for plugin {state.plugin!r} on database "
-            f"{state.database!r}; the worker needs a pgoutput slot on {database!r}. Use another --slot."
-        )
-    if state.wal_status == "lost":
-        raise WorkerError(
-            f"replication slot {slot!r} is invalidated (wal_status = 'lost'): the WAL it needed was "
-            "removed, so changes were lost. The worker will not recreate it silently: investigate, drop the "
-            "slot and the checkpoint row in _bemi_worker_checkpoints, then start again."
-        )
 
 
 def _connect(dsn: str, autocommit: bool) -> psycopg.Connection:
@@ -120,9 +76,8 @@ class Source:
                 f"wal_level is {wal_level!r} on the source: run ALTER SYSTEM SET wal_level = logical; "
                 "and restart PostgreSQL"
             )
-        self._missing_identity_logged: set[str] = set()
         self._pk_cache: dict[tuple, list[str]] = {}
-        self.all_tables = False
+        self.publisher = Publication(self.control, publication, self.user, self.database, self.superuser)
 
     def close(self) -> None:
         for conn in (self.reader, self.control):
@@ -157,109 +112,22 @@ class Source:
 
     # -- privileges, publication, slot ------------------------------------------------------
 
+    @property
+    def all_tables(self) -> bool:
+        return self.publisher.all_tables
+
+    def ensure_publication(self) -> None:
+        self.publisher.ensure_publication()
+
+    def refresh_tables(self) -> list[str]:
+        return self.publisher.refresh_tables()
+
     def check_privileges(self) -> None:
         if not (self.superuser or self.replication):
             raise WorkerError(
                 f"role {self.user!r} cannot read replication slots: it needs the REPLICATION attribute. "
                 f"As a superuser run: ALTER ROLE {_quote_ident(self.user)} REPLICATION;"
             )
-
-    def ensure_publication(self) -> None:
-        row = self.control.execute(
-            "SELECT pg_get_userbyid(pubowner), puballtables, pg_has_role(pubowner, 'USAGE') "
-            "FROM pg_publication WHERE pubname = %s", [self.publication],
-        ).fetchone()
-        if row is None:
-            try:
-                self.control.execute(sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(self.publication)))
-            except errors.InsufficientPrivilege as exc:
-                raise WorkerError(
-                    f"cannot create publication {self.publication!r}: role {self.user!r} needs CREATE on the "
-                    f"database. Run: GRANT CREATE ON DATABASE {_quote_ident(self.database)} TO {_quote_ident(self.user)}; "
-                    f"(or create it as its owner: CREATE PUBLICATION {_quote_ident(self.publication)};)"
-                ) from exc
-            self._mark_managed()
-            log.info("created publication %s (public tables except changes and _bemi* are added to it)",
-                     self.publication)
-            return
-        owner, all_tables, is_member = row
-        self.all_tables = all_tables
-        if not all_tables and not (is_member or self.superuser):
-            raise WorkerError(
-                f"publication {self.publication!r} belongs to {owner!r}, so role {self.user!r} cannot add tables "
-                f"to it. Run: ALTER PUBLICATION {_quote_ident(self.publication)} OWNER TO {_quote_ident(self.user)};"
-            )
-        if not all_tables:
-            self._mark_managed()
-
-    def _mark_managed(self) -> None:
-        """Let the `migrate bemi` event trigger add new tables to this publication as they are created."""
-        self.control.execute(sql.SQL("COMMENT ON PUBLICATION {} IS {}").format(
-            sql.Identifier(self.publication), sql.Literal(MANAGED_PUBLICATION_COMMENT)))
-
-    def refresh_tables(self) -> list[str]:
-        """Put every trackable public table in the publication; return the names added.
-
-        A table without a usable replica identity would make the application's
-        UPDATE/DELETE fail once published, so it gets REPLICA IDENTITY FULL when
-        we own it, and is left out (and named in a warning) otherwise.
-        """
-        if self.all_tables:
-            return []
-        rows = self.control.execute(
-            """
-            SELECT c.oid, c.relname, c.relreplident,
-                   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
-                   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident),
-                   pg_has_role(c.relowner, 'USAGE'),
-                   EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
-                           WHERE p.pubname = %s AND pr.prrelid = c.oid)
-            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE n.nspname = 'public' AND c.relkind = 'r' AND NOT c.relispartition
-              AND c.relname <> 'changes' AND c.relname NOT LIKE '\\_bemi%%'
-            """,
-            [self.publication],
-        ).fetchall()
-        added = []
-        for _oid, name, ident, has_pk, has_ident_index, owned, published in rows:
-            usable = ident == "f" or (ident == "d" and has_pk) or (ident == "i" and has_ident_index)
-            table = sql.Identifier("public", name)
-            if not usable:
-                if owned or self.superuser:
-                    try:
-                        self.control.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(table))
-                        log.warning("set REPLICA IDENTITY FULL on public.%s: it has no primary key, and "
-                                    "published without a replica identity its UPDATE/DELETE would fail", name)
-                        usable = True
-                    except psycopg.Error as exc:
-                        log.warning("could not set REPLICA IDENTITY FULL on public.%s: %s", name, exc)
-                if not usable:
-                    if published:
-                        self.control.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
-                            sql.Identifier(self.publication), table))
-                    if name not in self._missing_identity_logged:
-                        self._missing_identity_logged.add(name)
-                        log.warning("not tracking public.%s: it has no primary key or replica identity and we "
-                                    "may not set one (run ALTER TABLE public.%s REPLICA IDENTITY FULL; as its owner)",
-                                    name, name)
-                    continue
-            if not published:
-                try:
-                    self.control.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
-                        sql.Identifier(self.publication), table))
-                except errors.InsufficientPrivilege as exc:
-                    if name not in self._missing_identity_logged:
-                        self._missing_identity_logged.add(name)
-                        log.warning("not tracking public.%s: %s (the table's owner must run the worker, or "
-                                    "ALTER PUBLICATION %s ADD TABLE public.%s;)", name, exc, self.publication, name)
-                    continue
-                except (errors.DuplicateObject, errors.LockNotAvailable, errors.UndefinedTable) as exc:
-                    log.info("will retry adding public.%s to the publication: %s", name, exc)
-                    continue
-                added.append(name)
-        if added:
-            log.info("tracking new tables: %s", ", ".join(added))
-        return added
 
     def slot_state(self) -> SlotState | None:
         row = self.control.execute(

@@ -12,10 +12,24 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-#: Contexts whose JSON (with the ``"SQL"`` key) is larger than this are not sent.
-MAX_CONTEXT_BYTES = 1_000_000
+from bemi.limits import DEFAULT_MAX_SQL_BYTES, MAX_CONTEXT_BYTES
+
+__all__ = ["MAX_CONTEXT_BYTES", "max_sql_bytes", "context_function_path", "context_function"]
 
 _resolved: dict[str, Callable[[Any], Any]] = {}
+
+
+def max_sql_bytes() -> int:
+    """``BEMI_MAX_SQL_BYTES``: at most this many bytes of the statement (as JSON) in the context's ``"SQL"``.
+
+    Default 4096 (``bemi.limits.DEFAULT_MAX_SQL_BYTES``); longer SQL is cut
+    and ends with ``... [truncated by bemi]``. The whole context stays under
+    ``MAX_CONTEXT_BYTES`` whatever this says.
+    """
+    value = getattr(settings, "BEMI_MAX_SQL_BYTES", DEFAULT_MAX_SQL_BYTES)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ImproperlyConfigured(f"BEMI_MAX_SQL_BYTES must be a non-negative int, not {value!r}.")
+    return value
 
 
 def context_function_path() -> Any:

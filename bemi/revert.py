@@ -16,14 +16,16 @@ the audit trail says which change it reverts.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable
 
 from django.apps import apps
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, router, transaction
 from django.db.models import Q
+from psycopg import sql
+
+from bemi.appcontext import context as bemi_context
 
 if TYPE_CHECKING:  # pragma: no cover
     from bemi.models import BemiChange
@@ -94,10 +96,13 @@ def revert(
     connection = connections[using]
     actions = []
     checked: set[tuple[str, str, str | None]] = set()
+    tables: dict[tuple[str, str], _Table] = {}
     with transaction.atomic(using=using), connection.cursor() as cursor:
         for change in selected:
             row = (change.schema, change.table, change.primary_key)
-            table = _Table(cursor, connection, change.schema, change.table)
+            table = tables.get(row[:2])
+            if table is None:
+                table = tables[row[:2]] = _Table(cursor, connection, change.schema, change.table)
             if row not in checked:  # the newest change of this row: is the row still as it left it?
                 checked.add(row)
                 if _check_current_row(cursor, table, change, force):
@@ -149,38 +154,68 @@ def _check_later_changes(changes: "BemiChangeQuerySet", selected: list["BemiChan
 
 
 class _Table:
-    """Quoted name, primary key column and writable columns of a source table."""
+    """A source table as the catalog names it: quoted name, primary key column, writable columns.
+
+    Every identifier is quoted by ``psycopg.sql.Identifier`` (Django's
+    ``quote_name`` does not double an embedded ``"``: a column named
+    ``x") = (SELECT 1); DELETE FROM victim; --`` would run the ``DELETE``), and
+    the names are the catalog's, not the recorded change's. ``%`` in a name is
+    doubled: the composed text goes through Django's cursor with parameters.
+    """
 
     def __init__(self, cursor: Any, connection: Any, schema: str, name: str) -> None:
-        qn = connection.ops.quote_name
         self.name = name
-        self.qualified = f"{qn(schema)}.{qn(name)}"
+        self._raw = connection.connection  # the psycopg connection (for quoting)
+        self.qualified = self.ident(schema, name)  # for messages until the catalog answers
         cursor.execute(
-            "SELECT a.attname, a.attgenerated <> '' FROM pg_attribute a "
-            "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-            [self.qualified],
+            "SELECT c.oid, n.nspname, c.relname FROM pg_catalog.pg_class c "
+            "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
+            "WHERE n.nspname OPERATOR(pg_catalog.=) %s::name AND c.relname OPERATOR(pg_catalog.=) %s::name "
+            "AND c.relkind IN ('r', 'p')",
+            [schema, name],
         )
-        self.columns = [name for name, generated in cursor.fetchall() if not generated]
-        if not self.columns:
+        found = cursor.fetchone()
+        if found is None:
             raise RevertError(f"Table {self.qualified} does not exist on this database: pass revert(using=<alias of the source database>).")
+        oid, schema, name = found
+        self.qualified = self.ident(schema, name)
         cursor.execute(
-            "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
-            "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = to_regclass(%s) AND i.indisprimary",
-            [self.qualified],
+            "SELECT a.attname, a.attgenerated OPERATOR(pg_catalog.<>) '' FROM pg_catalog.pg_attribute a "
+            "WHERE a.attrelid OPERATOR(pg_catalog.=) %s::oid AND a.attnum OPERATOR(pg_catalog.>) 0 "
+            "AND NOT a.attisdropped ORDER BY a.attnum",
+            [oid],
+        )
+        self.columns = [column for column, generated in cursor.fetchall() if not generated]
+        cursor.execute(
+            "SELECT a.attname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a "
+            "ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attnum OPERATOR(pg_catalog.=) ANY(i.indkey) "
+            "WHERE i.indrelid OPERATOR(pg_catalog.=) %s::oid AND i.indisprimary",
+            [oid],
         )
         keys = [r[0] for r in cursor.fetchall()]
         if len(keys) != 1:
             raise RevertError(f"Table {self.qualified} has no single-column primary key; revert works row by row and needs one.")
         self.pk = keys[0]
-        self.quote = qn
 
-    def where_pk(self) -> str:
+    def ident(self, *names: str) -> str:
+        """``"schema"."name"`` or ``"column"``, quoted by psycopg, ready for a query with parameters."""
+        return sql.Identifier(*names).as_string(self._raw).replace("%", "%%")
+
+    def query(self, template: str, columns: list[str] = ()) -> str:
+        """``template`` with ``{table}``, ``{where_pk}``, ``{columns}`` and ``{r_columns}`` filled in."""
+        return sql.SQL(template).format(
+            table=sql.SQL(self.qualified),
+            where_pk=self.where_pk(),
+            columns=sql.SQL(", ").join(sql.SQL(self.ident(c)) for c in columns),
+            r_columns=sql.SQL(", ").join(sql.SQL("r.{}").format(sql.SQL(self.ident(c))) for c in columns),
+        ).as_string(self._raw)
+
+    def where_pk(self) -> sql.Composable:
         """``pk = <the text primary key converted to the column's type>`` (keeps the index usable)."""
-        pk = self.quote(self.pk)
-        return (
-            f"{pk} = (SELECT r.{pk} FROM jsonb_populate_record(NULL::{self.qualified}, "
-            f"jsonb_build_object(%s::text, %s::text)) r)"
-        )
+        return sql.SQL(
+            "{pk} = (SELECT r.{pk} FROM pg_catalog.jsonb_populate_record(NULL::{table}, "
+            "pg_catalog.jsonb_build_object(%s::text, %s::text)) r)"
+        ).format(pk=sql.SQL(self.ident(self.pk)), table=sql.SQL(self.qualified))
 
     def known(self, values: dict) -> list[str]:
         return [c for c in self.columns if c in values]
@@ -189,7 +224,7 @@ class _Table:
 def _check_current_row(cursor: Any, table: _Table, change: "BemiChange", force: bool) -> bool:
     """Lock the row and check it is as ``change`` left it; True means nothing is left to undo."""
     cursor.execute(
-        f"SELECT to_jsonb(t) @> %s::jsonb FROM {table.qualified} t WHERE {table.where_pk()} FOR UPDATE",
+        table.query("SELECT pg_catalog.to_jsonb(t) @> %s::jsonb FROM {table} t WHERE {where_pk} FOR UPDATE"),
         [_json(change.after), table.pk, change.primary_key],
     )
     found = cursor.fetchone()
@@ -223,7 +258,7 @@ def _undo(cursor: Any, table: _Table, change: "BemiChange") -> RevertAction:
     action = INVERSE[change.operation]
     pk_args = [table.pk, change.primary_key]
     if change.operation == "CREATE":
-        cursor.execute(f"DELETE FROM {table.qualified} WHERE {table.where_pk()}", pk_args)
+        cursor.execute(table.query("DELETE FROM {table} WHERE {where_pk}"), pk_args)
     elif change.operation == "UPDATE":
         if not change.before:
             raise RevertError(
@@ -235,22 +270,24 @@ def _undo(cursor: Any, table: _Table, change: "BemiChange") -> RevertAction:
         columns = [c for c in table.known(change.before) if c in changed]
         if not columns:
             return RevertAction(change.id, change.table, change.primary_key, change.operation, "NOTHING")
-        targets = ", ".join(table.quote(c) for c in columns)
-        sources = ", ".join(f"r.{table.quote(c)}" for c in columns)
         cursor.execute(
-            f"UPDATE {table.qualified} SET ({targets}) = (SELECT {sources} FROM "
-            f"jsonb_populate_record(NULL::{table.qualified}, %s::jsonb) r) WHERE {table.where_pk()}",
+            table.query(
+                "UPDATE {table} SET ({columns}) = (SELECT {r_columns} FROM "
+                "pg_catalog.jsonb_populate_record(NULL::{table}, %s::jsonb) r) WHERE {where_pk}",
+                columns,
+            ),
             [_json(change.before), *pk_args],
         )
     else:
         columns = table.known(change.before)
-        names = ", ".join(table.quote(c) for c in columns)
-        sources = ", ".join(f"r.{table.quote(c)}" for c in columns)
         try:
             with transaction.atomic(using=cursor.db.alias):
                 cursor.execute(
-                    f"INSERT INTO {table.qualified} ({names}) OVERRIDING SYSTEM VALUE SELECT {sources} "
-                    f"FROM jsonb_populate_record(NULL::{table.qualified}, %s::jsonb) r",
+                    table.query(
+                        "INSERT INTO {table} ({columns}) OVERRIDING SYSTEM VALUE SELECT {r_columns} "
+                        "FROM pg_catalog.jsonb_populate_record(NULL::{table}, %s::jsonb) r",
+                        columns,
+                    ),
                     [_json(change.before)],
                 )
         except IntegrityError as error:
@@ -266,15 +303,6 @@ def _json(values: dict) -> str:
     return json.dumps(values or {})
 
 
-@contextlib.contextmanager
-def _revert_context(change: "BemiChange") -> Iterator[None]:
+def _revert_context(change: "BemiChange") -> Any:
     """Label the revert's own writes with the change they undo (``bemi.context``, added to the current one)."""
-    import bemi
-
-    try:
-        label = bemi.context
-    except ImportError:  # a build without the context API: the writes simply carry no label
-        yield
-        return
-    with label(bemi_revert=str(change.id)):
-        yield
+    return bemi_context(bemi_revert=str(change.id))

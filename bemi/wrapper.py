@@ -31,7 +31,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections, transaction
 from django.db.backends.signals import connection_created
 
-from bemi.conf import MAX_CONTEXT_BYTES
+from bemi.conf import MAX_CONTEXT_BYTES, max_sql_bytes
 from bemi.appcontext import ContextError, Frame, current_frame
 from bemi.statements import is_tracked_write
 
@@ -283,9 +283,13 @@ _PAYLOAD_CACHE_MAX_LEN = 16384
 
 def _splice(prefix: str, prefix_bytes: int, sql: str, utf8: bool) -> str:
     sql_json = _sql_json(sql, utf8)
-    if prefix_bytes + _nbytes(sql_json) + 1 > MAX_CONTEXT_BYTES:
-        _warn_once("sql-truncated", f"the SQL in the context was cut to keep it under {MAX_CONTEXT_BYTES} bytes")
-        sql_json = _truncated_sql_json(sql, MAX_CONTEXT_BYTES - prefix_bytes - 1, utf8)
+    size = _nbytes(sql_json)
+    room = MAX_CONTEXT_BYTES - prefix_bytes - 1
+    limit = max_sql_bytes()
+    if size > limit or size > room:
+        if room < limit:  # the context itself is large: worth a warning (BEMI_MAX_SQL_BYTES cuts silently)
+            _warn_once("sql-truncated", f"the SQL in the context was cut to keep it under {MAX_CONTEXT_BYTES} bytes")
+        sql_json = _truncated_sql_json(sql, min(limit, room), utf8)
     return prefix + sql_json + "}"
 
 
@@ -326,11 +330,23 @@ def _sql_json(sql: str, utf8: bool) -> str:
 
 
 def _truncated_sql_json(sql: str, budget: int, utf8: bool) -> str:
-    """The longest ``sql[:n] + TRUNCATED`` whose JSON fits in ``budget`` bytes."""
+    """The longest ``sql[:n] + TRUNCATED`` whose JSON fits in ``budget`` bytes (``""`` if none does)."""
     n = min(len(sql), budget)
-    while True:
-        text = _sql_json(sql[:n] + TRUNCATED, utf8)
-        excess = _nbytes(text) - budget
-        if excess <= 0 or n == 0:
-            return text if excess <= 0 else '""'
-        n = max(0, n - excess)
+    text = _sql_json(sql[:n] + TRUNCATED, utf8)
+    excess = _nbytes(text) - budget
+    if excess <= 0:
+        return text
+    guess = max(0, n - excess)  # exact for ASCII; multi-byte characters and escapes need a search
+    text = _sql_json(sql[:guess] + TRUNCATED, utf8)
+    if _nbytes(text) <= budget:
+        best, lo, hi = text, guess + 1, n - 1
+    else:
+        best, lo, hi = '""', 0, guess - 1
+    while lo <= hi:  # bisect: the largest n that fits
+        mid = (lo + hi) // 2
+        text = _sql_json(sql[:mid] + TRUNCATED, utf8)
+        if _nbytes(text) <= budget:
+            best, lo = text, mid + 1
+        else:
+            hi = mid - 1
+    return best

@@ -187,7 +187,8 @@ def test_just_under_the_cap_is_sent(wal):
     assert messages[-1].json == {"big": value, "SQL": sql}
 
 
-def test_huge_sql_is_truncated_to_fit(wal, caplog):
+def test_huge_sql_is_truncated_to_fit(wal, caplog, settings):
+    settings.BEMI_MAX_SQL_BYTES = 10 * MAX_CONTEXT_BYTES  # raised: the overall limit cuts
     caplog.set_level(logging.WARNING, logger="bemi")
     note = "z" * (MAX_CONTEXT_BYTES + 5000)
     sql = f"INSERT INTO ctxapp_item (name, qty, note) VALUES ('huge', 1, '{note}')"
@@ -205,6 +206,29 @@ def test_huge_sql_is_truncated_to_fit(wal, caplog):
         assert len(got["SQL"]) > MAX_CONTEXT_BYTES - 100
     warnings = [r for r in caplog.records if r.name == "bemi"]
     assert len(warnings) == 1 and "sql-truncated" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("limit", [None, 100, 0])
+def test_sql_in_the_context_is_cut_to_a_few_kb_by_default(wal, caplog, settings, limit):
+    """Issue 9, item 5: the context is stored on every row the statement changed."""
+    if limit is not None:
+        settings.BEMI_MAX_SQL_BYTES = limit
+    caplog.set_level(logging.WARNING, logger="bemi")
+    note = "é" * 50_000
+    sql = f"INSERT INTO ctxapp_item (name, qty, note) VALUES ('long', 1, '{note}')"
+    with bemi.context(job="long"), connection.cursor() as cursor:
+        cursor.execute(sql)
+    (message, _), = tracked(wal.read())
+    got = message.json
+    budget = 4096 if limit is None else limit
+    assert got["job"] == "long"
+    assert len(json.dumps(got["SQL"], ensure_ascii=False).encode()) <= max(budget, 2)
+    if budget > 100:
+        assert len(json.dumps(got["SQL"], ensure_ascii=False).encode()) > budget - 10
+    if budget >= len(json.dumps(wrapper.TRUNCATED)):
+        assert got["SQL"].endswith(wrapper.TRUNCATED) and sql.startswith(got["SQL"][: -len(wrapper.TRUNCATED)])
+    assert [r for r in caplog.records if r.name == "bemi"] == [], "the documented default cuts silently"
+    assert Item.objects.get(name="long").note == note
 
 
 def test_lone_surrogate_falls_back_to_ascii_escapes(wal):

@@ -201,7 +201,7 @@ def test_without_event_trigger_privilege_migration_succeeds_and_says_what_to_run
     database = scratch_database(owner="bemi_unprivileged")
     result = _manage(["migrate"], BEMI_TEST_DB_NAME=database, BEMI_TEST_DB_USER="bemi_unprivileged")
     assert result.returncode == 0, result.stderr
-    assert "CALL _bemi_create_triggers();" in result.stdout
+    assert "CALL public._bemi_create_triggers();" in result.stdout
     with psycopg.connect(pg_server.dsn(database, user="bemi_unprivileged"), autocommit=True) as conn:
         functions, events = installed(conn)
         assert FUNCTIONS <= functions and events == set()

@@ -157,3 +157,58 @@ def test_a_table_missing_on_the_source_database(recorder):
     recorder.add("dropped_table", 1, "CREATE", after={"id": 1})
     with pytest.raises(RevertError, match=r'"public"."dropped_table" does not exist on this database: pass revert\(using='):
         BemiChange.objects.filter(table="dropped_table").revert()
+
+
+HOSTILE_COLUMN = 'x") = (SELECT 1); DELETE FROM revert_victim; --'
+
+
+@pytest.mark.parametrize("operation", ["UPDATE", "DELETE", "CREATE"])
+def test_a_hostile_column_name_cannot_inject_sql(recorder, operation):
+    """Issue 9, item 3: identifiers are quoted by psycopg (a `"` doubled), not pasted."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE revert_victim (id int PRIMARY KEY)")
+        cursor.execute("INSERT INTO revert_victim SELECT generate_series(1, 20)")
+        # `x` exists too, so that the injected `UPDATE trap SET ("x") = (SELECT 1);` is valid SQL.
+        cursor.execute('CREATE TABLE trap (id int PRIMARY KEY, x int, "' + HOSTILE_COLUMN.replace('"', '""') + '" text)')
+        if operation != "DELETE":
+            cursor.execute("INSERT INTO trap VALUES (1, NULL, 'new')")
+    old, new = {"id": 1, "x": None, HOSTILE_COLUMN: "old"}, {"id": 1, "x": None, HOSTILE_COLUMN: "new"}
+    recorder.add("trap", 1, operation, before={} if operation == "CREATE" else old,
+                 after={} if operation == "DELETE" else new)
+    try:
+        BemiChange.objects.filter(table="trap").revert()
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM revert_victim")
+            assert cursor.fetchone()[0] == 20, "the column name's SQL ran"
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT * FROM trap")
+        assert cursor.fetchall() == ([] if operation == "CREATE" else [(1, None, "old")])
+
+
+def test_a_percent_sign_in_a_name_is_not_a_placeholder(recorder):
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute('CREATE TABLE "100%s" (id int PRIMARY KEY, "%(x)s" text)')
+        cursor.execute("""INSERT INTO "100%s" VALUES (1, 'new')""")
+    recorder.add("100%s", 1, "UPDATE", before={"id": 1, "%(x)s": "old"}, after={"id": 1, "%(x)s": "new"})
+    BemiChange.objects.filter(table="100%s").revert()
+    with connection.cursor() as cursor:
+        cursor.execute('SELECT * FROM "100%s"')
+        assert cursor.fetchall() == [(1, "old")]
+
+
+def test_the_catalog_is_read_once_per_table(recorder):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    for i in range(1, 6):
+        Todo.objects.create(id=i, task="t")
+        recorder.add("todo", i, "CREATE", after={"id": i, "task": "t", "is_completed": False})
+    with CaptureQueriesContext(connection) as queries:
+        BemiChange.objects.filter(table="todo").revert()
+    catalog = [q["sql"] for q in queries.captured_queries if "pg_catalog.pg_class" in q["sql"]]
+    assert len(catalog) == 1

@@ -13,18 +13,75 @@
 -- The Django execute wrapper does not need these triggers: it emits the
 -- message itself. They serve other writers (psql, other services, the
 -- published libraries' convention).
+--
+-- Security (docs/security.md): event triggers run these functions as whoever
+-- runs CREATE TABLE, often a superuser. So every function lives in schema
+-- public under a fixed, qualified name, pins `SET search_path = pg_catalog,
+-- pg_temp` (a function or operator planted in public, e.g. public.left(name,
+-- integer) or public.=(oid, regclass), is never found), and the event-trigger
+-- functions do nothing unless every function they call is owned by the owner
+-- of the event trigger. Installing over functions another role owns is refused.
 
-CREATE OR REPLACE FUNCTION _bemi_context_from_query(query text)
-RETURNS text
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE AS $bemi$
+-- Refuse to run over functions another role owns. CREATE OR REPLACE keeps a
+-- function's owner: after a first install by the application's role, a
+-- superuser re-running this file to add the event triggers would leave the
+-- functions those triggers call in the hands of a role that can rewrite them,
+-- and the triggers run them with the privileges of whoever runs CREATE TABLE.
+DO $bemi$
 DECLARE
+  path text := pg_catalog.current_setting('search_path');
+  routine text;
+  owner_name name;
+  owners text := '';
+  fixes text := '';
+BEGIN
+  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+  FOREACH routine IN ARRAY ARRAY[
+    'public._bemi_context_from_query(text)', 'public._bemi_row_trigger_func()',
+    'public._bemi_is_tracked(regclass)', 'public._bemi_tables()',
+    'public._bemi_create_trigger(regclass)', 'public._bemi_create_triggers()',
+    'public._bemi_set_replica_identity_on(regclass)', 'public._bemi_set_replica_identity()',
+    'public._bemi_publish(regclass)', 'public._bemi_create_table_trigger_func()',
+    'public._bemi_set_replica_identity_func()'
+  ] LOOP
+    SELECT r.rolname INTO owner_name
+    FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner
+    WHERE p.oid = to_regprocedure(routine);
+    IF owner_name IS NOT NULL AND owner_name <> current_user THEN
+      owners := owners || format('%s (owner %I) ', routine, owner_name);
+      fixes := fixes || format('ALTER ROUTINE %s OWNER TO %I; ', routine, current_user);
+    END IF;
+  END LOOP;
+  IF fixes <> '' THEN
+    RAISE EXCEPTION 'bemi: refusing to install over functions owned by another role than % (who runs this install): %', current_user, owners
+      USING DETAIL = 'A role that owns them can rewrite what bemi''s triggers run with the privileges of whoever fires them.',
+            HINT = format('Check them, then as %I run: %sand install again (psql -f bemi/sql/install.sql, or manage.py migrate bemi zero, then migrate bemi): it rewrites their bodies.', current_user, fixes);
+  END IF;
+  PERFORM pg_catalog.set_config('search_path', path, true);
+END;
+$bemi$;
+
+-- Only a marker this close to the end of the query is looked at: the cost per
+-- statement stays constant in a query string of many statements (each
+-- statement's trigger sees the whole string in current_query()).
+CREATE OR REPLACE FUNCTION public._bemi_context_from_query(query text)
+RETURNS text
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp AS $bemi$
+DECLARE
+  tail text;
   context text;
 BEGIN
-  IF query IS NULL OR strpos(query, ' Bemi*/') = 0 THEN
+  IF query IS NULL THEN
+    RETURN NULL;
+  END IF;
+  -- At most 65,536 characters: a longer context is ignored.
+  tail := rtrim(right(query, 65600), E' \t\n\r\f\v;');
+  IF right(tail, 7) <> ' Bemi*/' THEN
     RETURN NULL;
   END IF;
   context := substring(
-    query from '/\*Bemi ((?:[^*/]|\*(?!/)|/(?!\*))*) Bemi\*/[[:space:];]*$'
+    tail from '/\*Bemi ((?:[^*/]|\*(?!/)|/(?!\*))*) Bemi\*/$'
   );
   IF context IS NULL THEN
     RETURN NULL;
@@ -40,11 +97,12 @@ BEGIN
 END;
 $bemi$;
 
-CREATE OR REPLACE FUNCTION _bemi_row_trigger_func()
+CREATE OR REPLACE FUNCTION public._bemi_row_trigger_func()
 RETURNS trigger
-LANGUAGE plpgsql AS $bemi$
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $bemi$
 DECLARE
-  context text := _bemi_context_from_query(current_query());
+  context text := public._bemi_context_from_query(current_query());
 BEGIN
   IF context IS NOT NULL THEN
     PERFORM pg_logical_emit_message(true, '_bemi', context);
@@ -55,9 +113,10 @@ $bemi$;
 
 -- Is this relation one that bemi tracks? Tables of schema public, except the
 -- worker's own (`changes`, `_bemi*`).
-CREATE OR REPLACE FUNCTION _bemi_is_tracked(rel regclass)
+CREATE OR REPLACE FUNCTION public._bemi_is_tracked(rel regclass)
 RETURNS boolean
-LANGUAGE sql STABLE AS $bemi$
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp AS $bemi$
   SELECT EXISTS (
     SELECT 1
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -65,49 +124,54 @@ LANGUAGE sql STABLE AS $bemi$
       AND n.nspname = 'public'
       AND c.relkind IN ('r', 'p')
       AND c.relname <> 'changes'
-      AND left(c.relname, 5) <> '_bemi'
+      AND left(c.relname::text, 5) <> '_bemi'
   );
 $bemi$;
 
 -- The candidate tables: every table of schema public (filtered by _bemi_is_tracked).
-CREATE OR REPLACE FUNCTION _bemi_tables()
+CREATE OR REPLACE FUNCTION public._bemi_tables()
 RETURNS SETOF regclass
-LANGUAGE sql STABLE AS $bemi$
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp AS $bemi$
   SELECT c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
   WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') ORDER BY c.relname;
 $bemi$;
 
-CREATE OR REPLACE FUNCTION _bemi_create_trigger(rel regclass)
+CREATE OR REPLACE FUNCTION public._bemi_create_trigger(rel regclass)
 RETURNS void
-LANGUAGE plpgsql AS $bemi$
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $bemi$
 DECLARE
   relname text := (SELECT c.relname FROM pg_class c WHERE c.oid = rel);
 BEGIN
-  IF NOT _bemi_is_tracked(rel) THEN
+  IF NOT public._bemi_is_tracked(rel) THEN
     RETURN;
   END IF;
+  -- %s of a regclass is schema-qualified here (public is not on the path).
   EXECUTE format(
     'CREATE OR REPLACE TRIGGER %I BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %s '
-    'FOR EACH STATEMENT EXECUTE FUNCTION _bemi_row_trigger_func()',
+    'FOR EACH STATEMENT EXECUTE FUNCTION public._bemi_row_trigger_func()',
     left('_bemi_row_trigger_' || relname, 63), rel
   );
 EXCEPTION WHEN insufficient_privilege THEN
-  RAISE NOTICE 'bemi: no privilege to create a trigger on %; run CALL _bemi_create_triggers(); as its owner', rel;
+  RAISE NOTICE 'bemi: no privilege to create a trigger on %; run CALL public._bemi_create_triggers(); as its owner', rel;
 END;
 $bemi$;
 
-CREATE OR REPLACE PROCEDURE _bemi_create_triggers()
-LANGUAGE plpgsql AS $bemi$
+CREATE OR REPLACE PROCEDURE public._bemi_create_triggers()
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $bemi$
 BEGIN
-  PERFORM _bemi_create_trigger(rel) FROM _bemi_tables() AS rel;
+  PERFORM public._bemi_create_trigger(rel) FROM public._bemi_tables() AS rel;
 END;
 $bemi$;
 
-CREATE OR REPLACE FUNCTION _bemi_set_replica_identity_on(rel regclass)
+CREATE OR REPLACE FUNCTION public._bemi_set_replica_identity_on(rel regclass)
 RETURNS void
-LANGUAGE plpgsql AS $bemi$
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $bemi$
 BEGIN
-  IF NOT _bemi_is_tracked(rel)
+  IF NOT public._bemi_is_tracked(rel)
      OR (SELECT c.relreplident FROM pg_class c WHERE c.oid = rel) = 'f' THEN
     RETURN;
   END IF;
@@ -117,24 +181,30 @@ EXCEPTION WHEN insufficient_privilege THEN
 END;
 $bemi$;
 
-CREATE OR REPLACE PROCEDURE _bemi_set_replica_identity()
-LANGUAGE plpgsql AS $bemi$
+CREATE OR REPLACE PROCEDURE public._bemi_set_replica_identity()
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $bemi$
 BEGIN
-  PERFORM _bemi_set_replica_identity_on(rel) FROM _bemi_tables() AS rel;
+  PERFORM public._bemi_set_replica_identity_on(rel) FROM public._bemi_tables() AS rel;
 END;
 $bemi$;
 
 -- Publications the worker manages carry this comment (bemi/worker/slot.py,
 -- MANAGED_PUBLICATION_COMMENT). A new table joins them in the transaction
 -- that creates it, so its very first rows are published: the worker's own
--- periodic refresh would only add it a moment later.
-CREATE OR REPLACE FUNCTION _bemi_publish(rel regclass)
+-- periodic refresh would only add it a moment later. ALTER PUBLICATION locks
+-- the publication until the end of the transaction: a second CREATE TABLE
+-- while another transaction holds that lock does not wait (lock_timeout) but
+-- leaves the table to the worker's refresh, with a NOTICE.
+CREATE OR REPLACE FUNCTION public._bemi_publish(rel regclass)
 RETURNS void
-LANGUAGE plpgsql AS $bemi$
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+SET lock_timeout = '20ms' AS $bemi$
 DECLARE
   pub text;
 BEGIN
-  IF NOT _bemi_is_tracked(rel) OR (SELECT c.relispartition FROM pg_class c WHERE c.oid = rel) THEN
+  IF NOT public._bemi_is_tracked(rel) OR (SELECT c.relispartition FROM pg_class c WHERE c.oid = rel) THEN
     RETURN;
   END IF;
   FOR pub IN
@@ -154,35 +224,63 @@ END;
 $bemi$;
 
 -- Event trigger functions: act on the tables the DDL command just created.
-CREATE OR REPLACE FUNCTION _bemi_create_table_trigger_func()
+-- They run with the privileges of whoever runs CREATE TABLE (often a
+-- superuser): they do nothing unless every function of the chain is owned by
+-- the role that owns bemi's event triggers (a superuser).
+CREATE OR REPLACE FUNCTION public._bemi_create_table_trigger_func()
 RETURNS event_trigger
-LANGUAGE plpgsql AS $bemi$
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $bemi$
 DECLARE
   cmd record;
 BEGIN
+  IF EXISTS (
+    SELECT 1 FROM pg_event_trigger e, pg_proc p
+    WHERE e.evtname IN ('_bemi_create_table_trigger', '_bemi_set_replica_identity_trigger')
+      AND p.oid IN ('public._bemi_create_table_trigger_func()'::regprocedure,
+                    'public._bemi_create_trigger(regclass)'::regprocedure,
+                    'public._bemi_is_tracked(regclass)'::regprocedure)
+      AND p.proowner <> e.evtowner
+  ) THEN
+    RAISE WARNING 'bemi: not adding the trigger to the new table: a function it would run is not owned by the owner of the event trigger; reinstall bemi as a superuser (see docs/security.md)';
+    RETURN;
+  END IF;
   FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() WHERE object_type = 'table' LOOP
-    PERFORM _bemi_create_trigger(cmd.objid::regclass);
+    PERFORM public._bemi_create_trigger(cmd.objid::regclass);
   END LOOP;
 END;
 $bemi$;
 
-CREATE OR REPLACE FUNCTION _bemi_set_replica_identity_func()
+CREATE OR REPLACE FUNCTION public._bemi_set_replica_identity_func()
 RETURNS event_trigger
-LANGUAGE plpgsql AS $bemi$
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp AS $bemi$
 DECLARE
   cmd record;
 BEGIN
+  IF EXISTS (
+    SELECT 1 FROM pg_event_trigger e, pg_proc p
+    WHERE e.evtname IN ('_bemi_create_table_trigger', '_bemi_set_replica_identity_trigger')
+      AND p.oid IN ('public._bemi_set_replica_identity_func()'::regprocedure,
+                    'public._bemi_set_replica_identity_on(regclass)'::regprocedure,
+                    'public._bemi_publish(regclass)'::regprocedure,
+                    'public._bemi_is_tracked(regclass)'::regprocedure)
+      AND p.proowner <> e.evtowner
+  ) THEN
+    RAISE WARNING 'bemi: not setting the replica identity of the new table: a function it would run is not owned by the owner of the event trigger; reinstall bemi as a superuser (see docs/security.md)';
+    RETURN;
+  END IF;
   FOR cmd IN SELECT * FROM pg_event_trigger_ddl_commands() WHERE object_type = 'table' LOOP
-    PERFORM _bemi_set_replica_identity_on(cmd.objid::regclass);
+    PERFORM public._bemi_set_replica_identity_on(cmd.objid::regclass);
     -- After the identity: published without one, its UPDATE/DELETE would fail.
     -- (Event triggers fire in name order: this one runs last.)
-    PERFORM _bemi_publish(cmd.objid::regclass);
+    PERFORM public._bemi_publish(cmd.objid::regclass);
   END LOOP;
 END;
 $bemi$;
 
-CALL _bemi_create_triggers();
-CALL _bemi_set_replica_identity();
+CALL public._bemi_create_triggers();
+CALL public._bemi_set_replica_identity();
 
 -- Event triggers need superuser. Without it, installing still succeeds and says
 -- what to run after creating new tables.
@@ -191,12 +289,12 @@ BEGIN
   DROP EVENT TRIGGER IF EXISTS _bemi_create_table_trigger;
   CREATE EVENT TRIGGER _bemi_create_table_trigger ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
-    EXECUTE FUNCTION _bemi_create_table_trigger_func();
+    EXECUTE FUNCTION public._bemi_create_table_trigger_func();
   DROP EVENT TRIGGER IF EXISTS _bemi_set_replica_identity_trigger;
   CREATE EVENT TRIGGER _bemi_set_replica_identity_trigger ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO')
-    EXECUTE FUNCTION _bemi_set_replica_identity_func();
+    EXECUTE FUNCTION public._bemi_set_replica_identity_func();
 EXCEPTION WHEN insufficient_privilege THEN
-  RAISE NOTICE 'bemi: no privilege to create event triggers (superuser needed), so new tables are not tracked automatically. After creating tables, run: CALL _bemi_create_triggers(); CALL _bemi_set_replica_identity();';
+  RAISE NOTICE 'bemi: no privilege to create event triggers (superuser needed), so new tables are not tracked automatically. After creating tables, run: CALL public._bemi_create_triggers(); CALL public._bemi_set_replica_identity();';
 END;
 $bemi$;

@@ -12,26 +12,33 @@ $bemi$;
 
 DO $bemi$
 DECLARE
+  path text := pg_catalog.current_setting('search_path');
   t record;
 BEGIN
+  -- Pinned while this block runs (see install.sql), then restored.
+  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
   FOR t IN
-    SELECT tg.tgname, tg.tgrelid::regclass AS rel
-    FROM pg_trigger tg JOIN pg_proc p ON p.oid = tg.tgfoid
-    WHERE p.proname = '_bemi_row_trigger_func' AND NOT tg.tgisinternal
+    SELECT tg.tgname, n.nspname, c.relname
+    FROM pg_trigger tg
+    JOIN pg_proc p ON p.oid = tg.tgfoid
+    JOIN pg_class c ON c.oid = tg.tgrelid
+    JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE p.oid = to_regprocedure('public._bemi_row_trigger_func()') AND NOT tg.tgisinternal
   LOOP
-    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', t.tgname, t.rel);
+    EXECUTE format('DROP TRIGGER IF EXISTS %I ON %I.%I', t.tgname, t.nspname, t.relname);
   END LOOP;
+  PERFORM pg_catalog.set_config('search_path', path, true);
 END;
 $bemi$;
 
-DROP FUNCTION IF EXISTS _bemi_create_table_trigger_func();
-DROP FUNCTION IF EXISTS _bemi_set_replica_identity_func();
-DROP PROCEDURE IF EXISTS _bemi_create_triggers();
-DROP PROCEDURE IF EXISTS _bemi_set_replica_identity();
-DROP FUNCTION IF EXISTS _bemi_create_trigger(regclass);
-DROP FUNCTION IF EXISTS _bemi_set_replica_identity_on(regclass);
-DROP FUNCTION IF EXISTS _bemi_publish(regclass);
-DROP FUNCTION IF EXISTS _bemi_is_tracked(regclass);
-DROP FUNCTION IF EXISTS _bemi_tables();
-DROP FUNCTION IF EXISTS _bemi_row_trigger_func();
-DROP FUNCTION IF EXISTS _bemi_context_from_query(text);
+DROP FUNCTION IF EXISTS public._bemi_create_table_trigger_func();
+DROP FUNCTION IF EXISTS public._bemi_set_replica_identity_func();
+DROP PROCEDURE IF EXISTS public._bemi_create_triggers();
+DROP PROCEDURE IF EXISTS public._bemi_set_replica_identity();
+DROP FUNCTION IF EXISTS public._bemi_create_trigger(regclass);
+DROP FUNCTION IF EXISTS public._bemi_set_replica_identity_on(regclass);
+DROP FUNCTION IF EXISTS public._bemi_publish(regclass);
+DROP FUNCTION IF EXISTS public._bemi_is_tracked(regclass);
+DROP FUNCTION IF EXISTS public._bemi_tables();
+DROP FUNCTION IF EXISTS public._bemi_row_trigger_func();
+DROP FUNCTION IF EXISTS public._bemi_context_from_query(text);

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
 
+from bemi.limits import MAX_CONTEXT_BYTES
 from bemi.worker import pgoutput as po
 from bemi.worker.values import JsonValues, dump_string
 
@@ -29,7 +30,6 @@ __all__ = ["ChangeRow", "Stitcher", "parse_context", "is_excluded", "MAX_CONTEXT
 
 log = logging.getLogger("bemi.worker")
 
-MAX_CONTEXT_BYTES = 1024 * 1024
 CONTEXT_PREFIX = "_bemi"
 PRIMARY_KEY_MAX = 255
 

@@ -168,3 +168,17 @@ def test_new_table_is_never_blocked_by_a_transaction_holding_the_publication(sce
     scene.su.execute("CREATE TABLE public.third_t (id int PRIMARY KEY)")  # lock free again: added at once
     published = {r[0] for r in scene.su.execute("SELECT tablename FROM pg_publication_tables WHERE pubname = 'sec_pub'")}
     assert published == {"first_t", "third_t"}
+
+
+def test_after_revoking_pg_logical_emit_message_a_marker_never_fails_the_write(scene):
+    """docs/security.md recommends the REVOKE; the statement trigger must then not break writers."""
+    scene.install_as_superuser()
+    scene.hostile.execute("CREATE TABLE public.notes (id int PRIMARY KEY)")
+    scene.su.execute("REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) FROM PUBLIC")
+    warnings: list[str] = []
+    scene.hostile.add_notice_handler(lambda d: warnings.append(d.message_primary or ""))
+    scene.hostile.execute('INSERT INTO public.notes VALUES (1) /*Bemi {"user_id": 666} Bemi*/')
+    assert scene.hostile.execute("SELECT count(*) FROM public.notes").fetchone()[0] == 1
+    assert any("may not execute pg_logical_emit_message" in w for w in warnings)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        scene.hostile.execute("SELECT pg_logical_emit_message(true, '_bemi', '{\"user_id\": 666}')")

@@ -44,7 +44,8 @@ EMIT_NAMED = "SELECT pg_logical_emit_message(true, '_bemi', %(__bemi_context)s::
 EMIT_ALONE = "SELECT pg_logical_emit_message(true, '_bemi', %s::text)"
 PARAM_KEY = "__bemi_context"
 TRUNCATED = "... [truncated by bemi]"
-_INERROR = 3  # libpq PQTRANS_INERROR, same value in psycopg 3 and psycopg2
+_INTRANS = 2  # libpq PQTRANS_INTRANS, same value in psycopg 3 and psycopg2
+_INERROR = 3  # libpq PQTRANS_INERROR
 
 _warned: set[str] = set()
 
@@ -91,7 +92,11 @@ def _attach(conn: Any) -> None:
 
 def bemi_execute_wrapper(execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: dict) -> Any:
     frame = current_frame()
-    if frame is None or type(sql) is not str or not is_tracked_write(sql):
+    if frame is None:
+        if LABELLED in context["connection"].__dict__:  # a context was sent earlier: has it ended?
+            return _without_context(execute, sql, params, many, context)
+        return execute(sql, params, many, context)
+    if type(sql) is not str or not is_tracked_write(sql):
         return execute(sql, params, many, context)
     db = context["connection"]
     raw = context["cursor"].cursor
@@ -108,8 +113,44 @@ def bemi_execute_wrapper(execute: Callable[..., Any], sql: Any, params: Any, man
         _warn_once("internal", f"{type(exc).__name__}: {exc}")
         payload = None
     if payload is None:
+        if LABELLED in db.__dict__:
+            return _without_context(execute, sql, params, many, context)
         return execute(sql, params, many, context)
+    db.__dict__[LABELLED] = True
+    return _send(execute, sql, params, many, context, db, raw, payload)
 
+
+# The worker labels a change with the latest ``_bemi`` message of its
+# transaction. So once a transaction carried a context, a later tracked write
+# without one sends ``{}`` ("no context"), or it would inherit the earlier one.
+# ``LABELLED`` in the Django connection's __dict__: a context was sent and its
+# transaction may still be open. Cleared at the first statement without a
+# context that finds no transaction open (the status is read before the
+# statement runs, so the first statement of a new transaction always does).
+LABELLED = "_bemi_labelled"
+NO_CONTEXT = "{}"
+
+
+def _without_context(execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: dict) -> Any:
+    db = context["connection"]
+    raw = context["cursor"].cursor
+    try:
+        if _transaction_status(raw) != _INTRANS:
+            db.__dict__.pop(LABELLED, None)  # that transaction ended: nothing to undo
+            return execute(sql, params, many, context)
+        if type(sql) is not str or not is_tracked_write(sql) or _must_skip(db, raw) or not _connection_facts(db)[0]:
+            return execute(sql, params, many, context)
+    except Exception as exc:  # never break the application
+        _warn_once("internal", f"{type(exc).__name__}: {exc}")
+        return execute(sql, params, many, context)
+    db.__dict__.pop(LABELLED, None)  # from here on the transaction's latest context is {}
+    return _send(execute, sql, params, many, context, db, raw, NO_CONTEXT)
+
+
+def _send(
+    execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict, db: Any, raw: Any, payload: str
+) -> Any:
+    """Run ``sql`` after the message ``payload``, in one query string when the cursor allows it."""
     if many or not _one_string_holds_two(raw):
         return _execute_after_message(execute, sql, params, many, context, db, raw, payload)
 
@@ -180,10 +221,14 @@ def _must_skip(db: Any, raw: Any) -> bool:
     """Failed transaction (the statement will fail anyway) or a named, server-side cursor."""
     if db.needs_rollback or getattr(raw, "name", None):
         return True
+    return _transaction_status(raw) == _INERROR
+
+
+def _transaction_status(raw: Any) -> int:
+    """libpq's PQtransactionStatus of the cursor's connection (0 idle, 2 in a transaction, 3 failed)."""
     conn = raw.connection
     pgconn = getattr(conn, "pgconn", None)  # psycopg 3; psycopg2 has get_transaction_status()
-    status = pgconn.transaction_status if pgconn is not None else conn.get_transaction_status()
-    return status == _INERROR
+    return pgconn.transaction_status if pgconn is not None else conn.get_transaction_status()
 
 
 # Asked once per physical connection, at its first tracked write: may this role

@@ -10,7 +10,12 @@ bemi.E001  ``BEMI_CONTEXT_FUNCTION`` cannot be imported or is not callable
 bemi.W001  ``BEMI_CONTEXT_FUNCTION`` is set but ``bemi.BemiMiddleware`` is not in ``MIDDLEWARE``
 bemi.E002  ``wal_level`` of a PostgreSQL database is not ``logical``
 bemi.E003  PostgreSQL older than 14
+bemi.W002  ``PUBLIC`` may execute ``pg_logical_emit_message``: any role can label its writes
+bemi.W003  ``PUBLIC`` may ``CREATE`` in schema ``public``, where bemi installs (PostgreSQL 14 and older)
 =========  =====================================================================
+
+W002 and W003 are warnings, not errors: see docs/security.md for what they
+mean and why they are worth fixing.
 """
 
 from __future__ import annotations
@@ -82,8 +87,8 @@ def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any
         if connection.vendor != "postgresql":
             continue
         with connection.cursor() as cursor:
-            cursor.execute("SELECT current_setting('wal_level'), current_setting('server_version_num')::int")
-            wal_level, version = cursor.fetchone()
+            cursor.execute(SERVER_FACTS)
+            wal_level, version, role, emit_functions, public_creates = cursor.fetchone()
         if version < MIN_SERVER_VERSION:
             messages.append(Error(
                 f"Database {alias!r} runs PostgreSQL {version // 10000}; bemi needs PostgreSQL 14 or newer.",
@@ -97,4 +102,38 @@ def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any
                 hint="Run ALTER SYSTEM SET wal_level = logical; as a superuser, then restart PostgreSQL.",
                 id="bemi.E002",
             ))
+        if emit_functions:
+            statements = " ".join(
+                f"REVOKE EXECUTE ON FUNCTION {f} FROM PUBLIC; GRANT EXECUTE ON FUNCTION {f} TO {role};"
+                for f in emit_functions
+            )
+            messages.append(Warning(
+                f"Database {alias!r}: every role (PUBLIC) may execute pg_logical_emit_message, so any role that "
+                "can connect can write a '_bemi' message and label its own transaction's changes as any user.",
+                hint=f"As a superuser run: {statements} (see docs/security.md)",
+                id="bemi.W002",
+            ))
+        if public_creates:
+            messages.append(Warning(
+                f"Database {alias!r}: every role (PUBLIC) may CREATE in schema public, where bemi installs its "
+                "functions and whose tables it tracks (the default before PostgreSQL 15).",
+                hint="As the database owner or a superuser run: REVOKE CREATE ON SCHEMA public FROM PUBLIC; "
+                     "(see docs/security.md)",
+                id="bemi.W003",
+            ))
     return messages
+
+
+# One round trip. Names are quoted by PostgreSQL (regprocedure, quote_ident).
+SERVER_FACTS = """
+    SELECT pg_catalog.current_setting('wal_level'),
+           pg_catalog.current_setting('server_version_num')::pg_catalog.int4,
+           pg_catalog.quote_ident(current_user),
+           ARRAY(SELECT p.oid::pg_catalog.regprocedure::pg_catalog.text FROM pg_catalog.pg_proc p
+                 WHERE p.proname OPERATOR(pg_catalog.=) 'pg_logical_emit_message'
+                   AND p.pronamespace OPERATOR(pg_catalog.=) 'pg_catalog'::pg_catalog.regnamespace
+                   AND pg_catalog.has_function_privilege('public', p.oid, 'EXECUTE')
+                 ORDER BY 1),
+           pg_catalog.to_regnamespace('public') IS NOT NULL
+             AND pg_catalog.has_schema_privilege('public', 'public', 'CREATE')
+"""

@@ -42,8 +42,30 @@ def run_sql_file(connection: Any, name: str) -> list[str]:
     return notices
 
 
+# Installed by a superuser (psql -f install.sql, for the event triggers) and now
+# migrated by a role that is not one: keep the superuser's functions (the
+# install would refuse to run over functions another role owns).
+INSTALLED_BY_SUPERUSER = """
+    SELECT r.rolname FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) p.proowner
+    WHERE p.oid OPERATOR(pg_catalog.=) pg_catalog.to_regprocedure('public._bemi_create_table_trigger_func()')
+      AND r.rolsuper AND r.rolname OPERATOR(pg_catalog.<>) current_user
+      AND NOT (SELECT u.rolsuper FROM pg_catalog.pg_roles u WHERE u.rolname OPERATOR(pg_catalog.=) current_user)
+"""
+
+
 def install(apps: Any, schema_editor: Any) -> None:
-    run_sql_file(schema_editor.connection, "install.sql")
+    connection = schema_editor.connection
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute(INSTALLED_BY_SUPERUSER)
+            found = cursor.fetchone()
+        if found is not None:
+            notice = (f"bemi: already installed by superuser {found[0]}; its functions are kept "
+                      "(to reinstall, run bemi/sql/install.sql as a superuser)")
+            logger.warning(notice)
+            sys.stdout.write(f"  {notice}\n")
+            return
+    run_sql_file(connection, "install.sql")
 
 
 def uninstall(apps: Any, schema_editor: Any) -> None:

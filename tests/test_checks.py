@@ -42,14 +42,40 @@ def test_context_function_without_middleware():
 
 @pytest.mark.django_db
 def test_database_checks_pass_on_a_logical_server():
+    # W002: PostgreSQL's default (PUBLIC may execute pg_logical_emit_message).
+    assert ids(databases=["default"]) == ["bemi.W002"]
+
+
+@pytest.mark.django_db  # rolled back: the REVOKE/GRANT and GRANT below do not outlive the test
+def test_public_may_emit_messages_is_reported_with_the_statements_that_fix_it():
+    from django.db import connection
+
+    (warning,) = [m for m in run_checks(databases=["default"]) if m.id == "bemi.W002"]
+    assert "REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean,text,text) FROM PUBLIC;" in warning.hint
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT quote_ident(current_user)")
+        role = cursor.fetchone()[0]
+        assert f"GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean,text,text) TO {role};" in warning.hint
+        # Run what the hint says: the warning goes away.
+        cursor.execute(warning.hint.split("run: ", 1)[1].split(" (see", 1)[0])
     assert ids(databases=["default"]) == []
+
+
+@pytest.mark.django_db
+def test_public_may_create_in_schema_public_is_reported():
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("GRANT CREATE ON SCHEMA public TO PUBLIC")  # PostgreSQL 14's default
+    (warning,) = [m for m in run_checks(databases=["default"]) if m.id == "bemi.W003"]
+    assert "REVOKE CREATE ON SCHEMA public FROM PUBLIC;" in warning.hint
 
 
 @pytest.mark.django_db
 def test_old_server_version_is_reported(monkeypatch):
     # The real server answers; only the threshold moves above it.
     monkeypatch.setattr(checks, "MIN_SERVER_VERSION", 10_000_000)
-    assert ids(databases=["default"]) == ["bemi.E003"]
+    assert ids(databases=["default"]) == ["bemi.E003", "bemi.W002"]
 
 
 @pytest.fixture(scope="module")

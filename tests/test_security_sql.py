@@ -182,3 +182,18 @@ def test_after_revoking_pg_logical_emit_message_a_marker_never_fails_the_write(s
     assert any("may not execute pg_logical_emit_message" in w for w in warnings)
     with pytest.raises(psycopg.errors.InsufficientPrivilege):
         scene.hostile.execute("SELECT pg_logical_emit_message(true, '_bemi', '{\"user_id\": 666}')")
+
+
+def test_migrate_bemi_by_the_app_role_keeps_a_superusers_install(scene):
+    scene.install_as_superuser()
+    result = subprocess.run(
+        [sys.executable, "-m", "django", "migrate", "bemi"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "BEMI_TEST_DB_NAME": scene.database,
+             "BEMI_TEST_DB_USER": scene.role},
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"bemi: already installed by superuser {scene.server.user}" in result.stdout
+    owners = {r[0] for r in scene.su.execute(
+        "SELECT DISTINCT proowner::regrole::text FROM pg_proc WHERE proname LIKE '\\_bemi%'")}
+    assert owners == {scene.server.user}

@@ -3,7 +3,7 @@
 For each INSERT, UPDATE, DELETE, MERGE or data-modifying ``WITH`` that runs
 while a context is set, the wrapper sends
 
-    SELECT pg_logical_emit_message(true, '_bemi', %s::text); <the statement>
+    SELECT pg_catalog.pg_logical_emit_message(true, '_bemi', %s::text); <the statement>
 
 in one query string, with the context JSON as a *bound parameter* (never
 pasted into SQL text), then calls ``cursor.nextset()`` so that ``rowcount``,
@@ -39,9 +39,11 @@ __all__ = ["bemi_execute_wrapper", "install_execute_wrapper", "uninstall_execute
 
 logger = logging.getLogger("bemi")
 
-EMIT = "SELECT pg_logical_emit_message(true, '_bemi', %s::text); "
-EMIT_NAMED = "SELECT pg_logical_emit_message(true, '_bemi', %(__bemi_context)s::text); "
-EMIT_ALONE = "SELECT pg_logical_emit_message(true, '_bemi', %s::text)"
+# Qualified: the application's session search_path includes public, where
+# other roles may have planted a better-matching pg_logical_emit_message.
+EMIT = "SELECT pg_catalog.pg_logical_emit_message(true, '_bemi', %s::text); "
+EMIT_NAMED = "SELECT pg_catalog.pg_logical_emit_message(true, '_bemi', %(__bemi_context)s::text); "
+EMIT_ALONE = "SELECT pg_catalog.pg_logical_emit_message(true, '_bemi', %s::text)"
 PARAM_KEY = "__bemi_context"
 TRUNCATED = "... [truncated by bemi]"
 _INTRANS = 2  # libpq PQTRANS_INTRANS, same value in psycopg 3 and psycopg2
@@ -180,7 +182,8 @@ def _log_only_users_statement(raw: Any, payload: str) -> None:
     try:
         from psycopg import sql as pgsql
 
-        head = b"SELECT pg_logical_emit_message(true, '_bemi', " + pgsql.Literal(payload).as_bytes(raw) + b"::text); "
+        head = (b"SELECT pg_catalog.pg_logical_emit_message(true, '_bemi', "
+                + pgsql.Literal(payload).as_bytes(raw) + b"::text); ")
         if text.startswith(head):
             query.query = text[len(head):]
     except Exception:  # cosmetic only
@@ -237,13 +240,16 @@ def _transaction_status(raw: Any) -> int:
 # with it), and is the server encoding UTF8 (then the JSON keeps non-ASCII
 # characters as they are)? The function's text variant is found by name: its
 # signature depends on the version (PostgreSQL 17 added ``flush boolean DEFAULT false``).
+# Every name qualified (this runs with the application's search_path, public
+# included): `oid = regnamespace` would pick a planted public.=(oid, regnamespace).
 CONNECTION_FACTS = """
-    SELECT current_user, p.oid::regprocedure::text, has_function_privilege(p.oid, 'EXECUTE'),
-           current_setting('server_encoding') = 'UTF8'
+    SELECT current_user, p.oid::pg_catalog.regprocedure::pg_catalog.text,
+           pg_catalog.has_function_privilege(p.oid, 'EXECUTE'),
+           pg_catalog.current_setting('server_encoding') OPERATOR(pg_catalog.=) 'UTF8'
     FROM pg_catalog.pg_proc p
-    WHERE p.proname = 'pg_logical_emit_message'
-      AND p.pronamespace = 'pg_catalog'::regnamespace
-      AND p.proargtypes[2] = 'text'::regtype
+    WHERE p.proname OPERATOR(pg_catalog.=) 'pg_logical_emit_message'
+      AND p.pronamespace OPERATOR(pg_catalog.=) 'pg_catalog'::pg_catalog.regnamespace::pg_catalog.oid
+      AND p.proargtypes[2] OPERATOR(pg_catalog.=) 'text'::pg_catalog.regtype::pg_catalog.oid
 """
 
 

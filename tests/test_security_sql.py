@@ -197,3 +197,25 @@ def test_migrate_bemi_by_the_app_role_keeps_a_superusers_install(scene):
     owners = {r[0] for r in scene.su.execute(
         "SELECT DISTINCT proowner::regrole::text FROM pg_proc WHERE proname LIKE '\\_bemi%'")}
     assert owners == {scene.server.user}
+
+
+PLANTED_FOR_THE_WRAPPER = """
+CREATE FUNCTION public.hostile_ns_eq(oid, regnamespace) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN {escalate} RETURN $1 OPERATOR(pg_catalog.=) $2::oid; END $$;
+CREATE OPERATOR public.= (LEFTARG = oid, RIGHTARG = regnamespace, FUNCTION = public.hostile_ns_eq);
+CREATE FUNCTION public.pg_logical_emit_message(boolean, name, text) RETURNS pg_lsn LANGUAGE plpgsql AS $$
+BEGIN {escalate} RETURN NULL; END $$;
+"""
+
+
+def test_the_wrappers_own_queries_do_not_pick_up_planted_operators_or_functions(scene):
+    """The wrapper's SQL runs in the application's session (search_path with public), often as the owner."""
+    from bemi import wrapper
+
+    scene.plant(PLANTED_FOR_THE_WRAPPER)
+    role, function, may_emit, utf8 = scene.su.execute(wrapper.CONNECTION_FACTS).fetchone()
+    assert function == "pg_logical_emit_message(boolean,text,text)" and may_emit
+    with psycopg.ClientCursor(scene.su) as cursor:  # as Django sends it: the context inlined
+        cursor.execute(wrapper.EMIT + "SELECT 1", ['{"user_id": 1}'])
+    scene.su.execute(wrapper.EMIT_ALONE, ['{"user_id": 1}'])
+    assert not scene.escalated()

@@ -221,7 +221,7 @@ BEGIN
 END;
 $bemi$;
 
--- Publications the worker manages carry this comment (bemi/worker/slot.py,
+-- Publications the worker manages carry this comment (bemi/worker/publication.py,
 -- MANAGED_PUBLICATION_COMMENT). A new table joins them in the transaction
 -- that creates it, so its very first rows are published: the worker's own
 -- periodic refresh would only add it a moment later. ALTER PUBLICATION locks

@@ -77,7 +77,11 @@ DECLARE
   utf8 pg_catalog.bytea;
   size pg_catalog.int4;
   tail pg_catalog.bytea;
+  width pg_catalog.int4;
   context pg_catalog.text;
+  found pg_catalog.int4 := 0;
+  first pg_catalog.int4;
+  len pg_catalog.int4;
 BEGIN
   IF query IS NULL THEN
     RETURN NULL;
@@ -94,26 +98,43 @@ BEGIN
            OPERATOR(pg_catalog.<>) '\x2042656d692a2f'::pg_catalog.bytea THEN
       RETURN NULL;  -- does not end with ' Bemi*/'
     END IF;
-    tail := pg_catalog.substring(utf8, GREATEST(1, size OPERATOR(pg_catalog.-) 65599));
-    -- Start at a character boundary (skip UTF-8 continuation bytes).
-    WHILE pg_catalog.octet_length(tail) OPERATOR(pg_catalog.>) 0
-          AND pg_catalog.get_byte(tail, 0) OPERATOR(pg_catalog.>=) 128
-          AND pg_catalog.get_byte(tail, 0) OPERATOR(pg_catalog.<=) 191 LOOP
-      tail := pg_catalog.substring(tail, 2);
-    END LOOP;
-    context := pg_catalog.convert_from(tail, 'UTF8');
-  ELSE
-    context := pg_catalog.right(query, 65600);  -- single-byte encodings: no walk over the string
   END IF;
-  context := pg_catalog.rtrim(context, E' \t\n\r\f\x0B;');
-  IF pg_catalog.right(context, 7) OPERATOR(pg_catalog.<>) ' Bemi*/' THEN
+  -- The marker starts at the last '/*Bemi ' (its JSON cannot hold '/*'): look
+  -- for it in the last 4 KB, then in the last 64 KB.
+  FOREACH width IN ARRAY ARRAY[4096, 65600] LOOP
+    IF utf8 IS NOT NULL THEN
+      tail := pg_catalog.substring(utf8, GREATEST(1, size OPERATOR(pg_catalog.-) width OPERATOR(pg_catalog.+) 1));
+      -- Start at a character boundary (skip UTF-8 continuation bytes).
+      WHILE pg_catalog.octet_length(tail) OPERATOR(pg_catalog.>) 0
+            AND pg_catalog.get_byte(tail, 0) OPERATOR(pg_catalog.>=) 128
+            AND pg_catalog.get_byte(tail, 0) OPERATOR(pg_catalog.<=) 191 LOOP
+        tail := pg_catalog.substring(tail, 2);
+      END LOOP;
+      context := pg_catalog.convert_from(tail, 'UTF8');
+    ELSE
+      context := pg_catalog.right(query, width);  -- single-byte encodings: no walk over the string
+    END IF;
+    context := pg_catalog.rtrim(context, E' \t\n\r\f\x0B;');
+    IF pg_catalog.right(context, 7) OPERATOR(pg_catalog.<>) ' Bemi*/' THEN
+      RETURN NULL;
+    END IF;
+    found := pg_catalog.strpos(pg_catalog.reverse(context), ' imeB*/');  -- '/*Bemi ' reversed
+    EXIT WHEN found OPERATOR(pg_catalog.>) 0
+      OR pg_catalog.octet_length(context) OPERATOR(pg_catalog.>=) pg_catalog.octet_length(query);
+  END LOOP;
+  IF found OPERATOR(pg_catalog.=) 0 THEN
     RETURN NULL;
   END IF;
-  context := pg_catalog.substring(
-    context, '/\*Bemi ((?:[^*/]|\*(?!/)|/(?!\*))*) Bemi\*/$'::pg_catalog.text
-  );
-  IF context IS NULL THEN
+  -- '/*Bemi ' starts at character n - found - 5; the JSON runs up to ' Bemi*/'.
+  first := pg_catalog.length(context) OPERATOR(pg_catalog.-) found OPERATOR(pg_catalog.-) 5;
+  len := pg_catalog.length(context) OPERATOR(pg_catalog.-) first OPERATOR(pg_catalog.-) 13;
+  IF len OPERATOR(pg_catalog.<) 0 THEN
     RETURN NULL;
+  END IF;
+  context := pg_catalog.substr(context, first OPERATOR(pg_catalog.+) 7, len);
+  IF pg_catalog.strpos(context, '*/') OPERATOR(pg_catalog.>) 0
+     OR pg_catalog.strpos(context, '/*') OPERATOR(pg_catalog.>) 0 THEN
+    RETURN NULL;  -- not one comment
   END IF;
   BEGIN
     IF pg_catalog.jsonb_typeof(context::pg_catalog.jsonb) OPERATOR(pg_catalog.<>) 'object' THEN

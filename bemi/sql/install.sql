@@ -17,8 +17,9 @@
 -- Security (docs/security.md): event triggers run these functions as whoever
 -- runs CREATE TABLE, often a superuser. So every function lives in schema
 -- public under a fixed, qualified name, pins `SET search_path = pg_catalog,
--- pg_temp` (a function or operator planted in public, e.g. public.left(name,
--- integer) or public.=(oid, regclass), is never found), and the event-trigger
+-- pg_temp` or (the two that run on every write) qualifies every name, so that
+-- a function or operator planted in public, e.g. public.left(name, integer)
+-- or public.=(oid, regclass), is never found; and the event-trigger
 -- functions do nothing unless every function they call is owned by the owner
 -- of the event trigger. Installing over functions another role owns is refused.
 

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
 from bemi.limits import DEFAULT_MAX_SQL_BYTES, MAX_CONTEXT_BYTES
@@ -19,17 +20,32 @@ __all__ = ["MAX_CONTEXT_BYTES", "max_sql_bytes", "context_function_path", "conte
 _resolved: dict[str, Callable[[Any], Any]] = {}
 
 
+_max_sql_bytes: list[int] = []  # cached: read on every new context (an unset setting costs ~10 us to look up)
+
+
 def max_sql_bytes() -> int:
     """``BEMI_MAX_SQL_BYTES``: at most this many bytes of the statement (as JSON) in the context's ``"SQL"``.
 
     Default 4096 (``bemi.limits.DEFAULT_MAX_SQL_BYTES``); longer SQL is cut
     and ends with ``... [truncated by bemi]``. The whole context stays under
-    ``MAX_CONTEXT_BYTES`` whatever this says.
+    ``MAX_CONTEXT_BYTES`` whatever this says. Read once, again after
+    ``override_settings`` changes it.
     """
+    if _max_sql_bytes:
+        return _max_sql_bytes[0]
     value = getattr(settings, "BEMI_MAX_SQL_BYTES", DEFAULT_MAX_SQL_BYTES)
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ImproperlyConfigured(f"BEMI_MAX_SQL_BYTES must be a non-negative int, not {value!r}.")
+    _max_sql_bytes.append(value)
     return value
+
+
+def _setting_changed(setting: str, **kwargs: Any) -> None:
+    if setting == "BEMI_MAX_SQL_BYTES":
+        _max_sql_bytes.clear()
+
+
+setting_changed.connect(_setting_changed, dispatch_uid="bemi.conf.max_sql_bytes")
 
 
 def context_function_path() -> Any:

@@ -7,7 +7,7 @@
 Alternatives: no tracking; this repository's bemi-django; the published
 bemi-django 0.1.3; django-pghistory; django-simple-history. Each one gets its
 own virtual environment under .bench/venvs/ and its own database in one private
-PostgreSQL cluster (tests/pgcluster.py) started for this run, and is driven by
+PostgreSQL cluster (bemi_devtools/pgcluster.py) started for this run, and is driven by
 bench/compare_project/runner.py running inside its venv (JSON lines in/out).
 
 Timings are medians over rounds; each round runs every alternative once, in a
@@ -37,7 +37,7 @@ VENVS = os.path.join(REPO, ".bench", "venvs")
 sys.path.insert(0, REPO)
 sys.path.insert(0, HERE)
 
-from tests.pgcluster import Cluster  # noqa: E402
+from bemi_devtools.pgcluster import Cluster  # noqa: E402
 
 COMMON = ["Django==5.2.*", "psycopg[binary]==3.3.*"]
 

@@ -33,7 +33,7 @@ sys.path.insert(0, ROOT)
 
 import psycopg  # noqa: E402
 
-from tests.pgcluster import Cluster  # noqa: E402
+from bemi_devtools.pgcluster import Cluster  # noqa: E402
 
 CONTEXT = ("SELECT pg_logical_emit_message(true, '_bemi', "
            "'{\"user_id\": 187234, \"endpoint\": \"/todo\", \"method\": \"POST\", "

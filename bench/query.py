@@ -2,7 +2,7 @@
 
     python bench/query.py [--rows 1000000] [--calls 50]
 
-Starts its own PostgreSQL (tests.pgcluster), fills `changes` with SQL
+Starts its own PostgreSQL (bemi_devtools.pgcluster), fills `changes` with SQL
 (1,000,000 rows over 1,000 tables and 100,000 records: 10 changes per record,
 3 changes per request), then times repeated calls of each helper with random
 arguments and prints the median, the ratio to a baseline measured in the
@@ -25,7 +25,7 @@ from typing import Any, Callable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tests.pgcluster import Cluster  # noqa: E402
+from bemi_devtools.pgcluster import Cluster  # noqa: E402
 
 BASE = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
 TABLES = 1000
@@ -41,7 +41,7 @@ def setup_django(cluster: Cluster) -> None:
             "ENGINE": "django.db.backends.postgresql", "HOST": cluster.host, "PORT": str(cluster.port),
             "USER": cluster.user, "NAME": "bench",
         }},
-        INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "bemi", "tests.queryapp"],
+        INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "bemi", "benchmodels"],
         USE_TZ=True, TIME_ZONE="UTC", DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
     )
     django.setup()
@@ -129,7 +129,7 @@ def main() -> None:
     fill(args.rows)
 
     from bemi.models import BemiChange
-    from tests.queryapp.models import Todo
+    from benchmodels.models import Todo
 
     rng = random.Random(7)
     records = args.rows // CHANGES_PER_RECORD

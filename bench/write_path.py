@@ -2,7 +2,7 @@
 
     python bench/write_path.py [--rounds 5] [--no-migration]
 
-Starts its own PostgreSQL (tests.pgcluster, autovacuum off), configures
+Starts its own PostgreSQL (bemi_devtools.pgcluster, autovacuum off), configures
 Django itself, runs ``migrate`` (so the ``bemi`` statement triggers are
 installed, unless ``--no-migration``), then runs each operation in units of
 work; every unit runs once per variant, in a shuffled order, so that all
@@ -52,7 +52,7 @@ def setup_django(dsn_parts: dict, migrate: bool) -> None:
         SECRET_KEY="bench",
         DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
         DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", **dsn_parts}},
-        INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "bemi", "tests.ctxapp"],
+        INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "bemi", "benchmodels"],
         LOGGING_CONFIG=None,
     )
     django.setup()
@@ -66,8 +66,8 @@ def setup_django(dsn_parts: dict, migrate: bool) -> None:
 def cost_breakdown(connection, wrapper, Item, bemi) -> dict[str, float]:
     """One create() at a time, interleaved: how much of the overhead is the wrapper's
     Python, the second statement in the query string, and the message itself."""
-    payload = json.dumps({**CONTEXT, "SQL": 'INSERT INTO "ctxapp_item" ("name", "qty", "note") '
-                          'VALUES (%s, %s, %s) RETURNING "ctxapp_item"."id"'})
+    payload = json.dumps({**CONTEXT, "SQL": 'INSERT INTO "bench_item" ("name", "qty", "note") '
+                          'VALUES (%s, %s, %s) RETURNING "bench_item"."id"'})
 
     def prefixed(prefix: str, with_payload: bool):
         def w(execute, sql, params, many, context):
@@ -117,7 +117,7 @@ def main() -> None:
     parser.add_argument("--no-migration", action="store_true", help="without the bemi triggers")
     args = parser.parse_args()
 
-    from tests.pgcluster import Cluster
+    from bemi_devtools.pgcluster import Cluster
 
     cluster = Cluster(settings={"autovacuum": "off"}).start_throwaway()
     cluster.psql("CREATE DATABASE bench")
@@ -131,13 +131,13 @@ def main() -> None:
 
     import bemi
     from bemi.wrapper import bemi_execute_wrapper
-    from tests.ctxapp.models import Item
+    from benchmodels.models import Item
 
     monitor = psycopg.connect(cluster.dsn("bench"), autocommit=True)
     monitor.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
     triggers = monitor.execute(
         "SELECT count(*) FROM pg_trigger WHERE tgname LIKE '\\_bemi\\_row\\_trigger\\_%' "
-        "AND tgrelid = 'ctxapp_item'::regclass"
+        "AND tgrelid = 'bench_item'::regclass"
     ).fetchone()[0]
 
     def lsn() -> str:
@@ -184,8 +184,8 @@ def main() -> None:
     def vacuum(delete_name: str | None = None) -> Unit:
         def reset() -> None:  # untimed, after each run of a big statement: same table state for all
             if delete_name:
-                monitor.execute("DELETE FROM ctxapp_item WHERE name = %s", [delete_name])
-            monitor.execute("VACUUM ctxapp_item")
+                monitor.execute("DELETE FROM bench_item WHERE name = %s", [delete_name])
+            monitor.execute("VACUUM bench_item")
         return reset
 
     # name: (units run per round, how many units make one operation, target ratio, description, reset)
@@ -204,7 +204,7 @@ def main() -> None:
     def set_triggers(enabled: bool) -> None:
         if triggers:
             with connection.cursor() as cursor:
-                cursor.execute(f"ALTER TABLE ctxapp_item {'ENABLE' if enabled else 'DISABLE'} TRIGGER USER")
+                cursor.execute(f"ALTER TABLE bench_item {'ENABLE' if enabled else 'DISABLE'} TRIGGER USER")
 
     def run(unit: Unit, variant: str) -> tuple[float, int, list[int]]:
         if variant in ("plain", "no bemi"):
@@ -249,7 +249,7 @@ def main() -> None:
     def clean() -> None:
         Item.objects.exclude(name="seed").delete()
         with connection.cursor() as cursor:
-            cursor.execute("VACUUM ANALYZE ctxapp_item")
+            cursor.execute("VACUUM ANALYZE bench_item")
             cursor.execute("CHECKPOINT")
 
     times: dict[tuple[str, str], list[float]] = defaultdict(list)  # per unit

@@ -10,8 +10,9 @@ import os
 
 import pytest
 
-from tests.pgcluster import ensure_test_cluster, find_bindir
-from tests.wal import WalReader, django_dsn
+from bemi_devtools.pgcluster import ensure_test_cluster, find_bindir
+from bemi_devtools.wal import WalReader
+from tests.db import db_dsn
 
 pytest_plugins = [
     "tests.queryapp.fixtures",  # recorder, tx_recorder: `changes` rows written like the worker writes them
@@ -34,7 +35,7 @@ def pg_bindir() -> str:
 def wal(django_db_setup, django_db_blocker):
     """A test_decoding slot on the test database, created before the test runs."""
     with django_db_blocker.unblock():
-        reader = WalReader(django_dsn())
+        reader = WalReader(db_dsn())
     yield reader
     with django_db_blocker.unblock():
         reader.close()

@@ -7,7 +7,7 @@ parent process already started; subprocesses started by tests inherit it.
 
 import os
 
-from tests.pgcluster import ensure_test_cluster
+from bemi_devtools.pgcluster import ensure_test_cluster
 
 PG = ensure_test_cluster()
 

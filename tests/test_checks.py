@@ -12,7 +12,7 @@ from django.core.checks import run_checks
 from django.test import override_settings
 
 from bemi import checks
-from tests.pgcluster import Cluster
+from bemi_devtools.pgcluster import Cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 

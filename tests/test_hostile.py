@@ -278,7 +278,7 @@ def test_non_utf8_server_gets_ascii_escaped_json(pg_server):
     import psycopg
     from django.db.backends.postgresql.base import DatabaseWrapper
 
-    from tests.wal import WalReader
+    from bemi_devtools.wal import WalReader
 
     name = "bemi_latin1"
     with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:

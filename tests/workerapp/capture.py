@@ -13,6 +13,8 @@ import os
 
 import psycopg
 
+from bemi_devtools.pgcluster import Cluster
+
 SCENARIO = [
     # (name, SQL run in one transaction)
     ("insert_with_context",
@@ -72,8 +74,6 @@ def capture(dsn: str) -> dict:
 
 
 def main() -> None:
-    from tests.pgcluster import Cluster
-
     cluster = Cluster().start_throwaway()
     out = os.path.join(os.path.dirname(__file__), "pgoutput_capture.json")
     with open(out, "w") as fh:

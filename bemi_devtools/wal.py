@@ -1,10 +1,11 @@
 """Read what really reached the write-ahead log, through a test_decoding slot.
 
-Tests use the ``wal`` fixture (tests/conftest.py): it creates a temporary
-logical slot on the test database before the test body runs, and
-``wal.read()`` returns what was decoded since then, one entry per record, in
-WAL order. Only committed transactions appear, which is exactly what the
-worker would see.
+``WalReader(dsn)`` creates a temporary logical slot, and ``read()`` returns
+what was decoded since then, one entry per record, in WAL order. Only
+committed transactions appear, which is exactly what the worker would see.
+Tests use it through the ``wal`` fixture (tests/conftest.py), bench/compare.py
+to count what each alternative wrote. psycopg only (bench/compare.py loads
+this file by path into other virtual environments).
 """
 
 from __future__ import annotations
@@ -79,10 +80,3 @@ class WalReader:
             return Record(lsn, xid, m[3], table=f"{m[1]}.{m[2]}", data=data)
         return Record(lsn, xid, "OTHER", data=data)
 
-
-def django_dsn(alias: str = "default") -> str:
-    """A libpq DSN for the (test) database behind a Django alias."""
-    from django.db import connections
-
-    s = connections[alias].settings_dict
-    return f"host={s['HOST']} port={s['PORT']} dbname={s['NAME']} user={s['USER']}"

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 __all__ = [
     "Begin", "Commit", "Relation", "Column", "TypeMsg", "Origin", "Insert", "Update",
     "Delete", "Truncate", "Message", "Tuple", "decode", "DecodeError", "lsn_to_int",
-    "int_to_lsn", "pg_timestamp", "decode_insert",
+    "int_to_lsn", "pg_timestamp", "decode_insert", "message_header",
 ]
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
@@ -246,6 +246,25 @@ def _message(data: bytes) -> Message:
     (length,) = _I32.unpack_from(data, pos)
     pos += 4
     return Message(bool(flags & 1), lsn, prefix, bytes(data[pos:pos + length]))
+
+
+def message_header(data) -> tuple[bool, int, str, int, int]:
+    """A logical message's (transactional, lsn, prefix, content offset, content length), without
+    copying its content (``data`` may be a ``memoryview`` of a large message)."""
+    try:
+        flags = data[1]
+        (lsn,) = _U64.unpack_from(data, 2)
+        end = 10
+        limit = min(len(data), 10 + 1024)
+        while end < limit and data[end] != 0:
+            end += 1
+        if end >= limit:
+            raise DecodeError("logical message prefix without its terminating NUL")
+        prefix = bytes(data[10:end]).decode("utf-8", "replace")
+        (length,) = _I32.unpack_from(data, end + 1)
+    except (struct.error, IndexError) as exc:
+        raise DecodeError(f"truncated or malformed 'M' message: {exc}") from exc
+    return bool(flags & 1), lsn, prefix, end + 5, length
 
 
 def _type(data: bytes) -> TypeMsg:

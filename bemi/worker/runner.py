@@ -1,25 +1,41 @@
-"""The worker loop: read the slot, stitch, write, commit, advance; heartbeat; signals; logs."""
+"""The worker loop: stream the slot, stitch, write, commit, confirm; faults, dead letters, standby, signals.
+
+One process, one thread. A source transaction's rows are COPied into the open
+destination transaction as they are decoded (the server inserts while the next
+rows are decoded); the destination commits at a source transaction's end,
+together with the checkpoint, when the stream has nothing more buffered (low
+latency) or the batch is large or old enough (throughput). The stream's flush
+position follows the stored checkpoint, never ahead of it.
+
+Faults (a connection lost, a server restart, an error that is not the data's)
+are logged, waited out with capped exponential back-off and survived: the
+worker reconnects and resumes from its checkpoint. A change the destination
+rejects becomes a dead letter in ``_bemi_worker_failures``. The worker exits
+only for what an operator must fix (``WorkerError``).
+"""
 
 from __future__ import annotations
 
 import logging
+import random
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import psycopg
 
 from bemi.worker import pgoutput as po
-from bemi.worker.sink import Sink
 from bemi.worker.errors import WorkerError, check_slot
-from bemi.worker.slot import Source
+from bemi.worker.sink import Checkpoint, Sink, is_rejection
+from bemi.worker.source import KEEPALIVE, MIN_PSYCOPG, ConnectionLost, Source, Stream
+from bemi.worker.stats import WorkerStats
 from bemi.worker.stitch import ChangeRow, Stitcher
 from bemi.worker.values import JsonValues
 
-__all__ = ["Config", "Worker", "WorkerError", "main_loop", "configure_logging"]
+__all__ = ["Config", "Worker", "WorkerError", "main_loop", "configure_logging", "check_psycopg"]
 
 log = logging.getLogger("bemi.worker")
 
@@ -31,11 +47,46 @@ class Config:
     slot: str = "bemi"
     publication: str = "bemi"
     once: bool = False
+    standby: bool = False  # wait while another worker holds the slot, then take over
     batch_rows: int = 10_000  # commit the destination after this many changes (at a transaction end)
-    copy_rows: int = 2_000  # rows per COPY (and per fetch from the slot)
-    poll_interval: float = 0.1  # seconds between reads of an idle slot
-    heartbeat_interval: float = 10.0  # idle seconds before a heartbeat message
+    batch_seconds: float = 1.0  # ... or when the batch is this old (at a transaction end)
+    copy_rows: int = 2_000  # rows per COPY write
+    copy_bytes: int = 4 * 1024 * 1024  # ... or this many bytes of rows, whichever first
+    poll_interval: float = 0.1  # longest wait for the stream before the loop looks around
+    heartbeat_interval: float = 10.0  # seconds between status updates to the server
     refresh_interval: float = 1.0  # seconds between checks for new tables
+    stats_interval: float = 5.0  # seconds between refreshes of the slot's retained WAL
+    backoff_initial: float = 0.5  # first wait after a fault (seconds), doubled each time...
+    backoff_max: float = 30.0  # ... up to this
+    standby_interval: float = 0.5  # how often a standby tries to take the slot
+
+
+@dataclass
+class _Batch:
+    """What the open destination transaction holds."""
+    rows: list[ChangeRow] = field(default_factory=list)  # decoded, not yet COPied
+    rows_bytes: int = 0
+    counted: int = 0  # rows of ``rows`` whose bytes are counted
+    pending: int = 0  # rows COPied into the open destination transaction
+    unsaved: tuple[po.Commit, int | None] | None = None  # last commit fed, not stored yet
+    started: float = 0.0
+
+
+class _Poison(Exception):
+    """The destination rejected a row of the open batch (data, not a fault)."""
+
+    def __init__(self, through: int, error: psycopg.Error) -> None:
+        super().__init__(str(error))
+        self.through = through
+        self.error = error
+
+
+def check_psycopg() -> None:
+    """The worker needs psycopg >= 3.3 (START_REPLICATION through ``execute()``)."""
+    version = tuple(int(p) for p in psycopg.__version__.split(".")[:2] if p.isdigit())
+    if version < MIN_PSYCOPG:
+        raise WorkerError(f"the bemi worker needs psycopg >= {'.'.join(map(str, MIN_PSYCOPG))} "
+                          f"(installed: {psycopg.__version__}): pip install 'psycopg>=3.3'")
 
 
 class Worker:
@@ -43,168 +94,329 @@ class Worker:
         self.config = config
         self.source: Source | None = None
         self.sink: Sink | None = None
+        self.stream: Stream | None = None
         self.stopping = threading.Event()
+        self.stats = WorkerStats()
         self.written = 0  # changes written since start
+        self.checkpoint: Checkpoint | None = None
+        self._careful_through = 0  # rows at or before this LSN are written with dead-letter fallback
+        self._started_once = False
+        self._commits = 0  # destination commits since start
         self._last_refresh = 0.0
-        self._last_activity = time.monotonic()
+        self._last_stats = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def setup(self) -> None:
+        """Connect, check, create what is missing; leaves the stream ready to start."""
         cfg = self.config
+        check_psycopg()
         self.source = source = Source(cfg.source_dsn, cfg.slot, cfg.publication)
         source.check_privileges()
-        source.lock()
+        self._lock(source)
         source.ensure_publication()
-        self.sink = sink = Sink(cfg.destination_dsn or cfg.source_dsn, cfg.slot, source.database)
+        stream = source.open_stream(self.stats)
+        self.sink = sink = Sink(cfg.destination_dsn or cfg.source_dsn, cfg.slot, source.database, source.identity)
         sink.ensure_tables()
-        checkpoint = sink.checkpoint()
+        self.checkpoint = checkpoint = sink.checkpoint()
         source.refresh_tables()
         self._last_refresh = time.monotonic()
         state = source.ensure_slot(checkpoint.commit_lsn if checkpoint else None)
-        if checkpoint and checkpoint.end_lsn > state.confirmed_flush:
-            # Stopped between the destination commit and the slot advance: catch the slot up.
-            source.advance(checkpoint.end_lsn)
         self.values = JsonValues(source.type_spec, _python_encoding(source.encoding))
         self.stitcher = Stitcher(self.values, source.primary_key,
                                  skip_through=checkpoint.commit_lsn if checkpoint else 0)
-        log.info("reading slot %s (publication %s) of database %s; writing changes to database %s",
-                 cfg.slot, cfg.publication, source.database, sink.conn.info.dbname)
+        self.stitcher.bad_contexts = self.stats.dropped_contexts
+        start = max(state.confirmed_flush, checkpoint.end_lsn if checkpoint else 0)
+        stream.start(start)
+        self.stream = stream
+        if checkpoint and checkpoint.end_lsn > state.confirmed_flush:
+            # Stopped between the destination commit and the status update: catch the slot up.
+            stream.confirm(checkpoint.end_lsn)
+            stream.send_status()
+        if checkpoint:
+            self.stats.last_commit_lsn = max(self.stats.last_commit_lsn, checkpoint.end_lsn)
+        self._started_once = True
+        log.info("reading slot %s (publication %s) of database %s from %s over the replication protocol; "
+                 "writing changes to database %s", cfg.slot, cfg.publication, source.database,
+                 po.int_to_lsn(start), sink.conn.info.dbname)
 
-    def _ready(self) -> tuple[Source, Sink]:
-        """The source and the sink, which setup() opened."""
-        if self.source is None or self.sink is None:
+    def _lock(self, source: Source) -> None:
+        if not self.config.standby:
+            source.lock()
+            return
+        waiting = False
+        while not source.try_lock():
+            if not waiting:
+                log.info("standby: another worker holds slot %s of database %s%s; waiting to take over",
+                         self.config.slot, source.database, source.lock_holder())
+                waiting = True
+            if self.stopping.wait(self.config.standby_interval):
+                raise _Stopped
+        if waiting:
+            log.info("standby: the other worker is gone; taking over slot %s", self.config.slot)
+
+    def _ready(self) -> tuple[Source, Sink, Stream]:
+        if self.source is None or self.sink is None or self.stream is None:
             raise RuntimeError("Worker.setup() has not run")
-        return self.source, self.sink
+        return self.source, self.sink, self.stream
 
     def close(self) -> None:
+        self.stats.streaming = False
         if self.sink:
             self.sink.rollback()
             self.sink.close()
         if self.source:
             self.source.close()
+        self.source = self.sink = self.stream = None
 
     def stop(self) -> None:
         """Finish the source transaction in hand, commit, then return from run()."""
         self.stopping.set()
 
     def run(self) -> int:
-        """Run until stopped (or once); returns the exit code."""
+        """Run until stopped (or, with ``once``, until caught up); returns the exit code.
+
+        Faults are survived here: log, back off, reconnect, resume from the checkpoint.
+        """
+        cfg = self.config
+        failures = 0
         try:
-            self.setup()
-            if self.config.once:
-                self._drain_checked()
-                return 0
-            source, _sink = self._ready()
-            while not self.stopping.is_set():
-                now = time.monotonic()
-                if now - self._last_refresh >= self.config.refresh_interval:
-                    source.refresh_tables()
-                    self._last_refresh = now
-                started = time.monotonic()
-                if self._drain_checked():
-                    self._last_activity = time.monotonic()
+            while True:
+                commits_before = self._commits
+                try:
+                    self.setup()
+                    self.drain() if cfg.once else self._stream_loop()
+                    return 0
+                except _Stopped:
+                    return 0
+                except _Poison as exc:
+                    # Not a fault: read again from the checkpoint, this time with a dead-letter fallback.
+                    self._careful_through = max(self._careful_through, exc.through)
+                    log.warning("the destination rejected a change (%s); reading again from the checkpoint "
+                                "and storing what it rejects in _bemi_worker_failures", _one_line(exc.error))
+                    self.close()
                     continue
-                if time.monotonic() - self._last_activity >= self.config.heartbeat_interval:
-                    source.heartbeat()
-                    self._last_activity = time.monotonic()
-                    continue
-                # An empty pass that took long was re-decoding old WAL (see docs/worker.md):
-                # wait as long before the next one instead of keeping a server core busy.
-                empty_pass = time.monotonic() - started
-                self.stopping.wait(max(self.config.poll_interval, min(empty_pass, 5.0)))
-            return 0
+                except WorkerError:
+                    if self._started_once and self._transient_setup_error():
+                        pass  # cannot connect while the server restarts: like any other fault
+                    else:
+                        raise
+                except (psycopg.Error, OSError) as exc:
+                    self._raise_if_slot_gone(exc)
+                    if cfg.once and not self._started_once:
+                        raise
+                    exc_text = _one_line(exc)
+                    log.warning("%s: %s", "connection lost" if _is_connection_error(exc) else "database error",
+                                exc_text)
+                self.close()
+                if self.stopping.is_set():
+                    return 0
+                # The back-off grows while faults follow each other, and starts again after progress.
+                failures = 0 if self._commits > commits_before else failures + 1
+                delay = min(cfg.backoff_max, cfg.backoff_initial * 2 ** min(failures, 16))
+                delay *= random.uniform(0.8, 1.2)
+                self.stats.reconnects += 1
+                log.warning("reconnecting in %.1f s (attempt %d); resuming from the checkpoint", delay, failures + 1)
+                if self.stopping.wait(delay):
+                    return 0
         finally:
             self.close()
 
-    # -- one pass over the slot -------------------------------------------------------------
+    def _transient_setup_error(self) -> bool:
+        exc = sys.exc_info()[1]
+        return isinstance(exc, WorkerError) and str(exc).startswith("cannot connect to the")
 
-    def _drain_checked(self) -> int:
-        """drain(), turning a slot that vanished or was invalidated meanwhile into a clear error."""
+    def _raise_if_slot_gone(self, exc: BaseException) -> None:
+        """A slot dropped or invalidated while the worker ran is for the operator, not a fault."""
+        source = self.source
+        if source is None or self.stream is None:  # not streaming yet: the slot may not exist yet
+            return
         try:
-            return self.drain()
-        except psycopg.Error as exc:
-            source, _sink = self._ready()
-            try:
-                state = source.slot_state()
-            except psycopg.Error:
-                raise exc from None
-            if state is None:
-                raise WorkerError(f"replication slot {self.config.slot!r} was dropped while the worker was "
-                                  f"reading it; the worker will not recreate it ({exc})") from exc
-            check_slot(state, self.config.slot, source.database)
-            raise
+            state = source.slot_state()
+        except psycopg.Error:
+            return
+        if state is None:
+            raise WorkerError(f"replication slot {self.config.slot!r} was dropped while the worker was "
+                              f"reading it; the worker will not recreate it ({_one_line(exc)})") from exc
+        check_slot(state, self.config.slot, source.database)
+
+    # -- the stream -------------------------------------------------------------------------
 
     def drain(self) -> int:
-        """Read what the slot holds now and store it; returns the number of transactions seen.
+        """Read and store everything the server had written when called, then return
+        (``--once``); returns the number of source transactions seen."""
+        source, _sink, _stream = self._ready()
+        target = source.current_wal_lsn()
+        return self._stream_loop(until=target)
 
-        Rows are COPied into the open destination transaction in chunks (a huge
-        source transaction never sits in memory); the destination commits only
-        at the end of a source transaction, together with the checkpoint.
-        """
+    def _stream_loop(self, until: int | None = None) -> int:
         cfg = self.config
-        source, sink = self._ready()
+        source, sink, stream = self._ready()
+        stats = self.stats
         stitcher = self.stitcher
-        source.forget_catalog()
-        rows: list[ChangeRow] = []
-        pending = 0  # rows COPied into the open destination transaction
-        unsaved: tuple[po.Commit, int | None] | None = None  # last commit not yet stored + advanced
-        transactions = 0
-        batch_started = time.monotonic()
         feed = stitcher.feed
+        batch = _Batch(started=time.monotonic())
+        self._batch = batch
+        transactions = 0
+        checked = 0
+        solicited = 0.0
+        flush_rows = self._flush_rows
         try:
-            for chunk in source.read(cfg.copy_rows):
-                queued_at = datetime.now(timezone.utc)
-                for lsn, data in chunk:
-                    commit = feed(lsn, data, rows)
-                    if commit is None:
-                        continue
+            for item in stream.messages(cfg.poll_interval):
+                if item is None or item is KEEPALIVE:
+                    # Nothing buffered (or a keepalive): store what is complete, look around.
+                    if batch.unsaved is not None and not stitcher.in_transaction:
+                        self._commit(batch)
+                    if not stitcher.in_transaction and batch.unsaved is None and not batch.pending:
+                        if item is KEEPALIVE:
+                            # Everything the server sent before this is stored (or had nothing to
+                            # store): the slot may move on to its WAL end.
+                            stream.confirm(stream.keepalive_end)
+                        if self.stopping.is_set():
+                            break
+                        if until is not None:
+                            if item is KEEPALIVE and stream.keepalive_end >= until:
+                                break
+                            now = time.monotonic()
+                            if now - solicited >= 0.05:
+                                solicited = now
+                                stream.send_status(reply=True)  # asks the server for a keepalive
+                                continue
+                    self._look_around(source, stream)
+                    continue
+                lsn, data = item
+                commit = feed(lsn, data, batch.rows)
+                rows = batch.rows
+                if len(rows) > batch.counted:
+                    for r in rows[batch.counted:]:
+                        batch.rows_bytes += len(r.before) + len(r.after) + len(r.context) + 200
+                    batch.counted = len(rows)
+                    if len(rows) >= cfg.copy_rows or batch.rows_bytes >= cfg.copy_bytes:
+                        flush_rows(batch)
+                if commit is not None:
                     transactions += 1
-                    unsaved = (commit, stitcher.last_xid)
-                    if pending + len(rows) >= cfg.batch_rows:
-                        sink.write(rows, queued_at)
-                        pending += len(rows)
-                        rows.clear()
-                        self._commit(commit, stitcher.last_xid, pending, batch_started)
-                        pending, unsaved = 0, None
-                        batch_started = time.monotonic()
-                if len(rows) >= cfg.copy_rows:
-                    sink.write(rows, queued_at)
-                    pending += len(rows)
-                    rows.clear()
-                if self.stopping.is_set() and not stitcher.in_transaction:
-                    break
+                    batch.unsaved = (commit, stitcher.last_xid)
+                    if (batch.pending + len(batch.rows) >= cfg.batch_rows
+                            or time.monotonic() - batch.started >= cfg.batch_seconds):
+                        self._commit(batch)
+                    if self.stopping.is_set():
+                        if batch.unsaved is not None:
+                            self._commit(batch)
+                        break
+                checked += 1
+                if checked >= 4096:
+                    checked = 0
+                    self._look_around(source, stream)
             if stitcher.in_transaction:
-                # Ended inside a source transaction (pgoutput never does that): store nothing
-                # of this pass; the slot was not advanced past it, so it is read again.
-                raise WorkerError("the slot's output ended inside a transaction", exit_code=1)
-            if unsaved is not None:
-                commit, xid = unsaved
-                if rows:
-                    sink.write(rows, datetime.now(timezone.utc))
-                    pending += len(rows)
-                    rows.clear()
-                if pending:
-                    self._commit(commit, xid, pending, batch_started)
-                else:  # nothing to store (heartbeats, skipped or empty transactions)
-                    source.advance(commit.end_lsn)
+                raise WorkerError("the stream ended inside a transaction", exit_code=1)
+            if batch.unsaved is not None:
+                self._commit(batch)
+            if stream.status_dirty or until is not None:
+                self._final_status(stream)
         except BaseException:
             sink.rollback()
             stitcher.reset()
             raise
         return transactions
 
-    def _commit(self, commit: po.Commit, xid: int | None, count: int, started: float) -> None:
-        source, sink = self._ready()
-        sink.commit(commit, xid, count)
-        self.stitcher.skip_through = commit.commit_lsn
-        source.advance(commit.end_lsn)
-        self.written += count
-        elapsed = max(time.monotonic() - started, 1e-6)
-        lag_seconds = (datetime.now(timezone.utc) - commit.commit_time).total_seconds()
-        log.info("wrote %d changes in %.3f s (%.0f changes/s); up to %s; lag %d bytes, %.1f s",
-                 count, elapsed, count / elapsed, po.int_to_lsn(commit.end_lsn),
-                 source.lag_bytes(commit.end_lsn), max(lag_seconds, 0.0))
+    def _final_status(self, stream: Stream) -> None:
+        """Send the flush position and wait until the server has taken it (its keepalive answer)."""
+        stream.send_status(reply=True)
+        deadline = time.monotonic() + 5
+        for item in stream.messages(0.05):
+            if item is KEEPALIVE or time.monotonic() > deadline:
+                break
+
+    def _look_around(self, source: Source, stream: Stream) -> None:
+        """The periodic chores: status update, new tables, statistics."""
+        cfg = self.config
+        now = time.monotonic()
+        if stream.status_dirty or now - stream.last_status >= cfg.heartbeat_interval:
+            stream.send_status()
+        if now - self._last_refresh >= cfg.refresh_interval:
+            self._last_refresh = now
+            source.refresh_tables()
+            source.forget_catalog()
+        if now - self._last_stats >= cfg.stats_interval:
+            self._last_stats = now
+            self.stats.slot_retained_wal_bytes = source.retained_wal_bytes()
+        self.stats.dropped_contexts = self.stitcher.bad_contexts
+
+    def _flush_rows(self, batch: _Batch) -> None:
+        """COPY the decoded rows into the open destination transaction."""
+        rows = batch.rows
+        if not rows:
+            return
+        _source, sink, _stream = self._ready()
+        queued_at = datetime.now(timezone.utc)
+        if self._careful_through and rows[0].position <= self._careful_through:
+            failed = sink.write_careful(rows, queued_at)
+            for row, error in failed:
+                log.error("dead letter: change %d of the transaction committed at %s (%s.%s %s, primary key %s) "
+                          "was rejected by the destination: %s; stored in _bemi_worker_failures",
+                          row.change_index, po.int_to_lsn(row.commit_position), row.schema, row.table,
+                          row.operation, row.primary_key, _one_line(error))
+        else:
+            try:
+                sink.write(rows, queued_at)
+            except psycopg.Error as exc:
+                if is_rejection(exc):
+                    raise _Poison(rows[-1].position, exc) from exc
+                raise
+        batch.pending += len(rows)
+        rows.clear()
+        batch.rows_bytes = batch.counted = 0
+
+    def _commit(self, batch: _Batch) -> None:
+        source, sink, stream = self._ready()
+        if batch.unsaved is None:
+            return
+        commit, xid = batch.unsaved
+        self._flush_rows(batch)
+        if batch.pending or sink.pending_dead:
+            started = batch.started
+            dead = sink.pending_dead
+            try:
+                written = sink.commit(commit, xid, batch.pending)
+            except psycopg.Error as exc:
+                if is_rejection(exc):
+                    raise _Poison(commit.commit_lsn, exc) from exc
+                raise
+            stats = self.stats
+            stats.written.update(written)
+            stats.dead_letters += dead
+            count = batch.pending
+            self.written += count
+            self.stitcher.skip_through = commit.commit_lsn
+            elapsed = max(time.monotonic() - started, 1e-6)
+            lag_seconds = (datetime.now(timezone.utc) - commit.commit_time).total_seconds()
+            lag_bytes = max(stats.server_wal_end - commit.end_lsn, 0)
+            log.info("wrote %d changes in %.3f s (%.0f changes/s); up to %s; lag %d bytes, %.1f s",
+                     count, elapsed, count / elapsed, po.int_to_lsn(commit.end_lsn), lag_bytes,
+                     max(lag_seconds, 0.0))
+        if commit.end_lsn >= self._careful_through:
+            self._careful_through = 0
+        stats = self.stats
+        stats.last_commit_lsn = commit.end_lsn
+        stats.last_commit_time = commit.commit_time
+        stream.confirm(commit.end_lsn)
+        stream.send_status()  # no round trip: the server may recycle WAL at once
+        self._commits += 1
+        batch.pending = 0
+        batch.unsaved = None
+        batch.started = time.monotonic()
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    return isinstance(exc, (ConnectionLost, psycopg.OperationalError, psycopg.InterfaceError, OSError))
 
 
 def _python_encoding(pg_encoding: str) -> str:
@@ -228,7 +440,7 @@ def configure_logging(verbosity: int = 1) -> None:
 
 
 def main_loop(config: Config) -> int:
-    """Run a worker with signal handling: the first SIGINT/SIGTERM stops after the batch in hand,
+    """Run a worker with signal handling: the first SIGINT/SIGTERM stops after the transaction in hand,
     a second one aborts at once (the open destination transaction is rolled back: nothing is lost)."""
     worker = Worker(config)
 

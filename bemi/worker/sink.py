@@ -9,25 +9,28 @@ checkpoint says they are stored and they are skipped).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+from collections import Counter
 from contextlib import AbstractContextManager
 from datetime import datetime
 
 import psycopg
-from psycopg import sql
+from psycopg import errors, sql
 
 from bemi import sql as bemi_sql
 from bemi.worker import pgoutput as po
 from bemi.worker.errors import WorkerError, one_row
+from bemi.worker.session import connect
 from bemi.worker.stitch import ChangeRow
 
-__all__ = ["Sink", "Checkpoint"]
+__all__ = ["Sink", "Checkpoint", "is_rejection"]
 
 log = logging.getLogger("bemi.worker")
 
 COPY_CHANGES = (
-    'COPY changes ("database", "schema", "table", "primary_key", "operation", "before", "after", '
+    'COPY public.changes ("database", "schema", "table", "primary_key", "operation", "before", "after", '
     '"context", "committed_at", "queued_at", "transaction_id", "position", "commit_position", '
     '"change_index") FROM STDIN'
 )
@@ -35,6 +38,16 @@ COPY_CHANGES = (
 
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]")
+
+
+#: Errors that mean "the destination rejects this change" (data exception, integrity
+#: constraint, program limit such as an index row too large): a dead letter, not a fault.
+REJECTION_CLASSES = ("22", "23", "54")
+
+
+def is_rejection(exc: BaseException) -> bool:
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(exc, psycopg.Error) and bool(state) and state[:2] in REJECTION_CLASSES
 
 
 def _copy_text(value: str) -> str:
@@ -49,20 +62,20 @@ class Checkpoint:
 
 
 class Sink:
-    def __init__(self, dsn: str, slot: str, database: str) -> None:
-        try:
-            self.conn = psycopg.connect(dsn, autocommit=False, application_name="bemi-worker")
-        except psycopg.OperationalError as exc:
-            raise WorkerError(f"cannot connect to the destination database: {exc}".strip()) from exc
+    def __init__(self, dsn: str, slot: str, database: str, source: str = "") -> None:
+        self.conn = connect(dsn, "destination")
         self.conn.execute("SET client_encoding TO 'UTF8'")  # write() encodes the COPY data as UTF-8
-        self.conn.commit()
+        self.conn.autocommit = False
         self.slot = slot
         self.database = database
+        self.source = source  # unique to the source database (Source.identity)
         self.in_transaction = False
         self._cursor: psycopg.Cursor | None = None
         self._copy_cm: AbstractContextManager[psycopg.Copy] | None = None
         self._copy: psycopg.Copy | None = None
         self._prefix = _copy_text(database)
+        self.pending: Counter[tuple[str, str]] = Counter()  # rows written, not committed, by (table, op)
+        self.pending_dead = 0  # dead letters written, not committed
 
     def close(self) -> None:
         try:
@@ -71,20 +84,31 @@ class Sink:
             pass
 
     def ensure_tables(self) -> None:
-        """Create ``changes`` (+ indexes) and the checkpoint table when missing, and say so."""
+        """Create ``changes`` (+ indexes) and the worker's tables when missing, and say so."""
         conn = self.conn
-        existed = {
-            name: one_row(conn.execute("SELECT to_regclass(%s) IS NOT NULL", [name]))[0]
-            for name in ("changes", "_bemi_worker_checkpoints", "changes_identity_index")
-        }
-        if all(existed.values()):
+        names = ("public.changes", "public._bemi_worker_checkpoints", "public.changes_identity_index",
+                 "public._bemi_worker_failures")
+        existed = {name.split(".")[1]: one_row(conn.execute(
+            "SELECT pg_catalog.to_regclass(%s::text) IS NOT NULL", [name]))[0] for name in names}
+        keyed = existed["_bemi_worker_checkpoints"] and one_row(conn.execute(
+            "SELECT EXISTS (SELECT FROM pg_catalog.pg_attribute WHERE attrelid OPERATOR(pg_catalog.=) "
+            "'public._bemi_worker_checkpoints'::pg_catalog.regclass AND attname OPERATOR(pg_catalog.=) 'source' "
+            "AND NOT attisdropped)"))[0]
+        if all(existed.values()) and keyed:
             # Nothing to create: no DDL (it would need CREATE on the schema and take table locks).
             conn.rollback()
             return
         try:
             if existed["changes"]:
                 self._upgrade_published_table()
-            conn.execute(bemi_sql.read("changes.sql"))
+            # changes.sql names its objects without a schema, and the event trigger of `migrate bemi`
+            # (on CREATE TABLE) runs with this session's search_path: create them in public, with
+            # pg_catalog searched right after it (and nothing else), then pin the path again.
+            conn.execute("SET LOCAL search_path = public, pg_catalog, pg_temp")
+            if not (existed["changes"] and existed["changes_identity_index"]):
+                conn.execute(bemi_sql.read("changes.sql"))
+            if existed["_bemi_worker_checkpoints"] and not keyed:
+                self._upgrade_checkpoints()
             conn.execute(bemi_sql.read("worker.sql"))
             conn.commit()
         except psycopg.errors.InsufficientPrivilege as exc:
@@ -99,6 +123,27 @@ class Sink:
         if not existed["_bemi_worker_checkpoints"]:
             log.info("created table _bemi_worker_checkpoints (the worker's checkpoint) in database %s",
                      conn.info.dbname)
+        if not existed["_bemi_worker_failures"]:
+            log.info("created table _bemi_worker_failures (changes the destination rejected) in database %s",
+                     conn.info.dbname)
+
+    def _upgrade_checkpoints(self) -> None:
+        """A checkpoint table keyed by (slot, database name): key it by (source, slot) instead.
+
+        Its rows get their ``source`` when their worker starts (``checkpoint()``
+        adopts the row of its slot and database name)."""
+        conn = self.conn
+        conn.execute('ALTER TABLE public._bemi_worker_checkpoints ADD COLUMN IF NOT EXISTS "source" text')
+        for (name,) in conn.execute(
+            "SELECT conname::text FROM pg_catalog.pg_constraint WHERE conrelid OPERATOR(pg_catalog.=) "
+            "'public._bemi_worker_checkpoints'::pg_catalog.regclass AND contype OPERATOR(pg_catalog.=) 'p'"
+        ).fetchall():
+            conn.execute(sql.SQL("ALTER TABLE public._bemi_worker_checkpoints DROP CONSTRAINT {}").format(
+                sql.Identifier(name)))
+        conn.execute('CREATE UNIQUE INDEX IF NOT EXISTS _bemi_worker_checkpoints_source_slot '
+                     'ON public._bemi_worker_checkpoints ("source", "slot")')
+        log.warning("upgraded _bemi_worker_checkpoints: keyed by the source's identity (system identifier "
+                    "and database oid) instead of the database name")
 
     def _upgrade_published_table(self) -> None:
         """Adopt a `changes` table made by the published worker (drop-in replacement).
@@ -109,36 +154,52 @@ class Sink:
         """
         conn = self.conn
         columns = {r[0] for r in conn.execute(
-            "SELECT attname FROM pg_attribute WHERE attrelid = 'changes'::regclass AND attnum > 0 "
+            "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid OPERATOR(pg_catalog.=) "
+            "'public.changes'::pg_catalog.regclass AND attnum OPERATOR(pg_catalog.>) 0 "
             "AND NOT attisdropped").fetchall()}
         missing = [c for c in ("commit_position", "change_index") if c not in columns]
         if missing:
-            conn.execute('ALTER TABLE changes ADD COLUMN IF NOT EXISTS "commit_position" bigint, '
+            conn.execute('ALTER TABLE public.changes ADD COLUMN IF NOT EXISTS "commit_position" bigint, '
                          'ADD COLUMN IF NOT EXISTS "change_index" integer')
             log.warning("added columns %s to the existing changes table (they identify a change: "
                         "commit position and order in its transaction)", ", ".join(missing))
         for name, constraint in conn.execute(
-            "SELECT i.indexrelid::regclass::text, c.conname FROM pg_index i "
-            "LEFT JOIN pg_constraint c ON c.conindid = i.indexrelid AND c.conrelid = i.indrelid "
-            "WHERE i.indrelid = 'changes'::regclass AND i.indisunique AND NOT i.indisprimary "
-            "AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a "
-            "     WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)) "
-            "    = ARRAY['database', 'operation', 'position', 'schema', 'table']"
+            "SELECT ci.relname::text, c.conname::text FROM pg_catalog.pg_index i "
+            "JOIN pg_catalog.pg_class ci ON ci.oid OPERATOR(pg_catalog.=) i.indexrelid "
+            "LEFT JOIN pg_catalog.pg_constraint c ON c.conindid OPERATOR(pg_catalog.=) i.indexrelid "
+            "AND c.conrelid OPERATOR(pg_catalog.=) i.indrelid "
+            "WHERE i.indrelid OPERATOR(pg_catalog.=) 'public.changes'::pg_catalog.regclass AND i.indisunique "
+            "AND NOT i.indisprimary "
+            "AND (SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attname) FROM pg_catalog.pg_attribute a "
+            "     WHERE a.attrelid OPERATOR(pg_catalog.=) i.indrelid "
+            "     AND a.attnum OPERATOR(pg_catalog.=) ANY (i.indkey)) "
+            "    OPERATOR(pg_catalog.=) ARRAY['database', 'operation', 'position', 'schema', 'table']"
         ).fetchall():
             if constraint:
-                conn.execute(sql.SQL("ALTER TABLE changes DROP CONSTRAINT {}").format(sql.Identifier(constraint)))
+                conn.execute(sql.SQL("ALTER TABLE public.changes DROP CONSTRAINT {}").format(
+                    sql.Identifier(constraint)))
             else:
-                conn.execute(sql.SQL("DROP INDEX {}").format(sql.SQL(name)))
+                conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier("public", name)))
             log.warning("dropped the unique index %s of the published changes table: every row written by one "
                         "COPY shares one position, so it would drop changes (ours is changes_identity_index)", name)
 
     def checkpoint(self) -> Checkpoint | None:
-        row = self.conn.execute(
-            "SELECT (commit_lsn - '0/0'::pg_lsn)::int8, (end_lsn - '0/0'::pg_lsn)::int8 "
-            "FROM _bemi_worker_checkpoints WHERE slot = %s AND database = %s",
-            [self.slot, self.database],
-        ).fetchone()
-        self.conn.rollback()
+        query = ("SELECT (commit_lsn OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8, "
+                 "(end_lsn OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8 "
+                 "FROM public._bemi_worker_checkpoints WHERE slot OPERATOR(pg_catalog.=) %s::text AND ")
+        row = self.conn.execute(query + "source OPERATOR(pg_catalog.=) %s::text", [self.slot, self.source]).fetchone()
+        if row is None:
+            # A row written before checkpoints were keyed by the source's identity: adopt it.
+            adopted = self.conn.execute(
+                "UPDATE public._bemi_worker_checkpoints SET source = %s::text WHERE slot OPERATOR(pg_catalog.=) "
+                "%s::text AND database OPERATOR(pg_catalog.=) %s::text AND source IS NULL",
+                [self.source, self.slot, self.database])
+            if adopted.rowcount:
+                log.warning("adopted the checkpoint of slot %s, database %s (from before checkpoints were keyed "
+                            "by the source's identity, %s)", self.slot, self.database, self.source)
+                row = self.conn.execute(query + "source OPERATOR(pg_catalog.=) %s::text",
+                                        [self.slot, self.source]).fetchone()
+        self.conn.commit()
         return Checkpoint(*row) if row else None
 
     def write(self, rows: list[ChangeRow], queued_at: datetime) -> None:
@@ -162,7 +223,9 @@ class Sink:
         last_at: datetime | None = None
         last_ctx_text = last_at_text = ""
         queued = queued_at.isoformat()
+        pending = self.pending
         for r in rows:
+            pending[r.table, r.operation] += 1
             if r.context is not last_ctx:
                 last_ctx, last_ctx_text = r.context, _copy_text(r.context)
             if r.committed_at is not last_at:
@@ -190,21 +253,107 @@ class Sink:
             cursor.close()
             self._cursor = None
 
-    def commit(self, last: po.Commit, xid: int | None, changes: int) -> None:
-        """Store the checkpoint and commit it with the rows written since the last commit."""
+    def commit(self, last: po.Commit, xid: int | None, changes: int) -> Counter[tuple[str, str]]:
+        """Store the checkpoint and commit it with the rows written since the last commit;
+        returns the rows committed by (table, operation)."""
         self._end_copy()
         self.conn.execute(
-            "INSERT INTO _bemi_worker_checkpoints AS c "
-            "(slot, database, commit_lsn, end_lsn, transaction_id, committed_at, changes, updated_at) "
-            "VALUES (%s, %s, %s::pg_lsn, %s::pg_lsn, %s, %s, %s, now()) "
-            "ON CONFLICT (slot, database) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, "
-            "end_lsn = EXCLUDED.end_lsn, transaction_id = EXCLUDED.transaction_id, "
-            "committed_at = EXCLUDED.committed_at, changes = c.changes + EXCLUDED.changes, updated_at = now()",
-            [self.slot, self.database, po.int_to_lsn(last.commit_lsn), po.int_to_lsn(last.end_lsn), xid,
-             last.commit_time, changes],
+            "INSERT INTO public._bemi_worker_checkpoints AS c "
+            "(source, slot, database, commit_lsn, end_lsn, transaction_id, committed_at, changes, updated_at) "
+            "VALUES (%s::text, %s::text, %s::text, %s::pg_catalog.pg_lsn, %s::pg_catalog.pg_lsn, %s::int8, "
+            "%s::timestamptz, %s::int8, pg_catalog.now()) "
+            "ON CONFLICT (source, slot) DO UPDATE SET database = EXCLUDED.database, "
+            "commit_lsn = EXCLUDED.commit_lsn, end_lsn = EXCLUDED.end_lsn, "
+            "transaction_id = EXCLUDED.transaction_id, committed_at = EXCLUDED.committed_at, "
+            "changes = c.changes OPERATOR(pg_catalog.+) EXCLUDED.changes, updated_at = pg_catalog.now()",
+            [self.source, self.slot, self.database, po.int_to_lsn(last.commit_lsn), po.int_to_lsn(last.end_lsn),
+             xid, last.commit_time, changes],
         )
         self.conn.commit()
         self.in_transaction = False
+        written, self.pending = self.pending, Counter()
+        self.pending_dead = 0
+        return written
+
+    # -- dead letters -------------------------------------------------------------------------
+
+    def write_careful(self, rows: list[ChangeRow], queued_at: datetime) -> list[tuple[ChangeRow, Exception]]:
+        """Like write(), but a row the destination rejects goes to ``_bemi_worker_failures``.
+
+        The rows are COPied in a savepoint; if that fails, row by row, each in its
+        own savepoint. Returns the rejected rows and their errors.
+        """
+        if not rows:
+            return []
+        self._end_copy()
+        self.in_transaction = True
+        conn = self.conn
+        before = self.pending.copy()
+        conn.execute("SAVEPOINT bemi_chunk")
+        try:
+            self.write(rows, queued_at)
+            self._end_copy()
+            conn.execute("RELEASE SAVEPOINT bemi_chunk")
+            return []
+        except psycopg.Error as exc:
+            self._abort_copy(exc)
+            if not is_rejection(exc):
+                raise
+            conn.execute("ROLLBACK TO SAVEPOINT bemi_chunk")
+            conn.execute("RELEASE SAVEPOINT bemi_chunk")
+            self.pending = before
+        failed = []
+        for row in rows:
+            conn.execute("SAVEPOINT bemi_row")
+            try:
+                self.write([row], queued_at)
+                self._end_copy()
+                conn.execute("RELEASE SAVEPOINT bemi_row")
+            except psycopg.Error as exc:
+                self._abort_copy(exc)
+                if not is_rejection(exc):
+                    raise
+                conn.execute("ROLLBACK TO SAVEPOINT bemi_row")
+                conn.execute("RELEASE SAVEPOINT bemi_row")
+                self.pending[row.table, row.operation] -= 1
+                self._dead_letter(row, exc)
+                failed.append((row, exc))
+        return failed
+
+    def _abort_copy(self, exc: BaseException) -> None:
+        try:
+            self._end_copy(exc)
+        except psycopg.Error:
+            pass
+
+    def _dead_letter(self, row: ChangeRow, exc: Exception) -> None:
+        change = ('{"schema":' + json.dumps(row.schema) + ',"table":' + json.dumps(row.table)
+                  + ',"primary_key":' + json.dumps(row.primary_key) + ',"operation":' + json.dumps(row.operation)
+                  + ',"before":' + row.before + ',"after":' + row.after + ',"context":' + row.context
+                  + ',"committed_at":' + json.dumps(row.committed_at.isoformat())
+                  + ',"transaction_id":' + str(row.transaction_id) + ',"position":' + str(row.position)
+                  + ',"commit_position":' + str(row.commit_position) + ',"change_index":' + str(row.change_index)
+                  + "}").encode("utf-8", "surrogatepass")
+        texts = [self.source, self.slot, self.database, row.schema, row.table, row.operation, row.primary_key,
+                 str(exc).strip()]
+        query = ("INSERT INTO public._bemi_worker_failures (source, slot, database, schema, \"table\", operation, "
+                 "primary_key, error, transaction_id, position, commit_position, change_index, committed_at, "
+                 "change, sqlstate) VALUES (%s::text, %s::text, %s::text, %s::text, %s::text, %s::text, %s::text, "
+                 "%s::text, %s::int8, %s::int8, %s::int8, %s::int4, %s::timestamptz, %s::bytea, %s::text)")
+        rest = [row.transaction_id, row.position, row.commit_position, row.change_index, row.committed_at, change,
+                getattr(exc, "sqlstate", None)]
+        self.conn.execute("SAVEPOINT bemi_dead")
+        try:
+            self.conn.execute(query, texts + rest)
+        except psycopg.Error as again:
+            if not is_rejection(again):
+                raise
+            # The text itself cannot be stored (the destination's encoding): store it escaped.
+            self.conn.execute("ROLLBACK TO SAVEPOINT bemi_dead")
+            escaped = [None if t is None else t.encode("ascii", "backslashreplace").decode("ascii") for t in texts]
+            self.conn.execute(query, escaped + rest)
+        self.conn.execute("RELEASE SAVEPOINT bemi_dead")
+        self.pending_dead += 1
 
     def rollback(self) -> None:
         try:
@@ -216,3 +365,5 @@ class Sink:
         except psycopg.Error:
             pass
         self.in_transaction = False
+        self.pending = Counter()
+        self.pending_dead = 0

@@ -168,6 +168,9 @@ class Stitcher:
                 relid, new = po.decode_insert(data)
                 self._row(out, lsn, relid, "CREATE", None, False, new)
             return None
+        if data[0] == 0x4D:  # a logical message: look at its header before copying any content
+            self._message(data)
+            return None
         msg = po.decode(data)
         kind = type(msg)
         if kind is po.Begin:
@@ -196,17 +199,26 @@ class Stitcher:
                 if rel is None or rel.excluded:
                     continue
                 out.append(self._change(rel, lsn, "TRUNCATE", None, "{}", "{}"))
-        elif kind is po.Message:
-            if msg.transactional and msg.prefix == CONTEXT_PREFIX:
-                self._context, problem = parse_context(msg.content)
-                if problem:
-                    self.bad_contexts += 1
-                    if self.bad_contexts <= 100 or self.bad_contexts % 10_000 == 0:  # no log flood
-                        log.warning("ignoring the _bemi context at %s in transaction %s: %s (%d so far)",
-                                    po.int_to_lsn(msg.lsn), self._begin.xid, problem, self.bad_contexts)
         return None
 
     # -- internals --------------------------------------------------------------------------
+
+    def _message(self, data) -> None:
+        """A ``_bemi`` context sets the context of the changes after it; other prefixes, non-transactional
+        messages and messages outside a transaction being stored are skipped without reading their content;
+        an oversized or invalid context is dropped (``{}``), counted and logged."""
+        transactional, lsn, prefix, start, length = po.message_header(data)
+        if not transactional or prefix != CONTEXT_PREFIX or self._skip or self._begin is None:
+            return
+        if length > MAX_CONTEXT_BYTES:
+            self._context, problem = "{}", f"context of {length} bytes is larger than 1 MB"
+        else:
+            self._context, problem = parse_context(bytes(data[start:start + length]))
+        if problem:
+            self.bad_contexts += 1
+            if self.bad_contexts <= 100 or self.bad_contexts % 10_000 == 0:  # no log flood
+                log.warning("ignoring the _bemi context at %s in transaction %s: %s (%d so far)",
+                            po.int_to_lsn(lsn), self._begin.xid, problem, self.bad_contexts)
 
     def _relation(self, rel: po.Relation) -> None:
         names = [c.name for c in rel.columns]

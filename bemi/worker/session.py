@@ -1,0 +1,51 @@
+"""How every worker connection starts (source, replication stream, destination).
+
+Pins ``search_path = pg_catalog, pg_temp`` before anything else (with ``SET``,
+so not even a function is looked up first): no function or operator planted in
+another schema can be picked up by the worker's queries, which also qualify
+bemi's own tables (``public.changes``) and cast their parameters.
+"""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+
+from bemi.worker.errors import WorkerError
+
+__all__ = ["SESSION_SETTINGS", "CLIENT_KEEPALIVES", "connect"]
+
+#: Type output as in a UTC session with default styles (what to_jsonb shows; on the
+#: stream the type output functions run in the walsender, so it gets them too).
+SESSION_SETTINGS = {
+    "TimeZone": "UTC",
+    "DateStyle": "ISO, MDY",
+    "IntervalStyle": "postgres",
+    "extra_float_digits": "1",
+    "bytea_output": "hex",
+    "lock_timeout": "5s",
+    # A worker whose host vanished releases the slot's lock soon (standby takeover).
+    "tcp_keepalives_idle": "5",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "3",
+}
+#: libpq keepalives: a server that vanished is noticed within seconds.
+CLIENT_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2",
+                     "keepalives_count": "3", "connect_timeout": "10"}
+
+
+def connect(dsn: str, what: str, **kwargs: str) -> psycopg.Connection:
+    """An autocommit connection with search_path pinned and the worker's session settings."""
+    try:
+        conn = psycopg.connect(dsn, autocommit=True, application_name="bemi-worker",
+                               **{**CLIENT_KEEPALIVES, **kwargs})
+    except psycopg.OperationalError as exc:
+        raise WorkerError(f"cannot connect to the {what} database: {exc}".strip()) from exc
+    try:
+        conn.execute("SET search_path = pg_catalog, pg_temp")
+        for name, value in SESSION_SETTINGS.items():
+            conn.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+    except BaseException:
+        conn.close()
+        raise
+    return conn

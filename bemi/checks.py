@@ -12,6 +12,7 @@ bemi.E002  ``wal_level`` of a PostgreSQL database is not ``logical``
 bemi.E003  PostgreSQL older than 14
 bemi.W002  ``PUBLIC`` may execute ``pg_logical_emit_message``: any role can label its writes
 bemi.W003  ``PUBLIC`` may ``CREATE`` in schema ``public``, where bemi installs (PostgreSQL 14 and older)
+bemi.E005  psycopg older than 3.3 (the worker streams with START_REPLICATION)
 =========  =====================================================================
 
 W002 and W003 are warnings, not errors: see docs/security.md for what they
@@ -122,6 +123,25 @@ def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any
                 id="bemi.W003",
             ))
     return messages
+
+
+MIN_PSYCOPG = (3, 3)  # bemi.worker.source.MIN_PSYCOPG: START_REPLICATION through execute()
+
+
+@register()
+def check_psycopg(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """bemi.E005: the worker streams the slot over the replication protocol, which needs psycopg >= 3.3."""
+    import psycopg
+
+    version = tuple(int(p) for p in psycopg.__version__.split(".")[:2] if p.isdigit())
+    if version >= MIN_PSYCOPG:
+        return []
+    return [Error(
+        f"psycopg {psycopg.__version__} is installed; the bemi worker needs psycopg >= 3.3 "
+        "(it reads the replication slot with START_REPLICATION).",
+        hint="pip install 'psycopg[binary]>=3.3'",
+        id="bemi.E005",
+    )]
 
 
 # One round trip. Names are quoted by PostgreSQL (regprocedure, quote_ident).

@@ -33,8 +33,10 @@ table `_bemi_worker_checkpoints`. It never drops or recreates a slot.
 
 EPILOG = """\
 exit status: 0 done (--once, or stopped by SIGINT/SIGTERM after committing the batch
-in hand); 1 unexpected database error; 2 something to fix (privileges, missing or
-invalidated slot, configuration); 3 another worker is reading the same slot.
+in hand); 1 unexpected database error in a --once run; 2 something to fix
+(privileges, missing or invalidated slot, wal_level, configuration); 3 another
+worker is reading the same slot (without --standby). A lost connection or a
+server restart is not an exit: the worker logs, backs off and resumes.
 
 The role needs the REPLICATION attribute (or superuser), CREATE on the source
 database the first time (for the publication), ownership of the tracked tables
@@ -70,10 +72,12 @@ def add_worker_arguments(parser) -> None:
     parser.add_argument("--publication", default="bemi", help="publication name (default: bemi)")
     parser.add_argument("--batch-rows", type=int, default=10_000,
                         help="commit the destination after about this many changes (default: 10000)")
+    parser.add_argument("--standby", action="store_true",
+                        help="wait while another worker reads the slot, and take over when it stops or dies")
     parser.add_argument("--poll-interval", type=float, default=0.1,
-                        help="seconds between reads of an idle slot (default: 0.1)")
+                        help="longest wait for the replication stream before looking around (default: 0.1)")
     parser.add_argument("--heartbeat-interval", type=float, default=10.0,
-                        help="idle seconds before a heartbeat message keeps the slot advancing (default: 10)")
+                        help="seconds between status updates to the server when idle (default: 10)")
 
 
 def config_from_options(options, source_dsn: str, destination_dsn: str | None) -> Config:
@@ -83,6 +87,7 @@ def config_from_options(options, source_dsn: str, destination_dsn: str | None) -
         slot=options.slot,
         publication=options.publication,
         once=options.once,
+        standby=getattr(options, "standby", False),
         batch_rows=max(1, options.batch_rows),
         poll_interval=options.poll_interval,
         heartbeat_interval=options.heartbeat_interval,

@@ -99,6 +99,7 @@ class Worker:
         self.stats = WorkerStats()
         self.written = 0  # changes written since start
         self.checkpoint: Checkpoint | None = None
+        self.source_identity = ""
         self._careful_through = 0  # rows at or before this LSN are written with dead-letter fallback
         self._started_once = False
         self._commits = 0  # destination commits since start
@@ -116,6 +117,7 @@ class Worker:
         self._lock(source)
         source.ensure_publication()
         stream = source.open_stream(self.stats)
+        self.source_identity = source.identity
         self.sink = sink = Sink(cfg.destination_dsn or cfg.source_dsn, cfg.slot, source.database, source.identity)
         sink.ensure_tables()
         self.checkpoint = checkpoint = sink.checkpoint()

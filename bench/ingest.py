@@ -15,8 +15,12 @@ Workloads: 100,000 rows in one transaction; 20,000 single-row transactions
 (each with a context message, as the Django wrapper sends); a steady 500
 transactions/s for --duration seconds with the worker running, measuring
 commit-to-visible latency (source commit timestamp to destination commit
-timestamp, both from track_commit_timestamp on the same server); the peak RSS
-of the worker process while it ingests one 1,000,000-row transaction.
+timestamp, both from track_commit_timestamp on the same server); single-row
+writes right after a 300,000-row transaction, with the worker running
+(commit-to-visible of each); the peak RSS of the worker process while it ingests
+one 1,000,000-row transaction; and a fault run: steady load while the worker's
+walsender and its other connections are killed and the server is restarted,
+reporting changes lost and doubled (both must be 0) and the longest gap.
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ class Bench:
         c = self.conn
         for (slot,) in c.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
             c.execute("SELECT pg_drop_replication_slot(%s)", [slot])
-        c.execute("DROP TABLE IF EXISTS todo, changes, _bemi_worker_checkpoints, changes_stage, changes_ceiling")
+        c.execute("DROP TABLE IF EXISTS todo, changes, _bemi_worker_checkpoints, _bemi_worker_failures, "
+                  "changes_stage, changes_ceiling")
         c.execute("DROP PUBLICATION IF EXISTS bemi")
         c.execute("CREATE TABLE todo (id bigserial PRIMARY KEY, task text NOT NULL, is_completed bool NOT NULL)")
         c.execute("ALTER TABLE todo REPLICA IDENTITY FULL")
@@ -102,8 +107,10 @@ class Bench:
         assert written == changes, (written, changes)
         ceiling_s = self.insert_ceiling()
         startup_s = self.startup(slot)
+        net_s = max(worker_s - startup_s, 1e-3)
         result = {
             "workload": name, "changes": written, "pg_recvlogical_s": recv_s, "worker_s": worker_s,
+            "ceiling_ratio": ceiling_s / worker_s, "ceiling_ratio_net": ceiling_s / net_s,
             "pg_recvlogical_rate": written / recv_s, "worker_rate": written / worker_s,
             "ratio": recv_s / worker_s, "worker_rss_mb": rss / 1024, "insert_ceiling_s": ceiling_s,
             "startup_s": startup_s,
@@ -112,7 +119,8 @@ class Bench:
               f"worker {worker_s:.2f} s ({written / worker_s:,.0f}/s); ratio {recv_s / worker_s:.2f}x; "
               f"worker peak RSS {rss / 1024:.0f} MB; server-side INSERT of the same rows into an indexed "
               f"copy of changes alone {ceiling_s:.2f} s ({written / ceiling_s:,.0f}/s); worker start-up "
-              f"(an empty --once) {startup_s:.2f} s", flush=True)
+              f"(an empty --once) {startup_s:.2f} s; worker vs that ceiling {ceiling_s / worker_s:.2f}x "
+              f"({ceiling_s / net_s:.2f}x without the start-up)", flush=True)
         return result
 
     def startup(self, slot: str) -> float:
@@ -193,6 +201,108 @@ class Bench:
                 "max_ms": latencies[-1]}
 
 
+    def after_big_transaction(self, big_rows: int, singles: int = 40, interval: float = 0.05) -> dict:
+        """With the worker running: one big transaction, then single-row writes right after it."""
+        self.reset()
+        slot, recv = self.setup_slots()
+        self.conn.execute("SELECT pg_drop_replication_slot(%s)", [recv])
+        worker = subprocess.Popen(worker_cmd(self.dsn, slot), cwd=ROOT)
+        time.sleep(1.0)
+        self.one_big_transaction(big_rows)()
+        big_done = time.perf_counter()
+        cur = self.conn.cursor()
+        for i in range(singles):
+            cur.execute("BEGIN; " + CONTEXT + f"; INSERT INTO todo (task, is_completed) VALUES ('single {i}', true); "
+                        "COMMIT")
+            time.sleep(interval)
+        deadline = time.monotonic() + 300
+        while (self.conn.execute("SELECT count(*) FROM changes").fetchone()[0] < big_rows + singles
+               and time.monotonic() - deadline < 0):
+            time.sleep(0.1)
+        all_visible = time.perf_counter() - big_done
+        worker.terminate()
+        worker.wait(60)
+        latencies = sorted(r[0] for r in self.conn.execute(
+            "SELECT EXTRACT(epoch FROM pg_xact_commit_timestamp(xmin) - committed_at)::float8 * 1000 FROM changes "
+            "WHERE after->>'task' LIKE 'single %'").fetchall())
+        print(f"single writes after a {big_rows:,}-row transaction (worker running): {len(latencies)} one-row "
+              f"transactions every {interval * 1000:.0f} ms; commit-to-visible p50 {statistics.median(latencies):.0f} "
+              f"ms, max {latencies[-1]:.0f} ms (the big one and all singles visible {all_visible:.1f} s after the big "
+              f"commit)", flush=True)
+        return {"workload": "after_big", "p50_ms": statistics.median(latencies), "max_ms": latencies[-1]}
+
+    def faults(self, rate: int = 200, seconds: float = 12.0) -> dict:
+        """Steady load while the walsender and the worker's other connections are killed and the server
+        restarts; every committed row must appear exactly once."""
+        import threading
+
+        self.reset()
+        slot, recv = self.setup_slots()
+        self.conn.execute("SELECT pg_drop_replication_slot(%s)", [recv])
+        worker = subprocess.Popen(worker_cmd(self.dsn, slot), cwd=ROOT)
+        time.sleep(1.0)
+        stop, done = threading.Event(), []
+
+        def writer():
+            conn, n = None, 1
+            while not stop.is_set():
+                try:
+                    if conn is None:
+                        conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=2)
+                        if conn.execute("SELECT 1 FROM todo WHERE task = %s", [f"f{n}"]).fetchone():
+                            done.append(n)
+                            n += 1
+                    conn.execute("INSERT INTO todo (task, is_completed) VALUES (%s, false)", [f"f{n}"])
+                    done.append(n)
+                    n += 1
+                    time.sleep(1 / rate)
+                except psycopg.Error:
+                    if conn is not None:
+                        conn.close()
+                    conn = None
+                    time.sleep(0.05)
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        step = seconds / 4
+        time.sleep(step)
+        with psycopg.connect(self.dsn, autocommit=True) as c:
+            c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'bemi-worker' "
+                      "AND backend_type = 'walsender'")
+        time.sleep(step)
+        with psycopg.connect(self.dsn, autocommit=True) as c:
+            c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = 'bemi-worker' "
+                      "AND backend_type = 'client backend'")
+        time.sleep(step)
+        self.conn.close()
+        self.cluster.stop("fast")
+        self.cluster.start()
+        self.conn = psycopg.connect(self.dsn, autocommit=True)
+        time.sleep(step)
+        stop.set()
+        thread.join()
+        deadline = time.monotonic() + 120
+        while (self.conn.execute("SELECT count(*) FROM changes").fetchone()[0] < len(done)
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
+        time.sleep(1.0)
+        alive = worker.poll() is None
+        worker.terminate()
+        worker.wait(60)
+        stored = [r[0] for r in self.conn.execute("SELECT after->>'task' FROM changes").fetchall()]
+        expected = {f"f{i}" for i in done}
+        lost = len(expected - set(stored))
+        doubled = len(stored) - len(set(stored))
+        gap = self.conn.execute(
+            "SELECT max(EXTRACT(epoch FROM pg_xact_commit_timestamp(xmin) - committed_at))::float8 FROM changes"
+        ).fetchone()[0]
+        print(f"faults (walsender killed, destination/control connections killed, server restarted, under "
+              f"{rate} tx/s): {len(done)} rows committed, {len(stored)} changes stored, lost {lost}, doubled "
+              f"{doubled}; longest commit-to-visible {gap:.1f} s; same worker process still running: {alive}",
+              flush=True)
+        return {"workload": "faults", "lost": lost, "doubled": doubled, "longest_gap_s": gap, "alive": alive}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of steady load (default 60)")
@@ -200,6 +310,9 @@ def main() -> None:
     parser.add_argument("--big-rows", type=int, default=100_000, help="rows of the one-transaction workload")
     parser.add_argument("--small-tx", type=int, default=20_000, help="single-row transactions")
     parser.add_argument("--rss-rows", type=int, default=1_000_000, help="rows of the RSS workload (0: skip)")
+    parser.add_argument("--after-big-rows", type=int, default=300_000,
+                        help="rows of the big transaction before single writes (0: skip)")
+    parser.add_argument("--faults", type=float, default=12.0, help="seconds of the fault run (0: skip)")
     options = parser.parse_args()
 
     cluster = Cluster(settings={"track_commit_timestamp": "on", "max_wal_size": "4GB",
@@ -210,6 +323,10 @@ def main() -> None:
     bench.bulk(f"{options.big_rows:,} rows in one transaction", bench.one_big_transaction(options.big_rows))
     bench.bulk(f"{options.small_tx:,} single-row transactions", bench.single_row_transactions(options.small_tx))
     bench.steady(options.rate, options.duration)
+    if options.after_big_rows:
+        bench.after_big_transaction(options.after_big_rows)
+    if options.faults:
+        bench.faults(seconds=options.faults)
     if options.rss_rows:
         bench.bulk(f"{options.rss_rows:,} rows in one transaction (RSS)", bench.one_big_transaction(options.rss_rows))
 

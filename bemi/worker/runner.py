@@ -262,6 +262,7 @@ class Worker:
         transactions = 0
         checked = 0
         solicited = 0.0
+        last_keepalive = -1
         flush_rows = self._flush_rows
         try:
             for item in stream.messages(cfg.poll_interval):
@@ -277,8 +278,12 @@ class Worker:
                         if self.stopping.is_set():
                             break
                         if until is not None:
-                            if item is KEEPALIVE and stream.keepalive_end >= until:
-                                break
+                            if item is KEEPALIVE:
+                                # Done when the server has decoded up to ``until``, or answers twice
+                                # with the same position (caught up; ``until`` fell inside a record).
+                                if stream.keepalive_end >= until or stream.keepalive_end == last_keepalive:
+                                    break
+                                last_keepalive = stream.keepalive_end
                             now = time.monotonic()
                             if now - solicited >= 0.05:
                                 solicited = now

@@ -15,7 +15,7 @@ import pytest
 from bemi.worker.runner import Worker
 from tests.pgcluster import Cluster
 from tests.test_worker_process import wait_for, wait_for_line
-from tests.workerapp.harness import ROOT, worker_env  # noqa: F401  (fixture)
+from tests.workerapp.harness import ROOT
 
 
 def walsender_of(env) -> list[tuple]:
@@ -281,7 +281,8 @@ def test_killed_connections_and_a_server_restart_lose_and_double_nothing():
 
 
 def test_bulk_update_with_big_contexts_stays_bounded(worker_env):
-    """20,000 changed rows, each with an 8 kB context: COPY chunks are bounded by bytes, not rows."""
+    """20,000 changed rows, each with a 4 kB context (the wrapper's default cap of the SQL): COPY chunks are bounded
+    by bytes, not rows."""
     env = worker_env
     env.execute("CREATE TABLE bulk_w (id int PRIMARY KEY, n int, note text)")
     env.execute("ALTER TABLE bulk_w REPLICA IDENTITY FULL")
@@ -292,14 +293,14 @@ def test_bulk_update_with_big_contexts_stays_bounded(worker_env):
     baseline = _rss_kb(proc.pid)
     sql = "UPDATE bulk_w SET n = CASE id " + " ".join(f"WHEN {i} THEN {i}" for i in range(1, 700)) + " END"
     with env.conn.transaction():
-        env.execute(env.context(user_id=7, SQL=sql[:8000]))
+        env.execute(env.context(user_id=7, SQL=sql[:4096]))
         env.execute("UPDATE bulk_w SET n = n + 1")
     started = time.monotonic()
     assert wait_for(lambda: env.execute("SELECT count(*) FROM changes WHERE operation = 'UPDATE'")[0][0] == 20000,
                     timeout=180, interval=0.1)
     elapsed = time.monotonic() - started
     grown_mb = (_rss_kb(proc.pid) - baseline) / 1024
-    print(f"20,000-row update with 8 kB contexts: stored in {elapsed:.1f} s, worker RSS +{grown_mb:.0f} MB")
+    print(f"20,000-row update with 4 kB contexts: stored in {elapsed:.1f} s, worker RSS +{grown_mb:.0f} MB")
     assert grown_mb < 200, grown_mb
     assert env.execute("SELECT count(DISTINCT context) FROM changes WHERE operation = 'UPDATE'")[0][0] == 1
 

@@ -118,10 +118,10 @@ class Source:
             pid = self.stream.conn.info.backend_pid
             self.stream.close()
             self.stream = None
-            deadline = time.monotonic() + 2
+            deadline = time.monotonic() + 10
             try:
                 while time.monotonic() < deadline and self.control.execute(
-                        "SELECT FROM pg_catalog.pg_replication_slots WHERE slot_name OPERATOR(pg_catalog.=) "
+                        "SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name OPERATOR(pg_catalog.=) "
                         "%s::name AND active_pid OPERATOR(pg_catalog.=) %s::int4", [self.slot, pid]).fetchone():
                     time.sleep(0.01)
             except psycopg.Error:

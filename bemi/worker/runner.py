@@ -262,7 +262,7 @@ class Worker:
         transactions = 0
         checked = 0
         solicited = 0.0
-        last_keepalive = -1
+        last_keepalive, same_since = -1, 0.0
         flush_rows = self._flush_rows
         try:
             for item in stream.messages(cfg.poll_interval):
@@ -279,11 +279,17 @@ class Worker:
                             break
                         if until is not None:
                             if item is KEEPALIVE:
-                                # Done when the server has decoded up to ``until``, or answers twice
-                                # with the same position (caught up; ``until`` fell inside a record).
-                                if stream.keepalive_end >= until or stream.keepalive_end == last_keepalive:
+                                # Done when the server has decoded up to ``until``; or, as a safety net,
+                                # when it kept answering with one position for 10 s (caught up).
+                                if stream.keepalive_end >= until:
                                     break
-                                last_keepalive = stream.keepalive_end
+                                now = time.monotonic()
+                                if stream.keepalive_end != last_keepalive:
+                                    last_keepalive, same_since = stream.keepalive_end, now
+                                elif now - same_since >= 10:
+                                    log.warning("the server stayed at %s, before %s: stopping there",
+                                                po.int_to_lsn(last_keepalive), po.int_to_lsn(until))
+                                    break
                             now = time.monotonic()
                             if now - solicited >= 0.05:
                                 solicited = now

@@ -366,7 +366,9 @@ class Stream:
                     yield KEEPALIVE
                 continue
             if nbytes == 0:
-                if not _readable(fileno, 0):
+                # A millisecond of grace: a backlog arrives with tiny gaps, which should not
+                # end a batch; a lone transaction waits that much longer for its commit.
+                if not _readable(fileno, 0.001):
                     yield None  # idle: the loop commits what it holds, sends status...
                     if not _readable(fileno, idle_timeout):
                         continue

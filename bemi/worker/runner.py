@@ -103,6 +103,9 @@ class Worker:
         self._careful_through = 0  # rows at or before this LSN are written with dead-letter fallback
         self._started_once = False
         self._commits = 0  # destination commits since start
+        self._log_changes = 0  # changes written since the last log line
+        self._log_started = self._log_at = 0.0
+        self._log_commit: po.Commit | None = None
         self._last_refresh = 0.0
         self._last_stats = 0.0
 
@@ -264,6 +267,8 @@ class Worker:
         solicited = 0.0
         last_keepalive, same_since = -1, 0.0
         flush_rows = self._flush_rows
+        rows = batch.rows  # the same list throughout (flushed with clear())
+        copy_rows, copy_bytes = cfg.copy_rows, cfg.copy_bytes
         try:
             for item in stream.messages(cfg.poll_interval):
                 if item is None or item is KEEPALIVE:
@@ -295,16 +300,18 @@ class Worker:
                                 solicited = now
                                 stream.send_status(reply=True)  # asks the server for a keepalive
                                 continue
+                    if self._log_changes and time.monotonic() - self._log_at >= 1.0:
+                        self._log_written()
                     self._look_around(source, stream)
                     continue
                 lsn, data = item
-                commit = feed(lsn, data, batch.rows)
-                rows = batch.rows
+                commit = feed(lsn, data, rows)
                 if len(rows) > batch.counted:
+                    # Bytes of the new rows (a message gives one row, a TRUNCATE several).
                     for r in rows[batch.counted:]:
                         batch.rows_bytes += len(r.before) + len(r.after) + len(r.context) + 200
                     batch.counted = len(rows)
-                    if len(rows) >= cfg.copy_rows or batch.rows_bytes >= cfg.copy_bytes:
+                    if batch.counted >= copy_rows or batch.rows_bytes >= copy_bytes:
                         flush_rows(batch)
                 if commit is not None:
                     transactions += 1
@@ -324,9 +331,11 @@ class Worker:
                 raise WorkerError("the stream ended inside a transaction", exit_code=1)
             if batch.unsaved is not None:
                 self._commit(batch)
+            self._log_written()
             if stream.status_dirty or until is not None:
                 self._final_status(stream)
         except BaseException:
+            self._log_written()
             sink.rollback()
             stitcher.reset()
             raise
@@ -401,14 +410,14 @@ class Worker:
             count = batch.pending
             self.written += count
             self.stitcher.skip_through = commit.commit_lsn
-            elapsed = max(time.monotonic() - started, 1e-6)
-            lag_seconds = (datetime.now(timezone.utc) - commit.commit_time).total_seconds()
-            lag_bytes = max(stats.server_wal_end - commit.end_lsn, 0)
-            log.info("wrote %d changes in %.3f s (%.0f changes/s); up to %s; lag %d bytes, %.1f s",
-                     count, elapsed, count / elapsed, po.int_to_lsn(commit.end_lsn), lag_bytes,
-                     max(lag_seconds, 0.0))
+            if not self._log_changes:
+                self._log_started = started
+            self._log_changes += count
+            if time.monotonic() - self._log_at >= 1.0:
+                self._log_written(commit)
         if commit.end_lsn >= self._careful_through:
             self._careful_through = 0
+        self._log_commit = commit
         stats = self.stats
         stats.last_commit_lsn = commit.end_lsn
         stats.last_commit_time = commit.commit_time
@@ -418,6 +427,20 @@ class Worker:
         batch.pending = 0
         batch.unsaved = None
         batch.started = time.monotonic()
+
+
+    def _log_written(self, commit: po.Commit | None = None) -> None:
+        """One log line for the commits since the last one (at most one a second)."""
+        commit = commit or self._log_commit
+        self._log_at = time.monotonic()
+        if not self._log_changes or commit is None:
+            return
+        count, self._log_changes = self._log_changes, 0
+        elapsed = max(self._log_at - self._log_started, 1e-6)
+        lag_seconds = (datetime.now(timezone.utc) - commit.commit_time).total_seconds()
+        lag_bytes = max(self.stats.server_wal_end - commit.end_lsn, 0)
+        log.info("wrote %d changes in %.3f s (%.0f changes/s); up to %s; lag %d bytes, %.1f s",
+                 count, elapsed, count / elapsed, po.int_to_lsn(commit.end_lsn), lag_bytes, max(lag_seconds, 0.0))
 
 
 class _Stopped(Exception):

@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import Any, cast
 
 import psycopg
 
@@ -304,7 +305,7 @@ class Worker:
                         self._log_written()
                     self._look_around(source, stream)
                     continue
-                lsn, data = item
+                lsn, data = cast("tuple[int, Any]", item)  # (LSN, message) when not None/KEEPALIVE
                 commit = feed(lsn, data, rows)
                 if len(rows) > batch.counted:
                     # Bytes of the new rows (a message gives one row, a TRUNCATE several).

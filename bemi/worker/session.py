@@ -37,8 +37,8 @@ CLIENT_KEEPALIVES = {"keepalives": "1", "keepalives_idle": "5", "keepalives_inte
 def connect(dsn: str, what: str, **kwargs: str) -> psycopg.Connection:
     """An autocommit connection with search_path pinned and the worker's session settings."""
     try:
-        conn = psycopg.connect(dsn, autocommit=True, application_name="bemi-worker",
-                               **{**CLIENT_KEEPALIVES, **kwargs})
+        params: dict = {**CLIENT_KEEPALIVES, **kwargs}
+        conn = psycopg.connect(dsn, autocommit=True, application_name="bemi-worker", **params)
     except psycopg.OperationalError as exc:
         raise WorkerError(f"cannot connect to the {what} database: {exc}".strip()) from exc
     try:

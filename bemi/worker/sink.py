@@ -47,7 +47,7 @@ REJECTION_CLASSES = ("22", "23", "54")
 
 def is_rejection(exc: BaseException) -> bool:
     state = getattr(exc, "sqlstate", None)
-    return isinstance(exc, psycopg.Error) and bool(state) and state[:2] in REJECTION_CLASSES
+    return isinstance(exc, psycopg.Error) and isinstance(state, str) and state[:2] in REJECTION_CLASSES
 
 
 def _copy_text(value: str) -> str:
@@ -302,7 +302,7 @@ class Sink:
             conn.execute("ROLLBACK TO SAVEPOINT bemi_chunk")
             conn.execute("RELEASE SAVEPOINT bemi_chunk")
             self.pending = before
-        failed = []
+        failed: list[tuple[ChangeRow, Exception]] = []
         for row in rows:
             conn.execute("SAVEPOINT bemi_row")
             try:

@@ -210,6 +210,7 @@ class Stitcher:
         transactional, lsn, prefix, start, length = po.message_header(data)
         if not transactional or prefix != CONTEXT_PREFIX or self._skip or self._begin is None:
             return
+        problem: str | None
         if length > MAX_CONTEXT_BYTES:
             self._context, problem = "{}", f"context of {length} bytes is larger than 1 MB"
         else:

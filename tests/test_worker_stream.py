@@ -333,3 +333,22 @@ def test_a_slot_dropped_while_running_is_an_exit_2_not_a_retry(worker_env):
     assert proc.returncode == 2, stderr
     assert f"replication slot {env.slot!r} is missing" in stderr
     assert env.slot_state() is None  # never recreated silently
+
+
+def test_worker_stats_follow_what_was_stored(worker_env):
+    env = worker_env
+    env.execute("CREATE TABLE stats_w (id int PRIMARY KEY, v int)")
+    env.run_once()
+    env.execute("INSERT INTO stats_w VALUES (1, 1), (2, 2)")
+    env.execute("UPDATE stats_w SET v = 3 WHERE id = 1")
+    with env.conn.transaction():
+        env.execute("SELECT pg_logical_emit_message(true, '_bemi', 'not json')")
+        env.execute("DELETE FROM stats_w WHERE id = 2")
+    worker = env.run_once()
+    stats = worker.stats
+    assert dict(stats.written) == {("stats_w", "CREATE"): 2, ("stats_w", "UPDATE"): 1, ("stats_w", "DELETE"): 1}
+    assert stats.dropped_contexts == 1 and stats.dead_letters == 0 and stats.reconnects == 0
+    last = env.changes()[-1]
+    assert stats.last_commit_lsn > last["commit_position"] and stats.last_commit_time == last["committed_at"]
+    assert stats.server_wal_end >= stats.last_commit_lsn
+    assert not stats.streaming  # closed after --once

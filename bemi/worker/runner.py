@@ -141,6 +141,8 @@ class Worker:
             stream.send_status()
         if checkpoint:
             self.stats.last_commit_lsn = max(self.stats.last_commit_lsn, checkpoint.end_lsn)
+        self.stats.slot_retained_wal_bytes = source.retained_wal_bytes()
+        self._last_stats = time.monotonic()
         self._started_once = True
         log.info("reading slot %s (publication %s) of database %s from %s over the replication protocol; "
                  "writing changes to database %s", cfg.slot, cfg.publication, source.database,
@@ -420,6 +422,7 @@ class Worker:
             self._careful_through = 0
         self._log_commit = commit
         stats = self.stats
+        stats.dropped_contexts = self.stitcher.bad_contexts
         stats.last_commit_lsn = commit.end_lsn
         stats.last_commit_time = commit.commit_time
         stream.confirm(commit.end_lsn)

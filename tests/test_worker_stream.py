@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from bemi.worker.runner import Worker
-from tests.pgcluster import Cluster
+from bemi_devtools.pgcluster import Cluster
 from tests.test_worker_process import wait_for, wait_for_line
 from tests.workerapp.harness import ROOT
 
@@ -352,3 +352,28 @@ def test_worker_stats_follow_what_was_stored(worker_env):
     assert stats.last_commit_lsn > last["commit_position"] and stats.last_commit_time == last["committed_at"]
     assert stats.server_wal_end >= stats.last_commit_lsn
     assert not stats.streaming  # closed after --once
+
+
+def test_a_character_the_destination_cannot_store_is_a_dead_letter(worker_env):
+    env = worker_env
+    dest_db = f"bemi_latin1_{os.getpid()}"
+    env.execute(f"DROP DATABASE IF EXISTS {dest_db}")
+    env.execute(f"CREATE DATABASE {dest_db} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    try:
+        env.execute("CREATE TABLE latin_w (id int PRIMARY KEY, v text)")
+        from tests.db import db_dsn
+
+        dest = db_dsn(dest_db)
+        env.run_once(destination_dsn=dest)
+        env.execute("INSERT INTO latin_w VALUES (1, 'caf\u00e9'), (2, '20 \u20ac'), (3, 'plain')")
+        worker = env.run_once(destination_dsn=dest)
+        assert worker.stats.dead_letters == 1
+        with psycopg.connect(dest) as conn:
+            assert [r[0] for r in conn.execute(
+                "SELECT primary_key FROM changes ORDER BY change_index").fetchall()] == ["1", "3"]
+            (pk, sqlstate, change), = conn.execute(
+                "SELECT primary_key, sqlstate, change FROM _bemi_worker_failures").fetchall()
+        assert pk == "2" and sqlstate == "22P05"
+        assert "20 \u20ac" in bytes(change).decode("utf-8")  # kept exactly, as UTF-8
+    finally:
+        env.execute(f"DROP DATABASE IF EXISTS {dest_db} WITH (FORCE)")

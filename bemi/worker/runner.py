@@ -198,15 +198,18 @@ class Worker:
                 except _Stopped:
                     return 0
                 except _Poison as exc:
-                    # Not a fault: read again from the checkpoint, this time with a dead-letter fallback.
-                    self._careful_through = max(self._careful_through, exc.through)
-                    log.warning("the destination rejected a change (%s); reading again from the checkpoint "
-                                "and storing what it rejects in _bemi_worker_failures", _one_line(exc.error))
-                    self.close()
-                    continue
-                except WorkerError:
+                    if self._commits > commits_before or exc.through > self._careful_through:
+                        # Not a fault: read again from the checkpoint, with a dead-letter fallback this time.
+                        self._careful_through = max(self._careful_through, exc.through)
+                        log.warning("the destination rejected a change (%s); reading again from the checkpoint "
+                                    "and storing what it rejects in _bemi_worker_failures", _one_line(exc.error))
+                        self.close()
+                        continue
+                    # Rejected again where rows already had their fallback: not a row's fault; back off.
+                    log.error("the destination rejected a commit, not a change: %s", _one_line(exc.error))
+                except WorkerError as exc:
                     if self._started_once and self._transient_setup_error():
-                        pass  # cannot connect while the server restarts: like any other fault
+                        log.warning("%s", exc)  # cannot connect while the server restarts: a fault to wait out
                     else:
                         raise
                 except (psycopg.Error, OSError) as exc:

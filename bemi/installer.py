@@ -70,3 +70,9 @@ def install(apps: Any, schema_editor: Any) -> None:
 
 def uninstall(apps: Any, schema_editor: Any) -> None:
     run_sql_file(schema_editor.connection, "uninstall.sql")
+
+
+def install_over_published(apps: Any, schema_editor: Any) -> None:
+    """Migration 0003: drop what the published bemi-django left in the way, then install ours."""
+    run_sql_file(schema_editor.connection, "upgrade_0_1_3.sql")
+    install(apps, schema_editor)

@@ -78,6 +78,12 @@ def add_worker_arguments(parser) -> None:
                         help="longest wait for the replication stream before looking around (default: 0.1)")
     parser.add_argument("--heartbeat-interval", type=float, default=10.0,
                         help="seconds between status updates to the server when idle (default: 10)")
+    parser.add_argument("--takeover", action="store_true",
+                        help="taking over from the published Docker worker (e.g. --slot bemi_local --publication "
+                             "dbz_publication): do not store again the changes it stored (docs/upgrading.md)")
+    parser.add_argument("--takeover-memory", type=int, default=64, metavar="MIB",
+                        help="with --takeover: memory for the keys of the changes it stored (default: 64 MiB, "
+                             "20 bytes per change)")
 
 
 def config_from_options(options, source_dsn: str, destination_dsn: str | None) -> Config:
@@ -91,6 +97,8 @@ def config_from_options(options, source_dsn: str, destination_dsn: str | None) -
         batch_rows=max(1, options.batch_rows),
         poll_interval=options.poll_interval,
         heartbeat_interval=options.heartbeat_interval,
+        takeover=options.takeover,
+        takeover_max_bytes=max(1, options.takeover_memory) * 1024 * 1024,
     )
 
 

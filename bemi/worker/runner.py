@@ -29,6 +29,7 @@ from typing import Any, cast
 import psycopg
 
 from bemi.worker import pgoutput as po
+from bemi.worker import takeover as takeover_mod
 from bemi.worker.errors import WorkerError, check_slot
 from bemi.worker.sink import Checkpoint, Sink, is_rejection
 from bemi.worker.source import KEEPALIVE, MIN_PSYCOPG, ConnectionLost, Source, Stream
@@ -60,6 +61,8 @@ class Config:
     backoff_initial: float = 0.5  # first wait after a fault (seconds), doubled each time...
     backoff_max: float = 30.0  # ... up to this
     standby_interval: float = 0.5  # how often a standby tries to take the slot
+    takeover: bool = False  # skip what the published worker stored that the slot replays (worker/takeover.py)
+    takeover_max_bytes: int = takeover_mod.DEFAULT_MAX_BYTES
 
 
 @dataclass
@@ -109,6 +112,7 @@ class Worker:
         self._log_commit: po.Commit | None = None
         self._last_refresh = 0.0
         self._last_stats = 0.0
+        self.row_filter: takeover_mod.RowFilter | None = None  # --takeover: drops what the published worker stored
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -128,6 +132,11 @@ class Worker:
         source.refresh_tables()
         self._last_refresh = time.monotonic()
         state = source.ensure_slot(checkpoint.commit_lsn if checkpoint else None)
+        if cfg.takeover:
+            self.row_filter = takeover_mod.start(source.control, cfg.slot, sink.conn, source.database,
+                                                 cfg.takeover_max_bytes)
+        elif checkpoint is None:
+            takeover_mod.warn_if_published_rows(sink.conn, source.database)
         self.values = JsonValues(source.type_spec, _python_encoding(source.encoding))
         self.stitcher = Stitcher(self.values, source.primary_key,
                                  skip_through=checkpoint.commit_lsn if checkpoint else 0)
@@ -170,6 +179,9 @@ class Worker:
 
     def close(self) -> None:
         self.stats.streaming = False
+        if self.row_filter is not None:
+            log.info("--takeover: skipped %d changes the published worker had stored",
+                     getattr(self.row_filter, "skipped", 0))
         if self.sink:
             self.sink.rollback()
             self.sink.close()
@@ -373,7 +385,10 @@ class Worker:
     def _flush_rows(self, batch: _Batch) -> None:
         """COPY the decoded rows into the open destination transaction."""
         rows = batch.rows
+        if rows and self.row_filter is not None:
+            rows[:] = self.row_filter(rows)
         if not rows:
+            batch.rows_bytes = batch.counted = 0
             return
         _source, sink, _stream = self._ready()
         queued_at = datetime.now(timezone.utc)

@@ -53,7 +53,8 @@ class Command(BaseCommand):
             pass
 
         opts = Opts()
-        for key in ("once", "standby", "slot", "publication", "batch_rows", "poll_interval", "heartbeat_interval"):
+        for key in ("once", "standby", "slot", "publication", "batch_rows", "poll_interval", "heartbeat_interval",
+                    "takeover", "takeover_memory"):
             setattr(opts, key, options[key])
         code = main_loop(config_from_options(opts, source, destination))
         if code:

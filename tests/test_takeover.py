@@ -1,0 +1,179 @@
+"""Taking over the published Docker worker's slot (`bemi_local`, publication `dbz_publication`).
+
+The published worker is simulated as Debezium + its TypeScript worker behave:
+it read every change through a slot of its own view of the WAL (a
+test_decoding slot created with `bemi_local`, so the same LSNs), stored one
+row per change with `position` = the change's LSN and insert-or-ignore on its
+unique key (position, table, schema, database, operation), a primary key
+change as a DELETE and a CREATE, and confirmed to `bemi_local` only an earlier
+position than what it stored. Our worker then starts on `bemi_local`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections import Counter
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from bemi.worker.runner import Config, Worker
+from bemi.worker.errors import WorkerError
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+PUBLISHED_CHANGES = """CREATE TABLE changes (
+    "id" uuid PRIMARY KEY DEFAULT gen_random_uuid(), "database" varchar(255) NOT NULL,
+    "schema" varchar(255) NOT NULL, "table" varchar(255) NOT NULL, "primary_key" varchar(255),
+    "operation" text NOT NULL, "before" jsonb NOT NULL DEFAULT '{}', "after" jsonb NOT NULL DEFAULT '{}',
+    "context" jsonb NOT NULL DEFAULT '{}', "committed_at" timestamptz NOT NULL,
+    "queued_at" timestamptz NOT NULL, "created_at" timestamptz NOT NULL DEFAULT now(),
+    "transaction_id" bigint NOT NULL, "position" bigint NOT NULL);
+CREATE UNIQUE INDEX changes_position_table_schema_database_operation_unique
+    ON changes ("position", "table", "schema", "database", "operation")"""
+
+_CHANGE = re.compile(r"table (\w+)\.(\w+): (INSERT|UPDATE|DELETE): (old-key: (.*?) new-tuple: )?(.*)\Z", re.S)
+_ID = re.compile(r"\bid\[integer\]:(\d+)")
+
+
+@pytest.fixture
+def database(pg_server):
+    name = f"takeover_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    yield name
+    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
+        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
+                     [name])
+        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def lsn_int(lsn: str) -> int:
+    high, low = lsn.split("/")
+    return (int(high, 16) << 32) + int(low, 16)
+
+
+def workload(conn: psycopg.Connection, dsn: str) -> None:
+    for i in range(1, 11):  # 10 transactions, one insert each
+        conn.execute("INSERT INTO todo VALUES (%s, %s)", [i, f"task {i}"])
+    with conn.cursor().copy("COPY todo FROM STDIN") as copy:  # 5 rows, one WAL record: one position
+        for i in range(11, 16):
+            copy.write_row((i, f"copied {i}"))
+    conn.execute("SELECT pg_logical_emit_message(true, '_bemi', '{\"user_id\": 7}'); "
+                 "UPDATE todo SET task = 'done' WHERE id = 1")
+    conn.execute("UPDATE todo SET id = 100 WHERE id = 2")  # a primary key change
+    conn.execute("DELETE FROM todo WHERE id = 3")
+    # Interleaved: the transaction that commits second wrote first.
+    with psycopg.connect(dsn, autocommit=False) as other:
+        other.execute("INSERT INTO todo VALUES (20, 'first written, last committed')")
+        conn.execute("INSERT INTO todo VALUES (21, 'written second, committed first')")
+        other.execute("INSERT INTO todo VALUES (22, 'same transaction as 20')")
+        other.commit()
+
+
+def published_worker_view(conn: psycopg.Connection, slot: str) -> list[list[dict]]:
+    """Every transaction of the test_decoding slot, in commit order: its changes as Debezium reports them."""
+    transactions: list[list[dict]] = []
+    current: list[dict] = []
+    for lsn, xid, data in conn.execute(
+        "SELECT lsn::text, xid::text::bigint, data FROM pg_logical_slot_get_changes(%s, NULL, NULL)", [slot]
+    ).fetchall():
+        if data.startswith("BEGIN"):
+            current = []
+        elif data.startswith("COMMIT"):
+            transactions.append(current + [{"commit": lsn_int(lsn)}])
+        else:
+            m = _CHANGE.match(data)
+            if not m:
+                continue
+            schema, table, kind, _, old_key, tuple_ = m.groups()
+            base = {"position": lsn_int(lsn), "schema": schema, "table": table, "xid": xid}
+            new_id = _ID.search(tuple_).group(1)
+            old_id = _ID.search(old_key).group(1) if old_key else new_id
+            if kind == "UPDATE" and old_id != new_id:  # Debezium: a DELETE of the old key and a CREATE of the new
+                current.append({**base, "operation": "DELETE", "pk": old_id})
+                current.append({**base, "operation": "CREATE", "pk": new_id})
+            else:
+                current.append({**base, "operation": {"INSERT": "CREATE"}.get(kind, kind), "pk": new_id})
+    return transactions
+
+
+def store_as_published(conn: psycopg.Connection, database: str, transactions: list[list[dict]]) -> None:
+    for changes in transactions:
+        for c in changes:
+            if "commit" in c:
+                continue
+            conn.execute(
+                'INSERT INTO changes ("database", "schema", "table", primary_key, operation, committed_at, '
+                'queued_at, transaction_id, "position") VALUES (%s, %s, %s, %s, %s, now(), now(), %s, %s) '
+                "ON CONFLICT DO NOTHING",  # the published worker's insert-or-ignore
+                [database, c["schema"], c["table"], c["pk"], c["operation"], c["xid"], c["position"]],
+            )
+
+
+def stored(conn: psycopg.Connection) -> list[dict]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute('SELECT primary_key, operation, "position", commit_position IS NULL AS published '
+                           "FROM changes").fetchall()
+
+
+@pytest.mark.parametrize("takeover", [True, False], ids=["takeover", "without-takeover"])
+def test_taking_over_the_published_workers_slot(pg_server, database, takeover, caplog):
+    dsn = pg_server.dsn(database)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(PUBLISHED_CHANGES)
+        conn.execute("CREATE TABLE todo (id int PRIMARY KEY, task text)")
+        conn.execute("ALTER TABLE todo REPLICA IDENTITY FULL")
+        conn.execute("CREATE PUBLICATION dbz_publication FOR ALL TABLES")  # Debezium's default
+        conn.execute("SELECT pg_create_logical_replication_slot('bemi_local', 'pgoutput')")
+        conn.execute("SELECT pg_create_logical_replication_slot('debezium_view', 'test_decoding')")
+        workload(conn, dsn)
+        before_last = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        for i in range(30, 40):  # 10 more transactions, never seen by the container
+            conn.execute("INSERT INTO todo VALUES (%s, 'after the container stopped')", [i])
+
+        transactions = published_worker_view(conn, "debezium_view")
+        assert len(transactions) == 26
+        seen = [t for t in transactions if t[-1]["commit"] <= lsn_int(str(before_last))]
+        assert len(seen) == 16
+        store_as_published(conn, database, seen)
+        # Debezium confirmed only the first 5 transactions to the slot (its offsets are ahead).
+        conn.execute("SELECT pg_replication_slot_advance('bemi_local', '0/0'::pg_lsn + %s::numeric)",
+                     [seen[4][-1]["commit"] + 1])
+        published = conn.execute('SELECT count(*) FROM changes').fetchone()[0]
+        # 16 transactions, 21 WAL changes: the COPY's 5 rows share a position (4 dropped by the unique key),
+        # the primary key change is 2 rows.
+        assert published == 21 - 4 + 1
+
+        config = Config(source_dsn=dsn, slot="bemi_local", publication="dbz_publication", once=True,
+                        takeover=takeover)
+        if takeover:
+            # The overlap is bounded in bytes: too little memory is refused, never exceeded.
+            with pytest.raises(WorkerError, match="--takeover-memory"):
+                Worker(Config(**{**config.__dict__, "takeover_max_bytes": 100})).run()
+        caplog.set_level(logging.INFO, logger="bemi.worker")
+        assert Worker(config).run() == 0
+        rows = stored(conn)
+        ours = [r for r in rows if not r["published"]]
+        counts = Counter((r["primary_key"], r["operation"]) for r in rows)
+
+    if not takeover:
+        # The control: the slot replays transactions 6 to 16, and they are stored twice.
+        assert "start with --takeover" in caplog.text
+        assert max(counts.values()) == 2
+        return
+    replayed = sum(len(t) - 1 for t in seen[5:])  # changes of transactions 6..16, as the container stored them
+    assert f"skipped {replayed - 4 - 1} changes" in caplog.text  # minus the 4 COPY rows it lost, pk change is 1
+    doubled = {key: n for key, n in counts.items() if n > 1}
+    assert doubled == {}, "nothing is stored twice"
+    # The COPY rows the published worker lost (its unique key kept the first) and the 10 later inserts.
+    assert sorted((r["primary_key"], r["operation"]) for r in ours) == sorted(
+        [(str(i), "CREATE") for i in range(12, 16)] + [(str(i), "CREATE") for i in range(30, 40)])
+    expected = Counter({(str(i), "CREATE"): 1 for i in [*range(1, 16), 20, 21, 22, *range(30, 40)]})
+    expected.update({("1", "UPDATE"): 1, ("2", "DELETE"): 1, ("100", "CREATE"): 1, ("3", "DELETE"): 1})
+    assert counts == expected, "every change once"
+    print(f"\ntakeover counts: {published} rows stored by the published worker, "
+          f"{replayed - 5} replayed by the slot and skipped, {len(ours)} stored by ours, {len(rows)} in all")

@@ -13,6 +13,7 @@ bemi.E003  PostgreSQL older than 14
 bemi.W002  ``PUBLIC`` may execute ``pg_logical_emit_message``: any role can label its writes
 bemi.W003  ``PUBLIC`` may ``CREATE`` in schema ``public``, where bemi installs (PostgreSQL 14 and older)
 bemi.E005  psycopg older than 3.3 (the worker streams with START_REPLICATION)
+bemi.W015  an inactive replication slot (or Debezium's publication) left by an earlier Bemi worker
 =========  =====================================================================
 
 W002 and W003 are warnings, not errors: see docs/security.md for what they
@@ -157,3 +158,25 @@ SERVER_FACTS = """
            pg_catalog.to_regnamespace('public') IS NOT NULL
              AND pg_catalog.has_schema_privilege('public', 'public', 'CREATE')
 """
+
+
+@register(Tags.database)
+def check_leftovers(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Slots and publications an earlier Bemi worker left (bemi/leftovers.py): a slot nobody reads keeps WAL."""
+    from bemi.leftovers import find_leftovers
+
+    messages: list[CheckMessage] = []
+    for alias in databases or []:
+        connection = connections[alias]
+        if connection.vendor != "postgresql":
+            continue
+        with connection.cursor() as cursor:
+            leftovers = find_leftovers(cursor.cursor)
+        for leftover in leftovers:
+            messages.append(Warning(
+                f"Database {alias!r}: {leftover.message}",
+                hint="After switching from the published Bemi worker, see docs/upgrading.md#leftovers. "
+                     "Silence with SILENCED_SYSTEM_CHECKS = ['bemi.W015'] if something else reads it.",
+                id="bemi.W015",
+            ))
+    return messages

@@ -35,20 +35,28 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 @pytest.fixture(scope="session")
 def published_python(tmp_path_factory) -> Path:
-    """The Python of a virtual environment holding the published bemi-django (and psycopg)."""
-    venv = tmp_path_factory.mktemp("published") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    """The Python of a virtual environment holding the published bemi-django (and psycopg).
+
+    Made once per test session; kept inside this project's own virtual environment
+    (``.venv/published-bemi-django``) so later runs on this machine reuse it.
+    """
+    venv = Path(sys.prefix) / "published-bemi-django" if sys.prefix != sys.base_prefix else \
+        tmp_path_factory.mktemp("published") / "venv"
+    python, marker = venv / "bin" / "python", venv / f"installed-{PUBLISHED}"
+    if marker.exists() and python.exists():
+        return python
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=120)
     result = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check",
-         PUBLISHED, "psycopg[binary]"],
+        [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", PUBLISHED, "psycopg[binary]"],
         capture_output=True, text=True, timeout=600,
     )
     if result.returncode != 0:
         output = result.stdout + result.stderr
-        if any(marker in output for marker in UNREACHABLE):
+        if any(text in output for text in UNREACHABLE):
             pytest.skip(f"the package registry is unreachable, cannot install {PUBLISHED}: {output.strip()[-300:]}")
         raise AssertionError(f"pip install {PUBLISHED} failed:\n{output}")
-    return venv / "bin" / "python"
+    marker.touch()
+    return python
 
 
 @pytest.fixture
@@ -182,6 +190,32 @@ def test_a_database_of_the_published_package_switches_to_ours(published_python, 
         assert bemi_triggers(conn) == [] and event_triggers(conn) == set()
         assert conn.execute("SELECT count(*) FROM pg_proc WHERE proname LIKE '\\_bemi%'").fetchone()[0] == 0
         assert replica_identity(conn, "todo") == "f"  # left as it is, like uninstall.sql says
+
+
+def test_published_functions_outside_schema_public_are_dropped(published_python, pg_server, scratch, tmp_path):
+    # The published migration creates its functions in the first schema of the search_path.
+    with psycopg.connect(pg_server.dsn(scratch), autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA legacy")
+        conn.execute(f"ALTER DATABASE {scratch} SET search_path = legacy, public")
+    published_migrate(published_python, pg_server, scratch, tmp_path)
+    with psycopg.connect(pg_server.dsn(scratch), autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.todo (id serial PRIMARY KEY, task text)")
+        schemas = conn.execute("SELECT DISTINCT n.nspname::text FROM pg_proc p JOIN pg_namespace n "
+                               "ON n.oid = p.pronamespace WHERE p.proname LIKE '\\_bemi%'").fetchall()
+        assert schemas == [("legacy",)]
+        assert bemi_triggers(conn, "todo") == [("todo", "_bemi_row_trigger_todo", True)]
+
+    result = our_manage(["migrate", "bemi"], scratch)
+    assert "dropped event trigger _bemi_create_table_trigger of the published bemi-django" in result.stdout
+    assert "dropped legacy._bemi_create_triggers() of the published bemi-django" in result.stdout
+    with psycopg.connect(pg_server.dsn(scratch), autocommit=True) as conn:
+        schemas = conn.execute("SELECT DISTINCT n.nspname::text FROM pg_proc p JOIN pg_namespace n "
+                               "ON n.oid = p.pronamespace WHERE p.proname LIKE '\\_bemi%'").fetchall()
+        assert schemas == [("public",)]
+        assert bemi_triggers(conn, "todo") == [("todo", "_bemi_row_trigger_todo", False)]
+        assert event_triggers(conn) == OUR_EVENT_TRIGGERS
+        conn.execute("CREATE TABLE public.later (id int PRIMARY KEY)")
+        assert bemi_triggers(conn, "later") == [("later", "_bemi_row_trigger_later", False)]
 
 
 def snapshot(conn) -> dict:

@@ -14,9 +14,12 @@
 -- The published functions and procedure (`_bemi_row_trigger_func`,
 -- `_bemi_create_triggers`, `_bemi_create_table_trigger_func`) and event trigger
 -- `_bemi_create_table_trigger` (and those of Bemi's hosted setup,
--- `_bemi_set_replica_identity*`) have the names install.sql uses: it replaces them.
+-- `_bemi_set_replica_identity*`) have the names install.sql uses in schema
+-- public: it replaces them there. The published migration created them in the
+-- first schema of the migrating role's search_path, though: copies outside
+-- public are dropped here, with an event trigger of those names calling one.
 
-CREATE FUNCTION pg_temp._bemi_drop_published_row_triggers()
+CREATE FUNCTION pg_temp._bemi_drop_published_leftovers()
 RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -52,9 +55,44 @@ BEGIN
   IF dropped OPERATOR(pg_catalog.>) 0 THEN
     RAISE NOTICE 'bemi: dropped % per-row trigger(s) of the published bemi-django (replaced by one statement trigger per tracked table)', dropped;
   END IF;
+
+  FOR t IN
+    SELECT e.evtname
+    FROM pg_catalog.pg_event_trigger e
+    JOIN pg_catalog.pg_proc p ON p.oid OPERATOR(pg_catalog.=) e.evtfoid
+    JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace
+    WHERE e.evtname OPERATOR(pg_catalog.=) ANY (ARRAY['_bemi_create_table_trigger', '_bemi_set_replica_identity_trigger']::pg_catalog.name[])
+      AND n.nspname OPERATOR(pg_catalog.<>) 'public'::pg_catalog.name
+  LOOP
+    BEGIN
+      EXECUTE pg_catalog.format('DROP EVENT TRIGGER %I', t.evtname);
+      RAISE NOTICE 'bemi: dropped event trigger % of the published bemi-django (install.sql creates ours)', t.evtname;
+    EXCEPTION WHEN insufficient_privilege THEN
+      RAISE NOTICE 'bemi: no privilege to drop event trigger % of the published bemi-django; a superuser must run DROP EVENT TRIGGER %;', t.evtname, t.evtname;
+    END;
+  END LOOP;
+
+  FOR t IN
+    SELECT p.oid::pg_catalog.regprocedure::pg_catalog.text AS routine
+    FROM pg_catalog.pg_proc p
+    JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) p.pronamespace
+    WHERE p.proname OPERATOR(pg_catalog.=) ANY (ARRAY['_bemi_row_trigger_func', '_bemi_create_triggers',
+        '_bemi_create_table_trigger_func', '_bemi_set_replica_identity', '_bemi_set_replica_identity_func']::pg_catalog.name[])
+      AND p.pronargs OPERATOR(pg_catalog.=) 0
+      AND n.nspname OPERATOR(pg_catalog.<>) ALL (ARRAY['public', 'pg_catalog']::pg_catalog.name[])
+      AND n.nspname OPERATOR(pg_catalog.!~) '^pg_temp'
+    ORDER BY 1
+  LOOP
+    BEGIN
+      EXECUTE pg_catalog.format('DROP ROUTINE %s', t.routine);  -- regprocedure text: qualified and quoted
+      RAISE NOTICE 'bemi: dropped % of the published bemi-django (ours is in schema public)', t.routine;
+    EXCEPTION WHEN insufficient_privilege OR dependent_objects_still_exist THEN
+      RAISE NOTICE 'bemi: could not drop % of the published bemi-django: %', t.routine, SQLERRM;
+    END;
+  END LOOP;
   RETURN dropped;
 END;
 $bemi$;
 
-SELECT pg_temp._bemi_drop_published_row_triggers();
-DROP FUNCTION pg_temp._bemi_drop_published_row_triggers();
+SELECT pg_temp._bemi_drop_published_leftovers();
+DROP FUNCTION pg_temp._bemi_drop_published_leftovers();

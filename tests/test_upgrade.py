@@ -20,6 +20,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from bemi import sql
 from bemi.worker.runner import Config, Worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -216,6 +217,26 @@ def test_published_functions_outside_schema_public_are_dropped(published_python,
         assert event_triggers(conn) == OUR_EVENT_TRIGGERS
         conn.execute("CREATE TABLE public.later (id int PRIMARY KEY)")
         assert bemi_triggers(conn, "later") == [("later", "_bemi_row_trigger_later", False)]
+
+
+def test_install_sql_run_alone_over_the_published_package_never_cancels_a_write(
+        published_python, pg_server, scratch, tmp_path):
+    # `psql -f install.sql` without upgrade_0_1_3.sql: the published per-row trigger on a table we do not
+    # track (`changes`) stays, now calling our function; it must let the row through.
+    published_migrate(published_python, pg_server, scratch, tmp_path)
+    with psycopg.connect(pg_server.dsn(scratch), autocommit=True) as conn:
+        conn.execute(PUBLISHED_CHANGES)
+        conn.execute(sql.read("install.sql"))
+        assert bemi_triggers(conn, "changes") == [("changes", "_bemi_row_trigger_changes", True)]
+        conn.execute("INSERT INTO changes (\"database\", \"schema\", \"table\", operation, committed_at, queued_at, "
+                     "transaction_id, \"position\") VALUES ('d', 'public', 't', 'CREATE', now(), now(), 1, 1)")
+        conn.execute("DELETE FROM changes")
+        conn.execute("INSERT INTO changes (\"database\", \"schema\", \"table\", operation, committed_at, queued_at, "
+                     "transaction_id, \"position\") SELECT 'd', 'public', 't', 'CREATE', now(), now(), 1, g "
+                     "FROM generate_series(1, 3) g")
+        conn.execute("UPDATE changes SET operation = 'UPDATE' WHERE \"position\" = 1")
+        assert conn.execute("SELECT count(*), count(*) FILTER (WHERE operation = 'UPDATE') FROM changes").fetchone() \
+            == (3, 1)
 
 
 def snapshot(conn) -> dict:

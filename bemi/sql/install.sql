@@ -161,6 +161,14 @@ BEGIN
       RAISE WARNING 'bemi: role % may not execute pg_logical_emit_message: the /*Bemi ... Bemi*/ context is ignored', current_user;
     END;
   END IF;
+  IF TG_LEVEL = 'ROW' THEN
+    -- Attached per row (a trigger the published bemi-django left, see upgrade_0_1_3.sql):
+    -- returning NULL from a BEFORE ROW trigger would silently cancel the write.
+    IF TG_OP = 'DELETE' THEN
+      RETURN OLD;
+    END IF;
+    RETURN NEW;
+  END IF;
   RETURN NULL;
 END;
 $bemi$;

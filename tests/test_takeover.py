@@ -120,8 +120,9 @@ def stored(conn: psycopg.Connection) -> list[dict]:
                            "FROM changes").fetchall()
 
 
-@pytest.mark.parametrize("takeover", [True, False], ids=["takeover", "without-takeover"])
-def test_taking_over_the_published_workers_slot(pg_server, database, takeover, caplog):
+@pytest.mark.parametrize("mode", ["takeover", "interrupted", "without-takeover"])
+def test_taking_over_the_published_workers_slot(pg_server, database, mode, caplog):
+    takeover = mode != "without-takeover"
     dsn = pg_server.dsn(database)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(PUBLISHED_CHANGES)
@@ -154,6 +155,24 @@ def test_taking_over_the_published_workers_slot(pg_server, database, takeover, c
             # The overlap is bounded in bytes: too little memory is refused, never exceeded.
             with pytest.raises(WorkerError, match="--takeover-memory"):
                 Worker(Config(**{**config.__dict__, "takeover_max_bytes": 100})).run()
+        if mode == "interrupted":
+            # Killed at the second destination commit (one per transaction that stores rows: the
+            # first holds the 4 COPY rows the published worker lost), then restarted.
+            worker = Worker(Config(**{**config.__dict__, "batch_rows": 1}))
+            worker.setup()
+            real_commit, commits = worker.sink.commit, []
+
+            def crash_on_second_commit(*args):
+                commits.append(args)
+                if len(commits) == 2:
+                    raise RuntimeError("simulated crash")
+                return real_commit(*args)
+
+            worker.sink.commit = crash_on_second_commit  # type: ignore[method-assign]
+            with pytest.raises(RuntimeError):
+                worker.drain()
+            worker.close()
+            assert conn.execute("SELECT count(*) FROM changes WHERE commit_position IS NOT NULL").fetchone()[0] == 4
         caplog.set_level(logging.INFO, logger="bemi.worker")
         assert Worker(config).run() == 0
         rows = stored(conn)
@@ -166,7 +185,8 @@ def test_taking_over_the_published_workers_slot(pg_server, database, takeover, c
         assert max(counts.values()) == 2
         return
     replayed = sum(len(t) - 1 for t in seen[5:])  # changes of transactions 6..16, as the container stored them
-    assert f"skipped {replayed - 4 - 1} changes" in caplog.text  # minus the 4 COPY rows it lost, pk change is 1
+    if mode == "takeover":
+        assert f"skipped {replayed - 4 - 1} changes" in caplog.text  # minus the 4 COPY rows it lost; pk change is 1
     doubled = {key: n for key, n in counts.items() if n > 1}
     assert doubled == {}, "nothing is stored twice"
     # The COPY rows the published worker lost (its unique key kept the first) and the 10 later inserts.

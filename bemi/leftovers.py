@@ -52,13 +52,13 @@ class Leftover:
     @property
     def message(self) -> str:
         if self.kind == "slot":
-            size = f"{self.retained_wal_bytes / (1024 * 1024):.1f} MiB" if self.retained_wal_bytes is not None else \
+            size = f"{self.retained_wal_bytes / (1024 * 1024):.1f} MiB of" if self.retained_wal_bytes is not None else \
                 "an unknown amount of"
             return (f"inactive replication slot {self.name!r} looks like one an earlier Bemi worker left "
                     f"(no worker reads it): it keeps {size} WAL, and more every minute. If nothing reads it, "
                     f"drop it: {self.drop_sql}")
-        return (f"publication {self.name!r} looks like one the published Bemi worker (Debezium) left and no "
-                f"slot of it remains. If nothing uses it, drop it: {self.drop_sql}")
+        return (f"publication {self.name!r} looks like one the published Bemi worker (Debezium) left, and "
+                f"none of its slots is in use. If nothing uses it, drop it: {self.drop_sql}")
 
 
 def _checkpointed_slots(cursor: Any) -> set[str]:

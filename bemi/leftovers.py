@@ -49,6 +49,11 @@ class Leftover:
     retained_wal_bytes: int | None  # slots: WAL kept since its restart position
     drop_sql: str  # the statement that removes it
 
+    def as_dict(self) -> dict[str, Any]:
+        """For JSON output (``bemi_status --json``)."""
+        return {"kind": self.kind, "name": self.name, "retained_wal_bytes": self.retained_wal_bytes,
+                "drop_sql": self.drop_sql, "message": self.message}
+
     @property
     def message(self) -> str:
         if self.kind == "slot":

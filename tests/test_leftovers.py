@@ -48,6 +48,7 @@ def test_inactive_debezium_and_bemi_slots_are_leftovers(db):
     assert slot.drop_sql == "SELECT pg_drop_replication_slot('bemi_local');"
     assert slot.retained_wal_bytes is not None and slot.retained_wal_bytes >= 0
     assert "keeps" in slot.message and slot.drop_sql in slot.message
+    assert slot.as_dict()["drop_sql"] == slot.drop_sql and slot.as_dict()["kind"] == "slot"
     # Named as in use (e.g. after a takeover with --slot bemi_local --publication dbz_publication): kept.
     assert leftovers(db, in_use_slots=["bemi_local"]) == [("slot", "bemi_trial")]
     assert leftovers(db, in_use_publications=["dbz_publication"]) == [("slot", "bemi_local"), ("slot", "bemi_trial")]

@@ -219,6 +219,19 @@ def test_published_functions_outside_schema_public_are_dropped(published_python,
         assert bemi_triggers(conn, "later") == [("later", "_bemi_row_trigger_later", False)]
 
 
+def test_published_migrations_recorded_without_their_sql_get_ours(pg_server, scratch):
+    # bemi-django 0.1.3's router answers allow_migrate = False for the bemi app: its migrations are
+    # recorded as applied while nothing was installed.
+    our_manage(["migrate", "bemi", "0002", "--fake"], scratch)
+    result = our_manage(["migrate", "bemi"], scratch)
+    assert "Applying bemi.0003_upgrade" in result.stdout
+    with psycopg.connect(pg_server.dsn(scratch), autocommit=True) as conn:
+        assert event_triggers(conn) == OUR_EVENT_TRIGGERS
+        assert bemi_triggers(conn, "django_migrations") == [("django_migrations", "_bemi_row_trigger_django_migrations",
+                                                             False)]
+        assert replica_identity(conn, "django_migrations") == "f"
+
+
 def test_install_sql_run_alone_over_the_published_package_never_cancels_a_write(
         published_python, pg_server, scratch, tmp_path):
     # `psql -f install.sql` without upgrade_0_1_3.sql: the published per-row trigger on a table we do not

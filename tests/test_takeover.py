@@ -56,9 +56,11 @@ def lsn_int(lsn: str) -> int:
     return (int(high, 16) << 32) + int(low, 16)
 
 
-def workload(conn: psycopg.Connection, dsn: str) -> None:
+def workload(conn: psycopg.Connection, dsn: str, after_five) -> None:
     for i in range(1, 11):  # 10 transactions, one insert each
         conn.execute("INSERT INTO todo VALUES (%s, %s)", [i, f"task {i}"])
+        if i == 5:
+            after_five()
     with conn.cursor().copy("COPY todo FROM STDIN") as copy:  # 5 rows, one WAL record: one position
         for i in range(11, 16):
             copy.write_row((i, f"copied {i}"))
@@ -120,9 +122,13 @@ def stored(conn: psycopg.Connection) -> list[dict]:
                            "FROM changes").fetchall()
 
 
-@pytest.mark.parametrize("mode", ["takeover", "interrupted", "without-takeover"])
+@pytest.mark.parametrize("mode", ["takeover", "interrupted", "new-slot", "without-takeover"])
 def test_taking_over_the_published_workers_slot(pg_server, database, mode, caplog):
+    """Modes: --takeover on bemi_local; the same, killed halfway and restarted; procedure A of
+    docs/upgrading.md (slot `bemi` created while the container runs, after its 5th transaction);
+    the control, without --takeover."""
     takeover = mode != "without-takeover"
+    slot = "bemi" if mode == "new-slot" else "bemi_local"
     dsn = pg_server.dsn(database)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(PUBLISHED_CHANGES)
@@ -131,7 +137,8 @@ def test_taking_over_the_published_workers_slot(pg_server, database, mode, caplo
         conn.execute("CREATE PUBLICATION dbz_publication FOR ALL TABLES")  # Debezium's default
         conn.execute("SELECT pg_create_logical_replication_slot('bemi_local', 'pgoutput')")
         conn.execute("SELECT pg_create_logical_replication_slot('debezium_view', 'test_decoding')")
-        workload(conn, dsn)
+        workload(conn, dsn, lambda: mode == "new-slot" and conn.execute(
+            "SELECT pg_create_logical_replication_slot('bemi', 'pgoutput')"))
         before_last = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
         for i in range(30, 40):  # 10 more transactions, never seen by the container
             conn.execute("INSERT INTO todo VALUES (%s, 'after the container stopped')", [i])
@@ -149,7 +156,7 @@ def test_taking_over_the_published_workers_slot(pg_server, database, mode, caplo
         # the primary key change is 2 rows.
         assert published == 21 - 4 + 1
 
-        config = Config(source_dsn=dsn, slot="bemi_local", publication="dbz_publication", once=True,
+        config = Config(source_dsn=dsn, slot=slot, publication="dbz_publication", once=True,
                         takeover=takeover)
         if takeover:
             # The overlap is bounded in bytes: too little memory is refused, never exceeded.
@@ -185,7 +192,7 @@ def test_taking_over_the_published_workers_slot(pg_server, database, mode, caplo
         assert max(counts.values()) == 2
         return
     replayed = sum(len(t) - 1 for t in seen[5:])  # changes of transactions 6..16, as the container stored them
-    if mode == "takeover":
+    if mode in ("takeover", "new-slot"):
         assert f"skipped {replayed - 4 - 1} changes" in caplog.text  # minus the 4 COPY rows it lost; pk change is 1
     doubled = {key: n for key, n in counts.items() if n > 1}
     assert doubled == {}, "nothing is stored twice"
@@ -195,5 +202,5 @@ def test_taking_over_the_published_workers_slot(pg_server, database, mode, caplo
     expected = Counter({(str(i), "CREATE"): 1 for i in [*range(1, 16), 20, 21, 22, *range(30, 40)]})
     expected.update({("1", "UPDATE"): 1, ("2", "DELETE"): 1, ("100", "CREATE"): 1, ("3", "DELETE"): 1})
     assert counts == expected, "every change once"
-    print(f"\ntakeover counts: {published} rows stored by the published worker, "
+    print(f"\ntakeover counts ({mode}): {published} rows stored by the published worker, "
           f"{replayed - 5} replayed by the slot and skipped, {len(ours)} stored by ours, {len(rows)} in all")

@@ -58,8 +58,8 @@ _PUBLISHED_ROWS = (
 )
 
 
-def _tag(schema: str, table: str, operation: str) -> int:
-    """A 64-bit digest of the rest of the published key (exact equality of the position is checked apart)."""
+def _digest(schema: str, table: str, operation: str) -> int:
+    """A 64-bit digest of the rest of the published key (the position is compared apart, exactly)."""
     digest = hashlib.blake2b(f"{schema}\0{table}\0{operation}".encode("utf-8", "surrogatepass"), digest_size=8)
     return int.from_bytes(digest.digest(), "little", signed=True)
 
@@ -71,6 +71,16 @@ class Overlap:
         self.positions = array("q")
         self.tags = array("q")
         self.counts = array("l")
+        self._tag_cache: dict[tuple[str, str, str], int] = {}  # one entry per table and operation
+
+    def _tag(self, schema: str, table: str, operation: str) -> int:
+        key = (schema, table, operation)
+        tag = self._tag_cache.get(key)
+        if tag is None:
+            if len(self._tag_cache) > 100_000:
+                self._tag_cache.clear()
+            tag = self._tag_cache[key] = _digest(schema, table, operation)
+        return tag
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -90,7 +100,7 @@ class Overlap:
     def add(self, position: int, schema: str, table: str, operation: str, count: int) -> None:
         """Keys must come in ascending position order."""
         self.positions.append(position)
-        self.tags.append(_tag(schema, table, operation))
+        self.tags.append(self._tag(schema, table, operation))
         self.counts.append(count)
 
     def stored(self, position: int, schema: str, table: str, operation: str) -> int:
@@ -99,7 +109,7 @@ class Overlap:
         i = bisect_left(positions, position)
         if i == len(positions) or positions[i] != position:
             return 0
-        tag = _tag(schema, table, operation)
+        tag = self._tag(schema, table, operation)
         while i < len(positions) and positions[i] == position:
             if self.tags[i] == tag:
                 return self.counts[i]

@@ -136,14 +136,14 @@ def test_taking_over_the_published_workers_slot(pg_server, database, mode, caplo
         conn.execute("ALTER TABLE todo REPLICA IDENTITY FULL")
         conn.execute("CREATE PUBLICATION dbz_publication FOR ALL TABLES")  # Debezium's default
         conn.execute("SELECT pg_create_logical_replication_slot('bemi_local', 'pgoutput')")
-        conn.execute("SELECT pg_create_logical_replication_slot('debezium_view', 'test_decoding')")
+        conn.execute("SELECT pg_create_logical_replication_slot('published_view', 'test_decoding')")
         workload(conn, dsn, lambda: mode == "new-slot" and conn.execute(
             "SELECT pg_create_logical_replication_slot('bemi', 'pgoutput')"))
         before_last = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
         for i in range(30, 40):  # 10 more transactions, never seen by the container
             conn.execute("INSERT INTO todo VALUES (%s, 'after the container stopped')", [i])
 
-        transactions = published_worker_view(conn, "debezium_view")
+        transactions = published_worker_view(conn, "published_view")
         assert len(transactions) == 26
         seen = [t for t in transactions if t[-1]["commit"] <= lsn_int(str(before_last))]
         assert len(seen) == 16
@@ -192,6 +192,11 @@ def test_taking_over_the_published_workers_slot(pg_server, database, mode, caplo
         assert max(counts.values()) == 2
         return
     replayed = sum(len(t) - 1 for t in seen[5:])  # changes of transactions 6..16, as the container stored them
+    if mode == "new-slot":  # the container's slot, inactive from now on, is named with what to do
+        assert "inactive replication slot 'bemi_local'" in caplog.text
+        assert "SELECT pg_drop_replication_slot('bemi_local');" in caplog.text
+    else:
+        assert "inactive replication slot" not in caplog.text
     if mode in ("takeover", "new-slot"):
         assert f"skipped {replayed - 4 - 1} changes" in caplog.text  # minus the 4 COPY rows it lost; pk change is 1
     doubled = {key: n for key, n in counts.items() if n > 1}

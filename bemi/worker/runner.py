@@ -137,6 +137,7 @@ class Worker:
                                                  cfg.takeover_max_bytes)
         elif checkpoint is None:
             takeover_mod.warn_if_published_rows(sink.conn, source.database)
+        takeover_mod.warn_about_leftovers(source.control, cfg.slot, cfg.publication)
         self.values = JsonValues(source.type_spec, _python_encoding(source.encoding))
         self.stitcher = Stitcher(self.values, source.primary_key,
                                  skip_through=checkpoint.commit_lsn if checkpoint else 0)

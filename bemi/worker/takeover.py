@@ -43,7 +43,7 @@ import psycopg
 from bemi.worker.errors import WorkerError
 from bemi.worker.stitch import ChangeRow
 
-__all__ = ["Overlap", "RowFilter", "TakeoverFilter", "start", "warn_if_published_rows"]
+__all__ = ["Overlap", "RowFilter", "TakeoverFilter", "start", "warn_if_published_rows", "warn_about_leftovers"]
 
 log = logging.getLogger("bemi.worker")
 
@@ -211,3 +211,17 @@ def warn_if_published_rows(sink_conn: psycopg.Connection, database: str) -> None
         log.warning("changes holds rows of the published worker: if this slot is the one its Debezium read "
                     "(bemi_local), start with --takeover, or changes it stored may be stored twice "
                     "(docs/upgrading.md)")
+
+
+def warn_about_leftovers(source_conn: psycopg.Connection, slot: str, publication: str) -> None:
+    """At start: an inactive slot of an earlier Bemi worker keeps WAL forever; say which, and what to drop."""
+    from bemi.leftovers import find_leftovers
+
+    try:
+        with source_conn.cursor() as cursor:
+            leftovers = find_leftovers(cursor, in_use_slots=[slot], in_use_publications=[publication])
+    except psycopg.Error as exc:  # never stop the worker for this
+        log.debug("could not look for leftover slots: %s", exc)
+        return
+    for leftover in leftovers:
+        log.warning("%s", leftover.message)

@@ -226,3 +226,15 @@ def test_migration_runs_with_the_router_configured(pg_server, scratch_database):
     assert result.returncode == 0, result.stderr
     with psycopg.connect(pg_server.dsn(destination), autocommit=True) as conn:
         assert installed(conn) == (set(), set())
+
+
+@pytest.mark.parametrize("operation", ["INSERT INTO {t} (task) VALUES ('c')", "UPDATE {t} SET done = true",
+                                       "DELETE FROM {t}"])
+def test_sql_comment_context_comes_before_the_rows_of_every_operation(db, table, wal, operation):
+    # The worker labels a row with the latest message before it: a message decoded after the rows
+    # (as one emitted inside an EXCEPTION block, a subtransaction, is) would label nothing.
+    db.execute(f"INSERT INTO {table} (task) VALUES ('a'), ('b')")
+    wal.read()
+    db.execute(operation.format(t=table) + ' /*Bemi {"op": 1} Bemi*/')
+    kinds = [r.kind for r in wal.read() if r.kind not in ("BEGIN", "COMMIT")]
+    assert kinds[0] == "MESSAGE" and len(kinds) >= 2 and "MESSAGE" not in kinds[1:], kinds

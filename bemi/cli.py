@@ -11,6 +11,7 @@ import sys
 
 from psycopg.conninfo import make_conninfo
 
+from bemi.worker.partitions import DEFAULT_INTERVAL, INTERVALS, parse_retention
 from bemi.worker.runner import Config, configure_logging, main_loop
 
 DESCRIPTION = """\
@@ -84,6 +85,12 @@ def add_worker_arguments(parser) -> None:
     parser.add_argument("--takeover-memory", type=int, default=64, metavar="MIB",
                         help="with --takeover: memory for the keys of the changes it stored (default: 64 MiB, "
                              "20 bytes per change)")
+    parser.add_argument("--partition-interval", choices=INTERVALS, default=None,
+                        help="one partition of changes per day, week or month of committed_at "
+                             "(default: month; BEMI_PARTITION_INTERVAL with manage.py)")
+    parser.add_argument("--retention", default=None, metavar="DAYS",
+                        help="drop partitions of changes older than this many days, at most once an hour "
+                             "(default: keep everything; BEMI_RETENTION with manage.py)")
 
 
 def config_from_options(options, source_dsn: str, destination_dsn: str | None) -> Config:
@@ -99,11 +106,18 @@ def config_from_options(options, source_dsn: str, destination_dsn: str | None) -
         heartbeat_interval=options.heartbeat_interval,
         takeover=options.takeover,
         takeover_max_bytes=max(1, options.takeover_memory) * 1024 * 1024,
+        partition_interval=getattr(options, "partition_interval", None) or DEFAULT_INTERVAL,
+        retention=parse_retention(getattr(options, "retention", None)),
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    options = build_parser().parse_args(argv)
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    try:
+        parse_retention(options.retention)
+    except ValueError as exc:
+        parser.error(str(exc))
     configure_logging(options.verbosity)
     source = options.dsn or _dsn_from_env("DB_") or ""
     destination = options.destination_dsn or _dsn_from_env("DESTINATION_DB_")

@@ -82,3 +82,26 @@ def context_function() -> Callable[[Any], Any]:
             raise ImproperlyConfigured(f"BEMI_CONTEXT_FUNCTION {path!r} is not callable ({type(func).__name__}).")
         _resolved[path] = func
     return func
+
+
+def partition_interval() -> str:
+    """``BEMI_PARTITION_INTERVAL``: ``'day'``, ``'week'`` or ``'month'`` (default), one partition of
+    ``changes`` per period of ``committed_at`` (docs/retention.md)."""
+    from bemi.worker.partitions import DEFAULT_INTERVAL, INTERVALS
+
+    value = getattr(settings, "BEMI_PARTITION_INTERVAL", None) or DEFAULT_INTERVAL
+    if value not in INTERVALS:
+        raise ImproperlyConfigured(f"BEMI_PARTITION_INTERVAL must be one of {', '.join(INTERVALS)}; got {value!r}")
+    return value
+
+
+def retention() -> Any:
+    """``BEMI_RETENTION``: a ``timedelta`` or a number of days; history older than that is dropped by the
+    running worker (default: None, keep everything). Parsed by ``bemi.worker.partitions.parse_retention``."""
+    from bemi.worker.partitions import parse_retention
+
+    value = getattr(settings, "BEMI_RETENTION", None)
+    try:
+        return parse_retention(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(f"BEMI_RETENTION: {exc}") from exc

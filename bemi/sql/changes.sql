@@ -1,14 +1,24 @@
--- The `changes` table the worker writes (one row per changed row) and its
--- published indexes. Idempotent: safe to run on every worker start.
+-- The `changes` table the worker writes (one row per changed row), its
+-- published indexes, and its partitions' safety net. Idempotent: safe to run
+-- on every worker start. (Works with `psql -f` too.)
+--
+-- Partitioned by range on committed_at (UTC): bemi/worker/partitions.py adds
+-- one partition per day, week or month (`changes_p20250101`) ahead of time.
+-- `changes_default` (the DEFAULT partition) takes a change for which no
+-- partition exists at that moment (see docs/retention.md), so no write fails;
+-- the worker moves such rows into their own partition within a minute.
 --
 -- Published columns first (compat.md). Ours, after them:
 --   commit_position  LSN of the source transaction's commit
 --   change_index     order of the change inside that transaction (0-based)
--- (database, commit_position, change_index) identifies a change; the
--- published unique key on `position` is not used because every row of one
--- COPY shares one LSN.
-CREATE TABLE IF NOT EXISTS changes (
-    "id" uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+-- A change is identified by (database, commit_position, change_index); a
+-- unique index on a partitioned table must contain the partition key, and
+-- committed_at is the same for every change of one transaction, so
+-- changes_identity_index adds it without changing what it identifies. The
+-- published unique key on `position` is not used: every row of one COPY
+-- shares one LSN. The primary key is (id, committed_at) for the same reason.
+CREATE TABLE IF NOT EXISTS public.changes (
+    "id" uuid NOT NULL DEFAULT gen_random_uuid(),
     "database" varchar(255) NOT NULL,
     "schema" varchar(255) NOT NULL,
     "table" varchar(255) NOT NULL,
@@ -23,15 +33,39 @@ CREATE TABLE IF NOT EXISTS changes (
     "transaction_id" bigint NOT NULL,
     "position" bigint NOT NULL,
     "commit_position" bigint NOT NULL,
-    "change_index" integer NOT NULL
-);
+    "change_index" integer NOT NULL,
+    CONSTRAINT changes_pkey PRIMARY KEY ("id", "committed_at")
+) PARTITION BY RANGE ("committed_at");
 
-CREATE INDEX IF NOT EXISTS changes_committed_at_index ON changes ("committed_at");
-CREATE INDEX IF NOT EXISTS changes_table_index ON changes ("table");
-CREATE INDEX IF NOT EXISTS changes_primary_key_index ON changes ("primary_key");
-CREATE INDEX IF NOT EXISTS changes_operation_index ON changes ("operation");
-CREATE INDEX IF NOT EXISTS changes_before_index ON changes USING gin ("before" jsonb_path_ops);
-CREATE INDEX IF NOT EXISTS changes_after_index ON changes USING gin ("after" jsonb_path_ops);
-CREATE INDEX IF NOT EXISTS changes_context_index ON changes USING gin ("context" jsonb_path_ops);
+CREATE INDEX IF NOT EXISTS changes_committed_at_index ON public.changes ("committed_at");
+CREATE INDEX IF NOT EXISTS changes_table_index ON public.changes ("table");
+CREATE INDEX IF NOT EXISTS changes_primary_key_index ON public.changes ("primary_key");
+CREATE INDEX IF NOT EXISTS changes_operation_index ON public.changes ("operation");
+CREATE INDEX IF NOT EXISTS changes_before_index ON public.changes USING gin ("before" jsonb_path_ops);
+CREATE INDEX IF NOT EXISTS changes_after_index ON public.changes USING gin ("after" jsonb_path_ops);
+CREATE INDEX IF NOT EXISTS changes_context_index ON public.changes USING gin ("context" jsonb_path_ops);
 CREATE UNIQUE INDEX IF NOT EXISTS changes_identity_index
-    ON changes ("database", "commit_position", "change_index");
+    ON public.changes ("database", "commit_position", "change_index", "committed_at");
+
+-- The DEFAULT partition (only when `changes` is partitioned: an unpartitioned
+-- table of an earlier version is left as it is until `manage.py bemi_partition`).
+DO $$
+BEGIN
+    IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = 'public.changes'::pg_catalog.regclass) = 'p'
+       AND pg_catalog.to_regclass('public.changes_default') IS NULL THEN
+        -- made under a _bemi name so that the `migrate bemi` event triggers leave it alone
+        CREATE TABLE public._bemi_changes_default PARTITION OF public.changes DEFAULT;
+        ALTER TABLE public._bemi_changes_default RENAME TO changes_default;
+    END IF;
+END
+$$;
+
+-- What was pruned (bemi_prune, the worker's retention): time travel before
+-- `pruned_before` says so instead of answering from incomplete history.
+CREATE TABLE IF NOT EXISTS public._bemi_pruned (
+    "pruned_before" timestamptz NOT NULL,
+    "pruned_at" timestamptz NOT NULL DEFAULT now(),
+    "partitions" text[] NOT NULL DEFAULT '{}',
+    "changes" bigint NOT NULL DEFAULT 0,
+    "pruned_by" text NOT NULL DEFAULT ''
+);

@@ -23,13 +23,15 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any, cast
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, cast
 
 import psycopg
+from psycopg.pq import TransactionStatus
 
 from bemi.worker import pgoutput as po
 from bemi.worker import takeover as takeover_mod
+from bemi.worker.partitions import DEFAULT_INTERVAL, Partitions
 from bemi.worker.errors import WorkerError, check_slot
 from bemi.worker.sink import Checkpoint, Sink, is_rejection
 from bemi.worker.source import KEEPALIVE, MIN_PSYCOPG, ConnectionLost, Source, Stream
@@ -63,6 +65,11 @@ class Config:
     standby_interval: float = 0.5  # how often a standby tries to take the slot
     takeover: bool = False  # skip what the published worker stored that the slot replays (worker/takeover.py)
     takeover_max_bytes: int = takeover_mod.DEFAULT_MAX_BYTES
+    partition_interval: str = DEFAULT_INTERVAL  # day, week or month (bemi/worker/partitions.py)
+    retention: timedelta | None = None  # drop partitions older than this (None: keep everything)
+    maintenance_interval: float = 60.0  # seconds between partition maintenance passes
+    retention_interval: float = 3600.0  # seconds between retention passes
+    clock: Callable[[], datetime] | None = None  # "now" for partition management (tests move it)
 
 
 @dataclass
@@ -113,6 +120,8 @@ class Worker:
         self._last_refresh = 0.0
         self._last_stats = 0.0
         self.row_filter: takeover_mod.RowFilter | None = None  # --takeover: drops what the published worker stored
+        self._last_maintenance = 0.0
+        self._last_retention: float | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -128,6 +137,7 @@ class Worker:
         self.source_identity = source.identity
         self.sink = sink = Sink(cfg.destination_dsn or cfg.source_dsn, cfg.slot, source.database, source.identity)
         sink.ensure_tables()
+        self._maintain_partitions(force=True)
         self.checkpoint = checkpoint = sink.checkpoint()
         source.refresh_tables()
         self._last_refresh = time.monotonic()
@@ -250,6 +260,48 @@ class Worker:
         exc = sys.exc_info()[1]
         return isinstance(exc, WorkerError) and str(exc).startswith("cannot connect to the")
 
+    # -- partitions and retention (bemi/worker/partitions.py) ---------------------------------
+
+    def _maintain_partitions(self, force: bool = False) -> None:
+        """Between destination transactions: current and next partitions ready, stray rows of
+        changes_default moved (every maintenance_interval); retention at most once per
+        retention_interval. Never fails the worker: a problem is logged and tried again later."""
+        now = time.monotonic()
+        if not force and now - self._last_maintenance < self.config.maintenance_interval:
+            return
+        sink = self.sink
+        if sink is None or sink.in_transaction or sink.conn.info.transaction_status != TransactionStatus.IDLE:
+            return  # a destination transaction is open: next time
+        self._last_maintenance = now
+        cfg = self.config
+        try:
+            if sink.partitions is None:
+                partitions = (Partitions(sink.conn, cfg.partition_interval, clock=cfg.clock) if cfg.clock
+                              else Partitions(sink.conn, cfg.partition_interval))
+                if not partitions.is_partitioned():
+                    if force:
+                        log.warning("table changes is not partitioned (made by an earlier version or the published "
+                                    "worker): no partitions, no retention. Convert it with python manage.py "
+                                    "bemi_partition (docs/retention.md)")
+                    return
+                sink.partitions = partitions
+            sink.partitions.maintain()
+            if cfg.retention and (self._last_retention is None
+                                  or now - self._last_retention >= cfg.retention_interval):
+                self._last_retention = now
+                cutoff = sink.partitions.clock() - cfg.retention
+                result = sink.partitions.prune(cutoff, by="bemi-worker --retention", whole_only=True)
+                if result.rows or result.dropped:
+                    log.info("retention %s: removed %d changes committed before %s (dropped %s)", cfg.retention,
+                             result.rows, result.cutoff.isoformat(),
+                             ", ".join(p.name for p in result.dropped) or "no whole partition")
+        except psycopg.Error as exc:
+            try:
+                sink.conn.rollback()
+            except psycopg.Error:
+                pass
+            log.warning("partition maintenance failed, will retry: %s", str(exc).strip())
+
     def _raise_if_slot_gone(self, exc: BaseException) -> None:
         """A slot dropped or invalidated while the worker ran is for the operator, not a fault."""
         source = self.source
@@ -369,7 +421,7 @@ class Worker:
                 break
 
     def _look_around(self, source: Source, stream: Stream) -> None:
-        """The periodic chores: status update, new tables, statistics."""
+        """The periodic chores: status update, new tables, statistics, partitions (when idle)."""
         cfg = self.config
         now = time.monotonic()
         if stream.status_dirty or now - stream.last_status >= cfg.heartbeat_interval:
@@ -381,6 +433,7 @@ class Worker:
         if now - self._last_stats >= cfg.stats_interval:
             self._last_stats = now
             self.stats.slot_retained_wal_bytes = source.retained_wal_bytes()
+        self._maintain_partitions()
         self.stats.dropped_contexts = self.stitcher.bad_contexts
 
     def _flush_rows(self, batch: _Batch) -> None:

@@ -18,10 +18,12 @@ from datetime import datetime
 
 import psycopg
 from psycopg import errors, sql
+from psycopg.pq import TransactionStatus
 
 from bemi import sql as bemi_sql
 from bemi.worker import pgoutput as po
 from bemi.worker.errors import WorkerError, one_row
+from bemi.worker.partitions import Partitions
 from bemi.worker.session import connect
 from bemi.worker.stitch import ChangeRow
 
@@ -76,6 +78,8 @@ class Sink:
         self._prefix = _copy_text(database)
         self.pending: Counter[tuple[str, str]] = Counter()  # rows written, not committed, by (table, op)
         self.pending_dead = 0  # dead letters written, not committed
+        #: Set by the runner when `changes` is partitioned (bemi/worker/partitions.py).
+        self.partitions: Partitions | None = None
 
     def close(self) -> None:
         try:
@@ -87,7 +91,7 @@ class Sink:
         """Create ``changes`` (+ indexes) and the worker's tables when missing, and say so."""
         conn = self.conn
         names = ("public.changes", "public._bemi_worker_checkpoints", "public.changes_identity_index",
-                 "public._bemi_worker_failures")
+                 "public._bemi_worker_failures", "public._bemi_pruned")
         existed = {name.split(".")[1]: one_row(conn.execute(
             "SELECT pg_catalog.to_regclass(%s::text) IS NOT NULL", [name]))[0] for name in names}
         keyed = existed["_bemi_worker_checkpoints"] and one_row(conn.execute(
@@ -210,6 +214,8 @@ class Sink:
         """
         if not rows:
             return
+        if self.partitions is not None:
+            self._cover(rows)
         if self._copy is None:
             self.in_transaction = True
             self._cursor = self.conn.cursor()
@@ -238,6 +244,26 @@ class Sink:
             )))
         append("")
         self._copy.write("\n".join(lines).encode())
+
+    # -- partitions (bemi/worker/partitions.py) ----------------------------------------------
+    def _cover(self, rows: list[ChangeRow]) -> None:
+        """Make the partitions these rows need, when it can be done outside the destination
+        transaction; otherwise (one is open) the rows go to changes_default and their
+        partitions are made, with those rows moved in, right after the commit."""
+        partitions = self.partitions
+        assert partitions is not None
+        missing = partitions.uncovered(r.committed_at for r in rows)
+        if not missing:
+            return
+        if self._copy is None and self.conn.info.transaction_status == TransactionStatus.IDLE:
+            partitions.try_ensure(missing)
+            missing = partitions.uncovered(r.committed_at for r in rows)
+        partitions.pending |= missing
+
+    def _after_commit(self) -> None:
+        if self.partitions is not None and self.partitions.pending:
+            pending, self.partitions.pending = self.partitions.pending, set()
+            self.partitions.try_ensure(pending)
 
     def _end_copy(self, error: BaseException | None = None) -> None:
         cm, cursor = self._copy_cm, self._cursor
@@ -273,6 +299,7 @@ class Sink:
         self.in_transaction = False
         written, self.pending = self.pending, Counter()
         self.pending_dead = 0
+        self._after_commit()
         return written
 
     # -- dead letters -------------------------------------------------------------------------

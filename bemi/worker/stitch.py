@@ -18,6 +18,7 @@ import decimal
 import functools
 import json
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
@@ -34,9 +35,13 @@ CONTEXT_PREFIX = "_bemi"
 PRIMARY_KEY_MAX = 255
 
 
+#: The partitions of ``changes`` (bemi/worker/partitions.py): a FOR ALL TABLES publication publishes them.
+_CHANGES_PARTITION = re.compile(r"changes_(?:p[0-9]{8}(?:_[0-9]{12})?|default)\Z")
+
+
 def is_excluded(table: str) -> bool:
     """Tables the worker never tracks: its destination and its bookkeeping (no feedback loop)."""
-    return table == "changes" or table.startswith("_bemi")
+    return table == "changes" or table.startswith("_bemi") or _CHANGES_PARTITION.match(table) is not None
 
 
 @dataclass(slots=True)

@@ -36,7 +36,7 @@ class WorkerEnv:
         self.conn.execute("SET TimeZone = 'UTC'")
         self.processes: list[subprocess.Popen] = []
         # leave the database as we found it: drop the tables the worker created
-        self.preexisting = {name for name in ("changes", "_bemi_worker_checkpoints")
+        self.preexisting = {name for name in ("changes", "_bemi_worker_checkpoints", "_bemi_pruned")
                             if self.execute("SELECT to_regclass(%s)", [name])[0][0]}
 
     # -- the source database --------------------------------------------------------------
@@ -98,7 +98,7 @@ class WorkerEnv:
         self.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
                      [self.slot])
         self.execute(f'DROP PUBLICATION IF EXISTS "{self.publication}"')
-        for name in ("changes", "_bemi_worker_checkpoints"):
+        for name in ("changes", "_bemi_worker_checkpoints", "_bemi_pruned"):
             if name not in self.preexisting:
                 self.execute(f"DROP TABLE IF EXISTS {name}")
         if self.execute("SELECT to_regclass('changes')")[0][0]:

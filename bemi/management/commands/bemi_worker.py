@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 from django.db import connections
 from psycopg.conninfo import make_conninfo
 
+from bemi import conf
 from bemi.cli import DESCRIPTION, add_worker_arguments, config_from_options
+from bemi.worker.partitions import parse_retention
 from bemi.worker.runner import configure_logging, main_loop
 
 # OPTIONS keys that Django's PostgreSQL backend consumes itself (not libpq parameters).
@@ -56,6 +59,12 @@ class Command(BaseCommand):
         for key in ("once", "standby", "slot", "publication", "batch_rows", "poll_interval", "heartbeat_interval",
                     "takeover", "takeover_memory"):
             setattr(opts, key, options[key])
+        try:  # --partition-interval / --retention, else BEMI_PARTITION_INTERVAL / BEMI_RETENTION
+            opts.partition_interval = options["partition_interval"] or conf.partition_interval()
+            opts.retention = options["retention"] if options["retention"] is not None else conf.retention()
+            parse_retention(opts.retention)
+        except (ValueError, ImproperlyConfigured) as exc:
+            raise CommandError(str(exc)) from exc
         code = main_loop(config_from_options(opts, source, destination))
         if code:
             raise CommandError(f"bemi worker stopped with exit status {code} (see the log above)", returncode=code)

@@ -31,6 +31,17 @@ class TimeTravelError(ValueError):
     """The recorded changes cannot tell the state asked for."""
 
 
+class HistoryPrunedError(TimeTravelError):
+    """The history needed for the answer was removed (``bemi_prune``, ``BEMI_RETENTION``).
+
+    ``pruned_before``: every change committed before that moment is gone.
+    """
+
+    def __init__(self, message: str, pruned_before: dt.datetime) -> None:
+        super().__init__(message)
+        self.pruned_before = pruned_before
+
+
 # Tables seen in `changes`, per database alias: a table that has changes keeps them.
 _known_tables: dict[str, set[str]] = {}
 
@@ -95,7 +106,13 @@ def as_of(
     table name), or None if the row did not exist then."""
     when = check_when(when)
     of_row, model = _row_changes(changes, model_or_table, primary_key)
-    values = _values_at(of_row, when)
+    pruned = pruned_before(changes.db)
+    if pruned is not None and when < pruned:
+        table = model._meta.db_table if model is not None else model_or_table
+        raise HistoryPrunedError(
+            f"Cannot tell {table} {check_primary_key(primary_key)} as of {when.isoformat()}: the history "
+            f"before {pruned.isoformat()} was pruned (bemi_prune or BEMI_RETENTION).", pruned)
+    values = _values_at(of_row, when, pruned)
     if values is None:
         return None
     return to_instance(model, values) if model is not None else dict(values)
@@ -112,11 +129,16 @@ def _row_changes(
     return of_row, model
 
 
-def _values_at(of_row: "BemiChangeQuerySet", when: dt.datetime) -> dict | None:
+def _values_at(of_row: "BemiChangeQuerySet", when: dt.datetime, pruned: dt.datetime | None = None) -> dict | None:
     last = of_row.filter(committed_at__lte=when).desc().first()
     if last is not None:
         return None if last.operation in ("DELETE", "TRUNCATE") else last.after
     following = of_row.filter(committed_at__gt=when).asc().first()
+    if following is None and pruned is not None:
+        # No change at all: the row may have been written before the cutoff and not changed since.
+        raise HistoryPrunedError(
+            f"No recorded change of this row, and the history before {pruned.isoformat()} was pruned: "
+            "whether it existed then cannot be told.", pruned)
     if following is None or following.operation == "CREATE":
         return None
     if not following.before:
@@ -127,6 +149,23 @@ def _values_at(of_row: "BemiChangeQuerySet", when: dt.datetime) -> dict | None:
             "(the bemi migration does) so that the worker records them."
         )
     return following.before
+
+
+_has_prune_log: set[str] = set()
+
+
+def pruned_before(using: str) -> dt.datetime | None:
+    """The latest cutoff of ``bemi_prune`` / retention on this database (None: nothing was pruned)."""
+    from django.db import connections
+
+    with connections[using].cursor() as cursor:
+        if using not in _has_prune_log:
+            cursor.execute("SELECT pg_catalog.to_regclass('public._bemi_pruned') IS NOT NULL")
+            if not cursor.fetchone()[0]:
+                return None
+            _has_prune_log.add(using)
+        cursor.execute('SELECT max("pruned_before") FROM public._bemi_pruned')
+        return cursor.fetchone()[0]
 
 
 def to_instance(model: type[models.Model], values: dict) -> models.Model:

@@ -306,6 +306,10 @@ class Partitions:
         try:
             with self._tx():
                 conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{self.lock_timeout_ms}ms")))
+                # The `migrate bemi` event triggers fire on our CREATE TABLE and (until they qualify
+                # their own names) find bemi's functions through search_path: public after pg_catalog,
+                # for this transaction only. Every name below is qualified anyway.
+                conn.execute("SET LOCAL search_path = pg_catalog, public, pg_temp")
                 conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(%s::int4, %s::int4)", [_LOCK_SPACE, _LOCK_DDL])
                 if conn.execute("SELECT pg_catalog.to_regclass(%s)", [f"{SCHEMA}.{name}"]).fetchone()[0]:
                     return None  # made meanwhile by another process

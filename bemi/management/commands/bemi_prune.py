@@ -1,0 +1,76 @@
+"""``python manage.py bemi_prune --before DATE | --older-than DAYS [--dry-run]``: remove old history."""
+
+from __future__ import annotations
+
+import time
+from datetime import date, datetime, timedelta, timezone
+
+import psycopg
+from django.core.management.base import BaseCommand, CommandError
+from django.db import router
+
+from bemi.management.commands.bemi_worker import dsn_for_alias
+from bemi.worker.partitions import Partitions, as_utc_date
+
+
+def _parse_date(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        try:
+            value = datetime.combine(date.fromisoformat(text), datetime.min.time())
+        except ValueError:
+            raise CommandError(f"--before takes a date or time such as 2025-01-01 or 2025-01-01T12:00+02:00; "
+                               f"got {text!r}") from None
+    return as_utc_date(value)
+
+
+def connect(alias: str) -> psycopg.Connection:
+    """A connection to the database holding `changes`, search_path pinned (bemi's names are qualified)."""
+    try:
+        conn = psycopg.connect(dsn_for_alias(alias), autocommit=True, application_name="bemi-manage")
+    except psycopg.OperationalError as exc:
+        raise CommandError(f"cannot connect to database {alias!r}: {exc}".strip()) from exc
+    conn.execute("SET search_path = pg_catalog, pg_temp")
+    return conn
+
+
+class Command(BaseCommand):
+    help = ("Remove every change committed before a date: partitions of changes entirely before it are "
+            "dropped (detach + drop: milliseconds, whatever their size), the partition that straddles it is "
+            "trimmed in batches. Safe while the worker runs. Time travel to before the cutoff then raises "
+            "HistoryPrunedError. See docs/retention.md.")
+
+    def add_arguments(self, parser) -> None:
+        when = parser.add_mutually_exclusive_group(required=True)
+        when.add_argument("--before", help="cutoff date or time (UTC unless it has an offset), e.g. 2025-01-01")
+        when.add_argument("--older-than", type=float, metavar="DAYS", help="cutoff: now minus this many days")
+        parser.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+        parser.add_argument("--batch-rows", type=int, default=10_000,
+                            help="rows per DELETE when trimming a straddling partition (default: 10000)")
+        parser.add_argument("--database", default=None,
+                            help="alias of the database holding changes (default: where BemiChange is written)")
+
+    def handle(self, *args, **options) -> None:
+        from bemi.models import BemiChange
+
+        if options["before"]:
+            cutoff = _parse_date(options["before"])
+        else:
+            if options["older_than"] <= 0:
+                raise CommandError("--older-than takes a positive number of days")
+            cutoff = datetime.now(timezone.utc) - timedelta(days=options["older_than"])
+        alias = options["database"] or router.db_for_write(BemiChange) or "default"
+        started = time.perf_counter()
+        with connect(alias) as conn:
+            partitions = Partitions(conn)
+            if not partitions.is_partitioned():
+                raise CommandError("table changes is not partitioned: convert it first with "
+                                   "python manage.py bemi_partition (docs/retention.md)")
+            say = (lambda text: self.stdout.write(text)) if options["verbosity"] else (lambda text: None)
+            result = partitions.prune(cutoff, dry_run=options["dry_run"], batch_rows=max(1, options["batch_rows"]),
+                                      progress=say, by="manage.py bemi_prune")
+        verb = "would remove" if options["dry_run"] else "removed"
+        self.stdout.write(f"{verb} {result.rows} changes committed before {cutoff.isoformat()} "
+                          f"({len(result.dropped)} partitions dropped, {sum(result.trimmed.values())} rows "
+                          f"deleted in batches) in {time.perf_counter() - started:.2f} s")

@@ -173,8 +173,11 @@ class Partitions:
         interval: str = DEFAULT_INTERVAL,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         lock_timeout_ms: int = 2000,
+        table: str = TABLE,
     ) -> None:
         self.conn = conn
+        self.table = table  # another name only while bemi_partition builds the new table
+        self.ident = table_ident(table)
         self.interval = check_interval(interval)
         self.clock = clock
         self.lock_timeout_ms = lock_timeout_ms
@@ -192,7 +195,7 @@ class Partitions:
             row = self.conn.execute(
                 "SELECT c.relkind = 'p' FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
                 "ON n.oid = c.relnamespace WHERE n.nspname = %s::name AND c.relname = %s::name",
-                [SCHEMA, TABLE]).fetchone()
+                [SCHEMA, self.table]).fetchone()
         return bool(row and row[0])
 
     def layout(self) -> list[Partition]:
@@ -202,7 +205,7 @@ class Partitions:
             rows = self.conn.execute(
                 "SELECT c.relname::text, pg_catalog.pg_get_expr(c.relpartbound, c.oid) "
                 "FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid "
-                "WHERE i.inhparent = %s::regclass", [f"{SCHEMA}.{TABLE}"]).fetchall()
+                "WHERE i.inhparent = %s::regclass", [f"{SCHEMA}.{self.table}"]).fetchall()
         parts: list[Partition] = []
         default: list[Partition] = []
         for name, bound in rows:
@@ -320,7 +323,7 @@ class Partitions:
                 target = table_ident(_STAGING)
                 conn.execute(sql.SQL(
                     "CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING STORAGE)"
-                ).format(target, CHANGES))
+                ).format(target, self.ident))
                 moved = 0
                 if has_default:
                     default = table_ident(DEFAULT_PARTITION)
@@ -334,7 +337,7 @@ class Partitions:
                     ).format(default=default, target=target, cols=cols), [lower, upper])
                     moved = cur.rowcount
                 conn.execute(sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
-                    CHANGES, target, sql.Literal(lower), sql.Literal(upper)))
+                    self.ident, target, sql.Literal(lower), sql.Literal(upper)))
                 conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(target, sql.Identifier(name)))
         except psycopg.errors.LockNotAvailable:
             log.warning("could not create partition %s.%s now (a lock was busy); its changes go to %s until "
@@ -350,7 +353,7 @@ class Partitions:
     def _columns(self) -> list[str]:
         return [r[0] for r in self.conn.execute(
             "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid = %s::regclass AND attnum > 0 "
-            "AND NOT attisdropped ORDER BY attnum", [f"{SCHEMA}.{TABLE}"]).fetchall()]
+            "AND NOT attisdropped ORDER BY attnum", [f"{SCHEMA}.{self.table}"]).fetchall()]
 
     def default_periods(self) -> set[datetime]:
         """Period starts of the rows sitting in the DEFAULT partition (a loose index scan)."""
@@ -444,7 +447,7 @@ class Partitions:
                     self.conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
                         sql.Literal(f"{self.lock_timeout_ms}ms")))
                     self.conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(
-                        CHANGES, table_ident(name)))
+                        self.ident, table_ident(name)))
                 return True
             except psycopg.errors.LockNotAvailable:
                 log.info("partition %s is busy (lock timeout), retrying", name)

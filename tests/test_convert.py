@@ -1,0 +1,150 @@
+"""bemi_partition: an unpartitioned `changes` converted while the worker writes into it."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+
+import psycopg
+import pytest
+from django.core.management import call_command
+
+from bemi import sql as bemi_sql
+from bemi.worker.convert import convert
+from tests.workerapp.harness import worker_env  # noqa: F401  (fixture)
+
+# bemi/sql/changes.sql of the previous version (unpartitioned).
+PREVIOUS = """
+CREATE TABLE changes (
+    "id" uuid PRIMARY KEY DEFAULT gen_random_uuid(), "database" varchar(255) NOT NULL,
+    "schema" varchar(255) NOT NULL, "table" varchar(255) NOT NULL, "primary_key" varchar(255),
+    "operation" text NOT NULL, "before" jsonb NOT NULL DEFAULT '{}'::jsonb, "after" jsonb NOT NULL DEFAULT '{}'::jsonb,
+    "context" jsonb NOT NULL DEFAULT '{}'::jsonb, "committed_at" timestamptz NOT NULL,
+    "queued_at" timestamptz NOT NULL DEFAULT now(), "created_at" timestamptz NOT NULL DEFAULT now(),
+    "transaction_id" bigint NOT NULL, "position" bigint NOT NULL, "commit_position" bigint NOT NULL,
+    "change_index" integer NOT NULL);
+CREATE INDEX changes_committed_at_index ON changes ("committed_at");
+CREATE INDEX changes_table_index ON changes ("table");
+CREATE INDEX changes_primary_key_index ON changes ("primary_key");
+CREATE INDEX changes_operation_index ON changes ("operation");
+CREATE INDEX changes_before_index ON changes USING gin ("before" jsonb_path_ops);
+CREATE INDEX changes_after_index ON changes USING gin ("after" jsonb_path_ops);
+CREATE INDEX changes_context_index ON changes USING gin ("context" jsonb_path_ops);
+CREATE UNIQUE INDEX changes_identity_index ON changes ("database", "commit_position", "change_index");
+"""
+
+# The published worker's table: no commit_position / change_index, a unique key on position.
+PUBLISHED = """
+CREATE TABLE changes (
+    "id" uuid PRIMARY KEY DEFAULT gen_random_uuid(), "database" varchar(255) NOT NULL,
+    "schema" varchar(255) NOT NULL, "table" varchar(255) NOT NULL, "primary_key" varchar(255),
+    "operation" text NOT NULL, "before" jsonb NOT NULL DEFAULT '{}', "after" jsonb NOT NULL DEFAULT '{}',
+    "context" jsonb NOT NULL DEFAULT '{}', "committed_at" timestamptz NOT NULL,
+    "queued_at" timestamptz NOT NULL, "created_at" timestamptz NOT NULL DEFAULT now(),
+    "transaction_id" bigint NOT NULL, "position" bigint NOT NULL);
+CREATE UNIQUE INDEX changes_position_table_schema_database_operation_unique
+    ON changes ("position", "table", "schema", "database", "operation");
+"""
+
+
+def fill(env, rows: int, identity: bool = True) -> None:
+    extra = ", commit_position, change_index" if identity else ""
+    values = ", g, 0" if identity else ""
+    env.execute(f"""INSERT INTO changes (database, schema, "table", primary_key, operation, after, committed_at,
+                                         queued_at, transaction_id, position{extra})
+                    SELECT 'src', 'public', 'old_t', g::text, 'CREATE', jsonb_build_object('id', g, 'pad', repeat('x', 200)),
+                           '2024-01-01'::timestamptz + g * interval '1 hour', now(), g, g{values}
+                    FROM generate_series(1, %s) g""", [rows])
+
+
+def catalog(env, table: str) -> tuple:
+    columns = env.execute("SELECT attname, format_type(atttypid, atttypmod), attnotnull, "
+                          "pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a LEFT JOIN pg_attrdef d "
+                          "ON d.adrelid = a.attrelid AND d.adnum = a.attnum WHERE attrelid = %s::regclass "
+                          "AND attnum > 0 AND NOT attisdropped ORDER BY attnum", [table])
+    indexes = env.execute("SELECT c.relname, regexp_replace(pg_get_indexdef(i.indexrelid), '^.* USING ', '') "
+                          "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = %s::regclass "
+                          "ORDER BY 1", [table])
+    return columns, indexes
+
+
+@pytest.mark.parametrize("ddl", [PREVIOUS, PUBLISHED], ids=["previous", "published"])
+def test_convert_while_the_worker_writes(worker_env, ddl):
+    env = worker_env
+    env.execute("DROP TABLE IF EXISTS changes")
+    env.execute(ddl)
+    fill(env, 3000, identity=ddl is PREVIOUS)  # about 100 pages over 5 months
+    env.execute("DROP TABLE IF EXISTS conv_t")
+    env.execute("CREATE TABLE conv_t (id int PRIMARY KEY)")
+    env.run_once()  # adopts the table as it is (a published one gets its identity columns)
+    worker = env.spawn("--poll-interval", "0.02")
+    stop = threading.Event()
+    written = []
+
+    def write():
+        with psycopg.connect(env.dsn, autocommit=True) as conn:
+            i = 0
+            while not stop.is_set() or i < 10:
+                i += 1
+                conn.execute("INSERT INTO conv_t VALUES (%s)", [i])
+                written.append(i)
+                time.sleep(0.005)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+
+    def stored_more(than: int) -> int:
+        deadline = time.monotonic() + 30
+        while (n := env.execute("SELECT count(*) FROM changes WHERE \"table\" = 'conv_t'")[0][0]) <= than:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        return n
+
+    try:
+        stored = stored_more(5)  # the worker is writing
+        with psycopg.connect(env.dsn, autocommit=True) as conn:
+            # interrupted after a few batches...
+            assert convert(conn, "month", batch_pages=5, stop_after_pages=20) == "interrupted"
+        assert env.execute("SELECT next_page FROM _bemi_changes_conversion") == [(20,)]
+        stored_more(stored + 5)  # stored in the old table meanwhile, copied by the trigger
+        # ... and resumed by the management command
+        out, err = io.StringIO(), io.StringIO()
+        call_command("bemi_partition", "--batch-pages", "7", stdout=out, stderr=err)
+        assert "resuming the conversion" in out.getvalue() and "changes: converted" in out.getvalue()
+        assert "copying [" in err.getvalue() and "100.0%" in err.getvalue()
+    finally:
+        stop.set()
+        writer.join()
+    deadline = time.monotonic() + 30
+    while env.execute("SELECT count(*) FROM changes WHERE \"table\" = 'conv_t'")[0][0] < len(written):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert worker.poll() is None
+    assert env.execute("SELECT relkind FROM pg_class WHERE oid = 'changes'::regclass") == [("p",)]
+    # nothing lost, nothing doubled
+    assert env.execute("SELECT count(*), count(DISTINCT primary_key) FROM changes WHERE \"table\" = 'conv_t'") == [
+        (len(written), len(written))]
+    assert env.execute("SELECT count(*), count(DISTINCT id) FROM changes WHERE \"table\" = 'old_t'") == [(3000, 3000)]
+    (before_swap,), = env.execute("SELECT count(*) FROM changes_unpartitioned")
+    assert 3000 < before_swap < 3000 + len(written)  # the worker wrote into both tables, each change once
+    partitions = {r[0] for r in env.execute("SELECT inhrelid::regclass::text FROM pg_inherits "
+                                             "WHERE inhparent = 'changes'::regclass")}
+    assert {"changes_p20240101", "changes_p20240201", "changes_p20240301", "changes_p20240401",
+            "changes_p20240501", "changes_default"} <= partitions
+    assert env.execute("SELECT count(*) FROM changes_default") == [(0,)]
+    if ddl is PREVIOUS:  # the same table as a fresh install's
+        converted = catalog(env, "changes")
+        env.execute("DROP TABLE changes, changes_unpartitioned")
+        env.execute(bemi_sql.read("changes.sql"))
+        assert catalog(env, "changes") == converted
+    else:
+        env.execute("DROP TABLE changes_unpartitioned")
+
+
+def test_convert_says_when_there_is_nothing_to_do(worker_env):
+    env = worker_env
+    env.run_once()
+    out = io.StringIO()
+    call_command("bemi_partition", stdout=out)
+    assert "changes: already partitioned" in out.getvalue()

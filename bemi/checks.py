@@ -14,6 +14,7 @@ bemi.W002  ``PUBLIC`` may execute ``pg_logical_emit_message``: any role can labe
 bemi.W003  ``PUBLIC`` may ``CREATE`` in schema ``public``, where bemi installs (PostgreSQL 14 and older)
 bemi.E005  psycopg older than 3.3 (the worker streams with START_REPLICATION)
 bemi.W015  an inactive replication slot (or Debezium's publication) left by an earlier Bemi worker
+bemi.W004  the application's role can UPDATE, DELETE or TRUNCATE ``changes`` (history can be rewritten)
 =========  =====================================================================
 
 W002 and W003 are warnings, not errors: see docs/security.md for what they
@@ -180,3 +181,30 @@ def check_leftovers(app_configs: Any = None, databases: Any = None, **kwargs: An
                 id="bemi.W015",
             ))
     return messages
+
+
+@register(Tags.database)
+def check_append_only(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """bemi.W004: can the application's role rewrite history? (docs/retention.md#append-only)"""
+    from django.db import router
+
+    from bemi.grants import rewrite_privileges
+    from bemi.models import BemiChange
+
+    alias = router.db_for_read(BemiChange) or "default"
+    if alias not in (databases or []) or connections[alias].vendor != "postgresql":
+        return []
+    with connections[alias].cursor() as cursor:
+        privileges = rewrite_privileges(cursor)
+        cursor.execute("SELECT current_user")
+        role = cursor.fetchone()[0]
+    if not privileges:
+        return []
+    return [Warning(
+        f"The application's role {role!r} can {', '.join(privileges)} the changes table of database {alias!r}: "
+        "the audit trail can be rewritten from the application.",
+        hint="Let the worker's role own changes and the application only read it: python manage.py bemi_grants "
+             "--app-role <app role> --worker-role <worker role> (docs/retention.md). Add 'bemi.W004' to "
+             "SILENCED_SYSTEM_CHECKS if one role on purpose does both.",
+        id="bemi.W004",
+    )]

@@ -339,6 +339,16 @@ class Partitions:
                 conn.execute(sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
                     self.ident, target, sql.Literal(lower), sql.Literal(upper)))
                 conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(target, sql.Identifier(name)))
+                # Its indexes, made by ATTACH after the staging name: changes_p20250101_committed_at_index...
+                for index, parent in conn.execute(
+                        "SELECT c.relname::text, p.relname::text FROM pg_catalog.pg_index i "
+                        "JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid "
+                        "JOIN pg_catalog.pg_inherits h ON h.inhrelid = i.indexrelid "
+                        "JOIN pg_catalog.pg_class p ON p.oid = h.inhparent "
+                        "WHERE i.indrelid = %s::regclass", [f"{SCHEMA}.{name}"]).fetchall():
+                    suffix = parent[len(self.table):] if parent.startswith(self.table) else "_" + parent
+                    conn.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                        table_ident(index), sql.Identifier((name + suffix)[:63])))
         except psycopg.errors.LockNotAvailable:
             log.warning("could not create partition %s.%s now (a lock was busy); its changes go to %s until "
                         "the next try", SCHEMA, name, DEFAULT_PARTITION)

@@ -1,0 +1,257 @@
+"""Partitioned `changes`: ingest, bemi_prune against DELETE, queries over 12 monthly partitions.
+
+    python bench/partitions.py                      # 1,000,000-row figures (several minutes)
+    python bench/partitions.py --rows 100000 --tx 5000   # a quick run
+
+Starts its own PostgreSQL (tests.pgcluster). In one run:
+
+1. ingest: the worker (`bemi-worker --once`, a fresh process) stores the same
+   --tx single-row transactions (each with a context message) into a partitioned
+   `changes` (bemi/sql/changes.sql) and into the previous, unpartitioned one;
+   best of 3 alternating rounds each; ratio partitioned / unpartitioned rate.
+2. prune: --rows changes in one month's partition; `python -m django bemi_prune
+   --before <end of that month>` as a whole command (process start included)
+   against `DELETE FROM changes WHERE committed_at < <same>` on the same rows.
+3. queries: --rows changes over 12 monthly partitions (1,000 tables, 100,000
+   records), `record.bemi_changes()` and `as_of`, median of --calls calls, on the
+   partitioned table and on an unpartitioned copy of the same rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import psycopg  # noqa: E402
+
+from tests.pgcluster import Cluster  # noqa: E402
+
+CONTEXT = ("SELECT pg_logical_emit_message(true, '_bemi', "
+           "'{\"user_id\": 187234, \"endpoint\": \"/todo\", \"method\": \"POST\"}')")
+UNPARTITIONED = """
+CREATE TABLE changes (
+    "id" uuid PRIMARY KEY DEFAULT gen_random_uuid(), "database" varchar(255) NOT NULL,
+    "schema" varchar(255) NOT NULL, "table" varchar(255) NOT NULL, "primary_key" varchar(255),
+    "operation" text NOT NULL, "before" jsonb NOT NULL DEFAULT '{}'::jsonb, "after" jsonb NOT NULL DEFAULT '{}'::jsonb,
+    "context" jsonb NOT NULL DEFAULT '{}'::jsonb, "committed_at" timestamptz NOT NULL,
+    "queued_at" timestamptz NOT NULL DEFAULT now(), "created_at" timestamptz NOT NULL DEFAULT now(),
+    "transaction_id" bigint NOT NULL, "position" bigint NOT NULL, "commit_position" bigint NOT NULL,
+    "change_index" integer NOT NULL);
+CREATE INDEX changes_committed_at_index ON changes ("committed_at");
+CREATE INDEX changes_table_index ON changes ("table");
+CREATE INDEX changes_primary_key_index ON changes ("primary_key");
+CREATE INDEX changes_operation_index ON changes ("operation");
+CREATE INDEX changes_before_index ON changes USING gin ("before" jsonb_path_ops);
+CREATE INDEX changes_after_index ON changes USING gin ("after" jsonb_path_ops);
+CREATE INDEX changes_context_index ON changes USING gin ("context" jsonb_path_ops);
+CREATE UNIQUE INDEX changes_identity_index ON changes ("database", "commit_position", "change_index");
+CREATE TABLE _bemi_pruned (pruned_before timestamptz NOT NULL, pruned_at timestamptz NOT NULL DEFAULT now(),
+    partitions text[] NOT NULL DEFAULT '{}', changes bigint NOT NULL DEFAULT 0, pruned_by text NOT NULL DEFAULT '');
+"""
+FILL = """
+INSERT INTO changes (database, schema, "table", primary_key, operation, before, after, context,
+                     committed_at, queued_at, created_at, transaction_id, position, commit_position, change_index)
+SELECT 'bench', 'public', CASE WHEN k.r %% 1000 = 0 THEN 'todo' ELSE 'table_' || lpad((k.r %% 1000)::text, 4, '0') END,
+       (k.r / 1000 + 1)::text, CASE WHEN k.v = 0 THEN 'CREATE' ELSE 'UPDATE' END,
+       CASE WHEN k.v = 0 THEN '{}'::jsonb ELSE jsonb_build_object('id', k.r / 1000 + 1, 'task', 'task ' || k.r || ' v' || (k.v - 1)) END,
+       jsonb_build_object('id', k.r / 1000 + 1, 'task', 'task ' || k.r || ' v' || k.v),
+       jsonb_build_object('request_id', 'req-' || (g / 3), 'user_id', g %% 5000),
+       %(start)s::timestamptz + g * %(step)s::interval, now(), now(), g, g * 100, g * 100 + 50, 0
+FROM generate_series(0, %(rows)s - 1) AS g, LATERAL (SELECT g %% %(records)s AS r, g / %(records)s AS v) AS k
+"""
+
+
+def worker_cmd(dsn: str, slot: str) -> list[str]:
+    return [sys.executable, "-m", "bemi.cli", "--dsn", dsn, "--slot", slot, "--publication", "bemi",
+            "--verbosity", "0", "--once"]
+
+
+def ingest(cluster: Cluster, tx: int, rounds: int) -> dict:
+    dsn = cluster.dsn()
+    conn = psycopg.connect(dsn, autocommit=True)
+    from bemi import sql as bemi_sql
+
+    rates: dict[str, list[float]] = {"partitioned": [], "unpartitioned": []}
+    n = 0
+    for _ in range(rounds):
+        for kind in ("partitioned", "unpartitioned"):
+            n += 1
+            for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
+                conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
+            conn.execute("DROP TABLE IF EXISTS todo, changes, _bemi_worker_checkpoints, _bemi_pruned CASCADE")
+            conn.execute("DROP PUBLICATION IF EXISTS bemi")
+            conn.execute(bemi_sql.read("changes.sql") if kind == "partitioned" else UNPARTITIONED)
+            conn.execute("CREATE TABLE todo (id bigserial PRIMARY KEY, task text NOT NULL)")
+            slot = f"s{n}"
+            subprocess.run(worker_cmd(dsn, slot), check=True, cwd=ROOT)
+            cur = conn.cursor()
+            for i in range(tx):
+                cur.execute("BEGIN; " + CONTEXT + f"; INSERT INTO todo (task) VALUES ('t{i}'); COMMIT")
+            conn.execute("CHECKPOINT")
+            started = time.perf_counter()
+            subprocess.run(worker_cmd(dsn, slot), check=True, cwd=ROOT)
+            elapsed = time.perf_counter() - started
+            stored = conn.execute("SELECT count(*) FROM changes").fetchone()[0]
+            assert stored == tx, (stored, tx)
+            rates[kind].append(tx / elapsed)
+            print(f"  ingest {kind:13} {tx:,} transactions in {elapsed:.2f} s ({tx / elapsed:,.0f} changes/s)",
+                  flush=True)
+    best = {k: max(v) for k, v in rates.items()}
+    print(f"ingest: partitioned {best['partitioned']:,.0f}/s, unpartitioned {best['unpartitioned']:,.0f}/s "
+          f"(best of {rounds}): ratio {best['partitioned'] / best['unpartitioned']:.2f}x", flush=True)
+    return best
+
+
+def settings_module(cluster: Cluster, dbname: str) -> str:
+    folder = tempfile.mkdtemp(prefix="bemi-bench-")
+    with open(os.path.join(folder, "bench_settings.py"), "w") as f:
+        f.write(f"""
+SECRET_KEY = 'bench'
+USE_TZ = True
+DATABASES = {{'default': {{'ENGINE': 'django.db.backends.postgresql', 'HOST': {cluster.host!r},
+    'PORT': '{cluster.port}', 'USER': {cluster.user!r}, 'NAME': {dbname!r}}}}}
+INSTALLED_APPS = ['django.contrib.contenttypes', 'django.contrib.auth', 'bemi']
+DEFAULT_AUTO_FIELD = 'django.db.models.BigAutoField'
+""")
+    return folder
+
+
+def prune(cluster: Cluster, rows: int) -> dict:
+    from bemi import sql as bemi_sql
+    from bemi.worker.partitions import Partitions
+
+    cluster.psql("CREATE DATABASE prune")
+    dsn = cluster.dsn("prune")
+    conn = psycopg.connect(dsn, autocommit=True)
+    month = dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc)
+    step = f"{(31 * 86400) / rows} seconds"
+
+    def load(partitioned: bool) -> None:
+        conn.execute("DROP TABLE IF EXISTS changes, _bemi_pruned CASCADE")
+        conn.execute(bemi_sql.read("changes.sql") if partitioned else UNPARTITIONED)
+        if partitioned:
+            Partitions(conn, "month").ensure_periods([month, dt.datetime(2024, 4, 1, tzinfo=dt.timezone.utc)])
+        started = time.perf_counter()
+        conn.execute(FILL, {"rows": rows, "records": max(rows // 10, 1), "start": month, "step": step})
+        conn.execute("VACUUM ANALYZE changes")
+        print(f"  loaded {rows:,} changes into one month ({'partitioned' if partitioned else 'unpartitioned'}) "
+              f"in {time.perf_counter() - started:.1f} s", flush=True)
+
+    load(True)
+    folder = settings_module(cluster, "prune")
+    env = {**os.environ, "PYTHONPATH": f"{folder}:{ROOT}", "DJANGO_SETTINGS_MODULE": "bench_settings"}
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "django", "bemi_prune", "--before", "2024-04-01"], env=env,
+                         cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    prune_s = time.perf_counter() - started
+    assert conn.execute("SELECT count(*) FROM changes").fetchone()[0] == 0
+    print("  " + out.strip().replace("\n", "\n  "), flush=True)
+    load(False)
+    started = time.perf_counter()
+    deleted = conn.execute("DELETE FROM changes WHERE committed_at < '2024-04-01'").rowcount
+    delete_s = time.perf_counter() - started
+    assert deleted == rows
+    print(f"prune: bemi_prune (whole command) {prune_s:.2f} s; DELETE of the same {rows:,} rows {delete_s:.2f} s "
+          f"({delete_s / prune_s:.0f}x longer)", flush=True)
+    return {"prune_s": prune_s, "delete_s": delete_s}
+
+
+def queries(cluster: Cluster, rows: int, calls: int) -> dict:
+    import django
+    from django.conf import settings
+
+    from bemi import sql as bemi_sql
+    from bemi.worker.partitions import Partitions
+
+    cluster.psql("CREATE DATABASE q")
+    settings.configure(
+        DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", "HOST": cluster.host,
+                               "PORT": str(cluster.port), "USER": cluster.user, "NAME": "q"}},
+        INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "bemi", "tests.queryapp"],
+        USE_TZ=True, TIME_ZONE="UTC", DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
+    )
+    django.setup()
+    from bemi.models import BemiChange
+    from django.db import connection
+    from tests.queryapp.models import Todo
+
+    conn = psycopg.connect(cluster.dsn("q"), autocommit=True)
+    start = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+    span = dt.timedelta(days=365)
+    step = f"{span.total_seconds() / rows} seconds"
+    results: dict[str, dict[str, float]] = {}
+    for kind in ("unpartitioned", "partitioned"):
+        conn.execute("DROP TABLE IF EXISTS changes, _bemi_pruned CASCADE")
+        conn.execute(bemi_sql.read("changes.sql") if kind == "partitioned" else UNPARTITIONED)
+        if kind == "partitioned":
+            Partitions(conn, "month").ensure_periods(
+                [dt.datetime(2024, m, 1, tzinfo=dt.timezone.utc) for m in range(1, 13)])
+        started = time.perf_counter()
+        conn.execute(FILL, {"rows": rows, "records": rows // 10, "start": start, "step": step})
+        conn.execute("VACUUM ANALYZE changes")
+        parts = conn.execute("SELECT count(*) FROM pg_inherits WHERE inhparent = 'changes'::regclass").fetchone()[0]
+        print(f"  loaded {rows:,} changes ({kind}, {parts} partitions) in {time.perf_counter() - started:.1f} s",
+              flush=True)
+        connection.close()
+        rng = random.Random(7)
+        per_table = rows // 10 // 1000
+
+        def median(call) -> float:
+            call()
+            timings = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                call()
+                timings.append((time.perf_counter() - t0) * 1000)
+            return statistics.median(timings)
+
+        pk = lambda: rng.randint(1, max(per_table, 1))  # noqa: E731
+        when = lambda: start + dt.timedelta(seconds=rng.randint(0, int(span.total_seconds())))  # noqa: E731
+        results[kind] = {
+            "bemi_changes": median(lambda: list(Todo(id=pk()).bemi_changes())),
+            "as_of": median(lambda: Todo(id=pk()).bemi_as_of(when())),
+            "one month": median(lambda: BemiChange.objects.filter(
+                committed_at__gte="2024-06-01T00:00Z", committed_at__lt="2024-07-01T00:00Z").count()),
+        }
+        if kind == "partitioned":
+            plan = BemiChange.objects.filter(committed_at__gte="2024-06-03T00:00Z", committed_at__lt="2024-06-04T00:00Z").explain()
+            print("  EXPLAIN of a day's changes:\n    " + plan.replace("\n", "\n    "), flush=True)
+    for name in results["partitioned"]:
+        a, b = results["partitioned"][name], results["unpartitioned"][name]
+        print(f"query {name:13} partitioned {a:6.2f} ms, unpartitioned {b:6.2f} ms: ratio {a / b:.2f}x", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--tx", type=int, default=20_000, help="single-row transactions of the ingest run")
+    parser.add_argument("--rounds", type=int, default=3, help="ingest rounds (best of)")
+    parser.add_argument("--calls", type=int, default=50)
+    parser.add_argument("--skip", default="", help="comma-separated: ingest, prune, queries")
+    options = parser.parse_args()
+    skip = set(filter(None, options.skip.split(",")))
+    cluster = Cluster(settings={"max_wal_size": "4GB"}).start_throwaway()
+    with psycopg.connect(cluster.dsn()) as c:
+        print(f"PostgreSQL {c.execute('SHOW server_version').fetchone()[0]}, {os.cpu_count()} CPUs, "
+              f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    if "ingest" not in skip:
+        ingest(cluster, options.tx, options.rounds)
+    if "prune" not in skip:
+        prune(cluster, options.rows)
+    if "queries" not in skip:
+        queries(cluster, options.rows, options.calls)
+
+
+if __name__ == "__main__":
+    main()

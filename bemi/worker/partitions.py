@@ -15,12 +15,12 @@ gives up and is tried again later, it never stalls the worker or the readers.
 from __future__ import annotations
 
 import logging
-import re
 import time
 from bisect import bisect_right
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import psycopg
 from psycopg import sql
@@ -44,7 +44,6 @@ _STAGING = "_bemi_new_partition"
 _LOCK_SPACE = 0x62656D69  # "bemi"
 _LOCK_DDL = 12
 
-_BOUND = re.compile(r"FOR VALUES FROM \((.+?)\) TO \((.+?)\)$")
 
 
 # -- periods ---------------------------------------------------------------------------------
@@ -130,16 +129,6 @@ class Partition:
                 and (self.upper is None or moment < self.upper))
 
 
-def _bound(text: str) -> datetime | None:
-    text = text.strip()
-    if text.upper() in ("MINVALUE", "MAXVALUE"):
-        return None
-    text = text.strip("'").replace(" ", "T")
-    if re.search(r"[+-]\d\d$", text):  # '+00': Python 3.10 wants '+00:00'
-        text += ":00"
-    return datetime.fromisoformat(text).astimezone(UTC)
-
-
 def table_ident(name: str) -> sql.Composed:
     return sql.SQL("{}.{}").format(sql.Identifier(SCHEMA), sql.Identifier(name))
 
@@ -201,20 +190,21 @@ class Partitions:
     def layout(self) -> list[Partition]:
         """The partitions of ``public.changes`` (the DEFAULT one last), refreshing the cache."""
         with self._tx():
-            self.conn.execute("SET LOCAL TimeZone = 'UTC'")
+            # The bounds' text is in the session's TimeZone and DateStyle: the server reads it back.
             rows = self.conn.execute(
-                "SELECT c.relname::text, pg_catalog.pg_get_expr(c.relpartbound, c.oid) "
-                "FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid "
-                "WHERE i.inhparent = %s::regclass", [f"{SCHEMA}.{self.table}"]).fetchall()
+                "SELECT name, bound = 'DEFAULT', "
+                "  (pg_catalog.regexp_match(bound, '^FOR VALUES FROM \\(''([^'']*)''\\) TO'))[1]::timestamptz, "
+                "  (pg_catalog.regexp_match(bound, ' TO \\(''([^'']*)''\\)$'))[1]::timestamptz "
+                "FROM (SELECT c.relname::text AS name, pg_catalog.pg_get_expr(c.relpartbound, c.oid) AS bound "
+                "      FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class c ON c.oid = i.inhrelid "
+                "      WHERE i.inhparent = %s::regclass) AS p", [f"{SCHEMA}.{self.table}"]).fetchall()
         parts: list[Partition] = []
         default: list[Partition] = []
-        for name, bound in rows:
-            if bound == "DEFAULT":
+        for name, is_default, lower, upper in rows:
+            if is_default:
                 default.append(Partition(name, None, None, default=True))
-                continue
-            match = _BOUND.match(bound or "")
-            if match:
-                parts.append(Partition(name, _bound(match.group(1)), _bound(match.group(2))))
+            else:  # None: MINVALUE / MAXVALUE
+                parts.append(Partition(name, lower and lower.astimezone(UTC), upper and upper.astimezone(UTC)))
         parts.sort(key=lambda p: p.lower or datetime.min.replace(tzinfo=UTC))
         self._ranges = parts
         self._lowers = [p.lower or datetime.min.replace(tzinfo=UTC) for p in parts]
@@ -307,12 +297,11 @@ class Partitions:
         name = partition_name(lower)
         conn = self.conn
         try:
-            with self._tx():
-                conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{self.lock_timeout_ms}ms")))
-                # The `migrate bemi` event triggers fire on our CREATE TABLE and (until they qualify
-                # their own names) find bemi's functions through search_path: public after pg_catalog,
-                # for this transaction only. Every name below is qualified anyway.
-                conn.execute("SET LOCAL search_path = pg_catalog, public, pg_temp")
+            # The `migrate bemi` event triggers fire on our CREATE TABLE and (until they qualify
+            # their own names) find bemi's functions through search_path: public after pg_catalog,
+            # for this transaction only. Every name below is qualified anyway.
+            with self._tx(), _settings(conn, lock_timeout=f"{self.lock_timeout_ms}ms",
+                                       search_path="pg_catalog, public, pg_temp"):
                 conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(%s::int4, %s::int4)", [_LOCK_SPACE, _LOCK_DDL])
                 if conn.execute("SELECT pg_catalog.to_regclass(%s)", [f"{SCHEMA}.{name}"]).fetchone()[0]:
                     return None  # made meanwhile by another process
@@ -453,9 +442,7 @@ class Partitions:
     def _detach(self, name: str, retries: int) -> bool:
         for attempt in range(retries):
             try:
-                with self._tx():
-                    self.conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(
-                        sql.Literal(f"{self.lock_timeout_ms}ms")))
+                with self._tx(), _settings(self.conn, lock_timeout=f"{self.lock_timeout_ms}ms"):
                     self.conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(
                         self.ident, table_ident(name)))
                 return True
@@ -493,6 +480,18 @@ class Partitions:
             self.conn.execute(sql.SQL(
                 "INSERT INTO {} (pruned_before, partitions, changes, pruned_by) VALUES (%s, %s, %s, %s)"
             ).format(table_ident(PRUNE_LOG)), [result.cutoff, [p.name for p in result.dropped], result.rows, by])
+
+
+@contextmanager
+def _settings(conn: psycopg.Connection, **values: str) -> Iterator[None]:
+    """Settings for the transaction block in hand, put back as they were when it succeeds (inside a
+    caller's transaction SET LOCAL would outlive our savepoint; a failure rolls them back anyway)."""
+    old = {name: conn.execute("SELECT pg_catalog.current_setting(%s)", [name]).fetchone()[0] for name in values}
+    for name, value in values.items():
+        conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", [name, value])
+    yield
+    for name, value in old.items():
+        conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", [name, value])
 
 
 def _rollback(conn: psycopg.Connection) -> None:

@@ -22,9 +22,18 @@ BASE = dt.datetime(2023, 12, 11, 17, 9, 9, tzinfo=dt.timezone.utc)
 
 
 def create_changes_table(using: str = "default") -> None:
+    """`changes` as the worker makes it: partitioned, with the monthly partitions around BASE (other
+    moments go to changes_default, as they would)."""
+    from bemi.worker.partitions import Partitions
+
     sql = bemi_sql.read("changes.sql")
-    with connections[using].cursor() as cursor:
+    connection = connections[using]
+    with connection.cursor() as cursor:
         cursor.execute(sql)
+    connection.ensure_connection()
+    months = [dt.datetime(2023, 11, 1, tzinfo=dt.timezone.utc), dt.datetime(2023, 12, 1, tzinfo=dt.timezone.utc),
+              dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)]
+    Partitions(connection.connection, "month").ensure_periods(months)
 
 
 class Recorder:

@@ -26,8 +26,8 @@ def bemi_tables(cursor: Any) -> list[str]:
     return [r[0] for r in cursor.fetchall()]
 
 
-def grant_statements(tables: list[str], app_role: str, worker_role: str | None) -> list[sql.Composable]:
-    statements: list[sql.Composable] = []
+def grant_statements(tables: list[str], app_role: str, worker_role: str | None) -> list[sql.Composed]:
+    statements: list[sql.Composed] = []
     for name in tables:
         table = sql.SQL("{}.{}").format(sql.Identifier("public"), sql.Identifier(name))
         if worker_role:

@@ -32,7 +32,7 @@ from psycopg import sql
 
 from bemi import sql as bemi_sql
 from bemi.worker.partitions import (
-    DEFAULT_PARTITION, SCHEMA, TABLE, Partitions, period_end, period_start, table_ident,
+    DEFAULT_PARTITION, SCHEMA, TABLE, Partitions, _one, period_end, period_start, table_ident,
 )
 
 __all__ = ["convert", "ConversionError", "OLD_TABLE", "NEW_TABLE"]
@@ -71,7 +71,7 @@ class ConversionError(Exception):
 
 
 def _exists(conn: psycopg.Connection, name: str) -> bool:
-    return conn.execute("SELECT pg_catalog.to_regclass(%s) IS NOT NULL", [f"{SCHEMA}.{name}"]).fetchone()[0]
+    return _one(conn.execute("SELECT pg_catalog.to_regclass(%s) IS NOT NULL", [f"{SCHEMA}.{name}"]))[0]
 
 
 def _old_columns(conn: psycopg.Connection) -> dict[str, bool]:
@@ -114,7 +114,7 @@ def _periods(conn: psycopg.Connection, interval: str) -> set[datetime]:
     query = sql.SQL("SELECT min(committed_at) FROM {} WHERE committed_at >= %s").format(table_ident(TABLE))
     floor = datetime.min.replace(tzinfo=UTC)
     while True:
-        (found,) = conn.execute(query, [floor]).fetchone()
+        (found,) = _one(conn.execute(query, [floor]))
         if found is None:
             return starts
         start = period_start(found, interval)
@@ -166,7 +166,7 @@ def convert(
         raise ConversionError("there is no table public.changes to convert (the worker creates it partitioned)")
     if partitions.is_partitioned():
         return "already partitioned"
-    if not conn.execute("SELECT pg_catalog.pg_try_advisory_lock(%s::int4, %s::int4)", [0x62656D69, 13]).fetchone()[0]:
+    if not _one(conn.execute("SELECT pg_catalog.pg_try_advisory_lock(%s::int4, %s::int4)", [0x62656D69, 13]))[0]:
         raise ConversionError("another bemi_partition is running")
     try:
         if not _exists(conn, STATE):
@@ -224,12 +224,12 @@ def _prepare(conn: psycopg.Connection, interval: str, say: Callable[[str], None]
 def _copy(conn: psycopg.Connection, batch_pages: int, progress, stop_after_pages: int | None) -> bool:
     state = table_ident(STATE)
     with conn.transaction():
-        next_page, total, copied = conn.execute(sql.SQL("SELECT next_page, total_pages, copied FROM {}").format(
-            state)).fetchone()
+        next_page, total, copied = _one(conn.execute(sql.SQL("SELECT next_page, total_pages, copied FROM {}").format(
+            state)))
         if total is None:  # measured after the trigger exists: every older row lies in these pages
-            total = conn.execute(
+            total = _one(conn.execute(
                 "SELECT pg_catalog.pg_relation_size(%s::regclass) / pg_catalog.current_setting('block_size')::int",
-                [f"{SCHEMA}.{TABLE}"]).fetchone()[0]
+                [f"{SCHEMA}.{TABLE}"]))[0]
             conn.execute(sql.SQL("UPDATE {} SET total_pages = %s").format(state), [total])
     columns = sql.SQL(", ").join(map(sql.Identifier, _common_columns(conn)))
     query = sql.SQL(

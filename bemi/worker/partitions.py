@@ -181,11 +181,11 @@ class Partitions:
 
     def is_partitioned(self) -> bool:
         with self._tx():
-            row = self.conn.execute(
-                "SELECT c.relkind = 'p' FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
-                "ON n.oid = c.relnamespace WHERE n.nspname = %s::name AND c.relname = %s::name",
-                [SCHEMA, self.table]).fetchone()
-        return bool(row and row[0])
+            row = _one(self.conn.execute(
+                "SELECT EXISTS (SELECT FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+                "ON n.oid = c.relnamespace WHERE n.nspname = %s::name AND c.relname = %s::name "
+                "AND c.relkind = 'p')", [SCHEMA, self.table]))
+        return bool(row[0])
 
     def layout(self) -> list[Partition]:
         """The partitions of ``public.changes`` (the DEFAULT one last), refreshing the cache."""
@@ -303,10 +303,10 @@ class Partitions:
             with self._tx(), _settings(conn, lock_timeout=f"{self.lock_timeout_ms}ms",
                                        search_path="pg_catalog, public, pg_temp"):
                 conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(%s::int4, %s::int4)", [_LOCK_SPACE, _LOCK_DDL])
-                if conn.execute("SELECT pg_catalog.to_regclass(%s)", [f"{SCHEMA}.{name}"]).fetchone()[0]:
+                if _one(conn.execute("SELECT pg_catalog.to_regclass(%s)", [f"{SCHEMA}.{name}"]))[0]:
                     return None  # made meanwhile by another process
-                has_default = conn.execute("SELECT pg_catalog.to_regclass(%s)",
-                                           [f"{SCHEMA}.{DEFAULT_PARTITION}"]).fetchone()[0]
+                has_default = _one(conn.execute("SELECT pg_catalog.to_regclass(%s)",
+                                           [f"{SCHEMA}.{DEFAULT_PARTITION}"]))[0]
                 # Made under a _bemi name, renamed once attached: the `migrate bemi` event triggers
                 # then never see a new public table to track, publish or put triggers on.
                 target = table_ident(_STAGING)
@@ -358,14 +358,14 @@ class Partitions:
         """Period starts of the rows sitting in the DEFAULT partition (a loose index scan)."""
         starts: set[datetime] = set()
         with self._tx():
-            if not self.conn.execute("SELECT pg_catalog.to_regclass(%s)",
-                                     [f"{SCHEMA}.{DEFAULT_PARTITION}"]).fetchone()[0]:
+            if not _one(self.conn.execute("SELECT pg_catalog.to_regclass(%s)",
+                                     [f"{SCHEMA}.{DEFAULT_PARTITION}"]))[0]:
                 return starts
             query = sql.SQL("SELECT min(committed_at) FROM {} WHERE committed_at >= %s").format(
                 table_ident(DEFAULT_PARTITION))
             floor = datetime.min.replace(tzinfo=UTC)
             while True:
-                (found,) = self.conn.execute(query, [floor]).fetchone()
+                (found,) = _one(self.conn.execute(query, [floor]))
                 if found is None:
                     break
                 start = period_start(found, self.interval)
@@ -391,8 +391,8 @@ class Partitions:
               retries: int = 30, whole_only: bool = False) -> PruneResult:
         """Remove every change committed before ``cutoff``.
 
-        Partitions entirely before it are detached (a short lock on ``changes``)
-        then dropped; the partition that straddles it, and the DEFAULT partition,
+        Partitions entirely before it are detached and dropped (a short lock on
+        ``changes``, no row read); the partition that straddles it, and the DEFAULT partition,
         are trimmed with ``DELETE`` in batches of ``batch_rows``, one transaction
         each. Afterwards the current and next partitions exist again.
 
@@ -416,10 +416,8 @@ class Partitions:
             if dry_run:
                 say(f"would drop partition {SCHEMA}.{part.name} ({_span(part)}, {rows} changes)")
             else:
-                if not self._detach(part.name, retries):
+                if not self._detach_and_drop(part.name, retries):
                     continue
-                with self._tx():
-                    self.conn.execute(sql.SQL("DROP TABLE {}").format(table_ident(part.name)))
                 say(f"dropped partition {SCHEMA}.{part.name} ({_span(part)}, {rows} changes)")
             result.dropped.append(part)
             result.dropped_rows += rows
@@ -437,14 +435,17 @@ class Partitions:
 
     def _count(self, name: str) -> int:
         with self._tx():
-            return int(self.conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table_ident(name))).fetchone()[0])
+            return int(_one(self.conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table_ident(name))))[0])
 
-    def _detach(self, name: str, retries: int) -> bool:
+    def _detach_and_drop(self, name: str, retries: int) -> bool:
+        """DETACH then DROP, one transaction (milliseconds: no row is read or written; an interruption
+        leaves no detached orphan). A busy lock is retried after a pause instead of queueing readers."""
         for attempt in range(retries):
             try:
                 with self._tx(), _settings(self.conn, lock_timeout=f"{self.lock_timeout_ms}ms"):
                     self.conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(
                         self.ident, table_ident(name)))
+                    self.conn.execute(sql.SQL("DROP TABLE {}").format(table_ident(name)))
                 return True
             except psycopg.errors.LockNotAvailable:
                 log.info("partition %s is busy (lock timeout), retrying", name)
@@ -458,8 +459,8 @@ class Partitions:
         target = table_ident(name)
         if dry_run:
             with self._tx():
-                return int(self.conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE committed_at < %s").format(
-                    target), [cutoff]).fetchone()[0])
+                return int(_one(self.conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE committed_at < %s").format(
+                    target), [cutoff]))[0])
         total = 0
         query = sql.SQL(
             "DELETE FROM {t} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {t} WHERE committed_at < %s LIMIT %s))"
@@ -486,12 +487,20 @@ class Partitions:
 def _settings(conn: psycopg.Connection, **values: str) -> Iterator[None]:
     """Settings for the transaction block in hand, put back as they were when it succeeds (inside a
     caller's transaction SET LOCAL would outlive our savepoint; a failure rolls them back anyway)."""
-    old = {name: conn.execute("SELECT pg_catalog.current_setting(%s)", [name]).fetchone()[0] for name in values}
+    old = {name: _one(conn.execute("SELECT pg_catalog.current_setting(%s)", [name]))[0] for name in values}
     for name, value in values.items():
         conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", [name, value])
     yield
     for name, value in old.items():
         conn.execute("SELECT pg_catalog.set_config(%s, %s, true)", [name, value])
+
+
+def _one(cur: psycopg.Cursor[Any]) -> Any:
+    """The row of a query that always returns one (psycopg types ``fetchone()`` as optional)."""
+    row = cur.fetchone()
+    if row is None:
+        raise RuntimeError("a query that always returns a row returned none")
+    return row
 
 
 def _rollback(conn: psycopg.Connection) -> None:

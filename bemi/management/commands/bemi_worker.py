@@ -53,7 +53,8 @@ class Command(BaseCommand):
         destination = dsn_for_alias("bemi") if "bemi" in connections.settings and alias != "bemi" else None
 
         class Opts:
-            pass
+            partition_interval: str
+            retention: object
 
         opts = Opts()
         for key in ("once", "standby", "slot", "publication", "batch_rows", "poll_interval", "heartbeat_interval",

@@ -9,7 +9,9 @@ Starts its own PostgreSQL (tests.pgcluster). In one run:
    --tx single-row transactions (each with a context message) into a partitioned
    `changes` (bemi/sql/changes.sql) and into the previous, unpartitioned one;
    --rounds rounds (the order alternates); medians, their ratio, and the median of
-   the per-round ratios partitioned / unpartitioned.
+   the per-round ratios partitioned / unpartitioned; for the whole process, and
+   for the storing alone (the worker's own "wrote N changes in X s" log lines:
+   without process start-up and setup).
 2. prune: --rows changes in one month's partition; `python -m django bemi_prune
    --before <end of that month>` as a whole command (process start included)
    against `DELETE FROM changes WHERE committed_at < <same>` on the same rows.
@@ -24,6 +26,7 @@ import argparse
 import datetime as dt
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -72,9 +75,9 @@ FROM generate_series(0, %(rows)s - 1) AS g, LATERAL (SELECT g %% %(records)s AS 
 """
 
 
-def worker_cmd(dsn: str, slot: str) -> list[str]:
+def worker_cmd(dsn: str, slot: str, verbosity: str = "0") -> list[str]:
     return [sys.executable, "-m", "bemi.cli", "--dsn", dsn, "--slot", slot, "--publication", "bemi",
-            "--verbosity", "0", "--once"]
+            "--verbosity", verbosity, "--once"]
 
 
 def ingest(cluster: Cluster, tx: int, rounds: int) -> dict:
@@ -83,6 +86,7 @@ def ingest(cluster: Cluster, tx: int, rounds: int) -> dict:
     from bemi import sql as bemi_sql
 
     rates: dict[str, list[float]] = {"partitioned": [], "unpartitioned": []}
+    store_rates: dict[str, list[float]] = {"partitioned": [], "unpartitioned": []}
     n = 0
     for round_ in range(rounds):
         for kind in (("partitioned", "unpartitioned") if round_ % 2 else ("unpartitioned", "partitioned")):
@@ -100,18 +104,27 @@ def ingest(cluster: Cluster, tx: int, rounds: int) -> dict:
                 cur.execute("BEGIN; " + CONTEXT + f"; INSERT INTO todo (task) VALUES ('t{i}'); COMMIT")
             conn.execute("CHECKPOINT")
             started = time.perf_counter()
-            subprocess.run(worker_cmd(dsn, slot), check=True, cwd=ROOT)
+            log = subprocess.run(worker_cmd(dsn, slot, "1"), check=True, cwd=ROOT, capture_output=True,
+                                 text=True).stderr
             elapsed = time.perf_counter() - started
             stored = conn.execute("SELECT count(*) FROM changes").fetchone()[0]
             assert stored == tx, (stored, tx)
+            # The worker's own "wrote N changes in X s" lines: storing, without process start and setup.
+            storing = sum(float(m) for m in re.findall(r"wrote \d+ changes in ([0-9.]+) s", log))
             rates[kind].append(tx / elapsed)
-            print(f"  ingest {kind:13} {tx:,} transactions in {elapsed:.2f} s ({tx / elapsed:,.0f} changes/s)",
-                  flush=True)
+            store_rates[kind].append(tx / storing)
+            print(f"  ingest {kind:13} {tx:,} transactions in {elapsed:.2f} s ({tx / elapsed:,.0f} changes/s; "
+                  f"storing alone {storing:.2f} s, {tx / storing:,.0f} changes/s)", flush=True)
     median = {k: statistics.median(v) for k, v in rates.items()}
     paired = statistics.median(p / u for p, u in zip(rates["partitioned"], rates["unpartitioned"]))
     print(f"ingest: partitioned {median['partitioned']:,.0f}/s, unpartitioned {median['unpartitioned']:,.0f}/s "
           f"(medians of {rounds} rounds): ratio {median['partitioned'] / median['unpartitioned']:.2f}x; median of "
           f"the per-round ratios {paired:.2f}x", flush=True)
+    store = {k: statistics.median(v) for k, v in store_rates.items()}
+    store_paired = statistics.median(p / u for p, u in zip(store_rates["partitioned"], store_rates["unpartitioned"]))
+    print(f"ingest, storing alone: partitioned {store['partitioned']:,.0f}/s, unpartitioned "
+          f"{store['unpartitioned']:,.0f}/s: ratio {store['partitioned'] / store['unpartitioned']:.2f}x; median of "
+          f"the per-round ratios {store_paired:.2f}x", flush=True)
     return {**median, "paired": paired}
 
 
@@ -167,14 +180,21 @@ def prune(cluster: Cluster, rows: int) -> dict:
     assert conn.execute("SELECT count(*) FROM changes").fetchone()[0] == 0
     print("  " + out.strip().replace("\n", "\n  "), flush=True)
     load(False)
+    wal = lambda: int(conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0])  # noqa: E731
+    wal_before = wal()
     started = time.perf_counter()
     deleted = conn.execute("DELETE FROM changes WHERE committed_at < '2024-04-01'").rowcount
     delete_s = time.perf_counter() - started
+    delete_wal = wal() - wal_before
     assert deleted == rows
+    started = time.perf_counter()
+    conn.execute("VACUUM changes")  # what gives the space back to the table (DELETE only marks rows)
+    vacuum_s = time.perf_counter() - started
     print(f"prune: bemi_prune (whole command) {prune_s:.2f} s, of which {startup_s:.2f} s is the same command with "
           f"nothing to remove (median of 3: Python, Django, connection); DELETE of the same {rows:,} rows "
-          f"{delete_s:.2f} s ({delete_s / prune_s:.1f}x the whole command)", flush=True)
-    return {"prune_s": prune_s, "delete_s": delete_s, "startup_s": startup_s}
+          f"{delete_s:.2f} s ({delete_s / prune_s:.1f}x the whole command, {delete_wal / 1e6:.0f} MB of WAL), then "
+          f"VACUUM {vacuum_s:.2f} s: {(delete_s + vacuum_s) / prune_s:.1f}x", flush=True)
+    return {"prune_s": prune_s, "delete_s": delete_s, "startup_s": startup_s, "vacuum_s": vacuum_s}
 
 
 def queries(cluster: Cluster, rows: int, calls: int) -> dict:

@@ -12,7 +12,6 @@ from django.core.management import call_command
 
 from bemi import sql as bemi_sql
 from bemi.worker.convert import convert
-from tests.workerapp.harness import worker_env  # noqa: F401  (fixture)
 
 # bemi/sql/changes.sql of the previous version (unpartitioned).
 PREVIOUS = """

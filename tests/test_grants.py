@@ -10,7 +10,6 @@ from django.core.checks import run_checks
 from django.core.management import call_command
 
 from bemi.grants import rewrite_privileges
-from tests.workerapp.harness import worker_env  # noqa: F401  (fixture)
 
 APP, WORKER = "bemi_app_role_t", "bemi_worker_role_t"
 

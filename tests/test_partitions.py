@@ -12,7 +12,6 @@ from bemi.worker.partitions import (
     Partitions, parse_retention, partition_name, period_end, period_start,
 )
 from bemi.worker.runner import Worker
-from tests.workerapp.harness import worker_env  # noqa: F401  (fixture)
 
 UTC = timezone.utc
 PUBLISHED_INDEXES = 9  # 7 published + primary key + identity

@@ -13,7 +13,6 @@ from django.core.management.base import CommandError
 from bemi.models import BemiChange
 from bemi.timetravel import HistoryPrunedError
 from bemi.worker.partitions import partition_name, period_end, period_start
-from tests.workerapp.harness import worker_env  # noqa: F401  (fixture)
 
 UTC = timezone.utc
 

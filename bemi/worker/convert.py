@@ -193,9 +193,6 @@ def convert(
 
 def _prepare(conn: psycopg.Connection, interval: str, say: Callable[[str], None]) -> None:
     with conn.transaction():
-        # The `migrate bemi` event triggers fire on CREATE TABLE and find bemi's functions through
-        # search_path (until they qualify them): public after pg_catalog, this transaction only.
-        conn.execute("SET LOCAL search_path = pg_catalog, public, pg_temp")
         if _exists(conn, OLD_TABLE):
             raise ConversionError(f"{SCHEMA}.{OLD_TABLE} exists (an earlier conversion?): rename or drop it first")
         old = _old_columns(conn)

@@ -297,11 +297,7 @@ class Partitions:
         name = partition_name(lower)
         conn = self.conn
         try:
-            # The `migrate bemi` event triggers fire on our CREATE TABLE and (until they qualify
-            # their own names) find bemi's functions through search_path: public after pg_catalog,
-            # for this transaction only. Every name below is qualified anyway.
-            with self._tx(), _settings(conn, lock_timeout=f"{self.lock_timeout_ms}ms",
-                                       search_path="pg_catalog, public, pg_temp"):
+            with self._tx(), _settings(conn, lock_timeout=f"{self.lock_timeout_ms}ms"):
                 conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(%s::int4, %s::int4)", [_LOCK_SPACE, _LOCK_DDL])
                 if _one(conn.execute("SELECT pg_catalog.to_regclass(%s)", [f"{SCHEMA}.{name}"]))[0]:
                     return None  # made meanwhile by another process

@@ -196,7 +196,7 @@ def check_append_only(app_configs: Any = None, databases: Any = None, **kwargs: 
         return []
     with connections[alias].cursor() as cursor:
         privileges = rewrite_privileges(cursor)
-        cursor.execute("SELECT current_user")
+        cursor.execute("SELECT pg_catalog.quote_ident(current_user)")
         role = cursor.fetchone()[0]
     if not privileges:
         return []

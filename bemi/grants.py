@@ -20,8 +20,11 @@ def bemi_tables(cursor: Any) -> list[str]:
     """bemi's tables that exist in schema public, partitions of changes included."""
     cursor.execute(
         "SELECT c.relname::text FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = 'public' AND (c.relname = ANY (%s::text[]) OR c.oid IN (SELECT i.inhrelid FROM "
-        "pg_catalog.pg_inherits i WHERE i.inhparent = pg_catalog.to_regclass('public.changes'))) ORDER BY 1",
+        "WHERE n.nspname OPERATOR(pg_catalog.=) 'public'::pg_catalog.name AND ("
+        "c.relname OPERATOR(pg_catalog.=) ANY (%s::pg_catalog.name[]) OR c.oid OPERATOR(pg_catalog.=) ANY (ARRAY("
+        "SELECT i.inhrelid FROM pg_catalog.pg_inherits i "
+        "WHERE i.inhparent OPERATOR(pg_catalog.=) pg_catalog.to_regclass('public.changes')::pg_catalog.oid))) "
+        "ORDER BY 1",
         [list(READ_BY_APP + WORKER_ONLY)])
     return [r[0] for r in cursor.fetchall()]
 
@@ -41,9 +44,12 @@ def grant_statements(tables: list[str], app_role: str, worker_role: str | None) 
 def rewrite_privileges(cursor: Any) -> list[str]:
     """The privileges among UPDATE, DELETE, TRUNCATE that the current role holds on ``changes`` or on
     any of its partitions ([] when ``changes`` does not exist)."""
+    # Runs on the application's connection (its search_path): operators qualified, types exact.
     cursor.execute(
-        "SELECT p.privilege FROM unnest(%s::text[]) AS p(privilege) WHERE EXISTS ("
-        " SELECT 1 FROM pg_catalog.pg_class c WHERE (c.oid = pg_catalog.to_regclass('public.changes') OR c.oid IN ("
-        "  SELECT i.inhrelid FROM pg_catalog.pg_inherits i WHERE i.inhparent = pg_catalog.to_regclass('public.changes')))"
-        " AND pg_catalog.has_table_privilege(c.oid, p.privilege))", [list(REWRITE)])
+        "SELECT p.privilege FROM pg_catalog.unnest(%s::pg_catalog.text[]) AS p(privilege) WHERE EXISTS ("
+        " SELECT FROM pg_catalog.pg_class c"
+        " WHERE (c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass('public.changes')::pg_catalog.oid"
+        "        OR c.oid OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT i.inhrelid FROM pg_catalog.pg_inherits i"
+        "           WHERE i.inhparent OPERATOR(pg_catalog.=) pg_catalog.to_regclass('public.changes')::pg_catalog.oid)))"
+        "   AND pg_catalog.has_table_privilege(c.oid, p.privilege))", [list(REWRITE)])
     return [r[0] for r in cursor.fetchall()]

@@ -164,7 +164,7 @@ def pruned_before(using: str) -> dt.datetime | None:
             if not cursor.fetchone()[0]:
                 return None
             _has_prune_log.add(using)
-        cursor.execute('SELECT max("pruned_before") FROM public._bemi_pruned')
+        cursor.execute('SELECT pg_catalog.max("pruned_before") FROM public._bemi_pruned')
         return cursor.fetchone()[0]
 
 

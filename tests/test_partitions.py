@@ -134,3 +134,23 @@ def test_partitions_manager_fills_only_gaps(worker_env):
         day = Partitions(conn, "day")
         assert day.ensure_periods([datetime(2030, 5, 3, tzinfo=UTC), datetime(2030, 7, 1, tzinfo=UTC)]) == [
             "changes_p20300701"]  # 3 May lies in May's partition already
+
+
+def test_settings_and_partitions_never_tracked():
+    from django.core.exceptions import ImproperlyConfigured
+    from django.test import override_settings
+
+    from bemi import conf
+    from bemi.worker.stitch import is_excluded
+
+    with override_settings(BEMI_RETENTION=timedelta(days=3), BEMI_PARTITION_INTERVAL="week"):
+        assert conf.retention() == timedelta(days=3) and conf.partition_interval() == "week"
+    with override_settings(BEMI_RETENTION=30):
+        assert conf.retention() == timedelta(days=30) and conf.partition_interval() == "month"
+    with override_settings(BEMI_RETENTION="a while"), pytest.raises(ImproperlyConfigured):
+        conf.retention()
+    with override_settings(BEMI_PARTITION_INTERVAL="year"), pytest.raises(ImproperlyConfigured):
+        conf.partition_interval()
+    assert all(is_excluded(t) for t in ("changes", "changes_default", "changes_p20250101",
+                                        "changes_p20250101_093000000000"))
+    assert not any(is_excluded(t) for t in ("changes_log", "changes_p2025", "my_changes_default"))

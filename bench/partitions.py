@@ -3,7 +3,7 @@
     python bench/partitions.py                      # 1,000,000-row figures (several minutes)
     python bench/partitions.py --rows 100000 --tx 5000   # a quick run
 
-Starts its own PostgreSQL (tests.pgcluster). In one run:
+Starts its own PostgreSQL (bemi_devtools.pgcluster). In one run:
 
 1. ingest: the worker (`bemi-worker --once`, a fresh process) stores the same
    --tx single-row transactions (each with a context message) into a partitioned
@@ -38,7 +38,7 @@ sys.path.insert(0, ROOT)
 
 import psycopg  # noqa: E402
 
-from tests.pgcluster import Cluster  # noqa: E402
+from bemi_devtools.pgcluster import Cluster  # noqa: E402
 
 CONTEXT = ("SELECT pg_logical_emit_message(true, '_bemi', "
            "'{\"user_id\": 187234, \"endpoint\": \"/todo\", \"method\": \"POST\"}')")
@@ -208,13 +208,13 @@ def queries(cluster: Cluster, rows: int, calls: int) -> dict:
     settings.configure(
         DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", "HOST": cluster.host,
                                "PORT": str(cluster.port), "USER": cluster.user, "NAME": "q"}},
-        INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "bemi", "tests.queryapp"],
+        INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "bemi", "benchmodels"],
         USE_TZ=True, TIME_ZONE="UTC", DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
     )
     django.setup()
     from bemi.models import BemiChange
     from django.db import connection
-    from tests.queryapp.models import Todo
+    from benchmodels.models import Todo
 
     conn = psycopg.connect(cluster.dsn("q"), autocommit=True)
     start = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)

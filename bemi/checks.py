@@ -15,10 +15,19 @@ bemi.W003  ``PUBLIC`` may ``CREATE`` in schema ``public``, where bemi installs (
 bemi.E005  psycopg older than 3.3 (the worker streams with START_REPLICATION)
 bemi.W015  an inactive replication slot (or Debezium's publication) left by an earlier Bemi worker
 bemi.W004  the application's role can UPDATE, DELETE or TRUNCATE ``changes`` (history can be rewritten)
+bemi.W020  ``max_slot_wal_keep_size = -1`` on a database where bemi is installed: a stopped
+           worker's slot keeps WAL until the disk is full
+bemi.W021  bemi is installed (``migrate bemi`` ran) but the database has no pgoutput
+           replication slot: the worker never started, and changes are not recorded
 =========  =====================================================================
 
 W002 and W003 are warnings, not errors: see docs/security.md for what they
 mean and why they are worth fixing.
+
+W020 and W021 do not stop ``migrate`` either; silence one with
+``SILENCED_SYSTEM_CHECKS = ['bemi.W020']`` when it is deliberate, e.g. a managed
+server whose settings you cannot change. ``manage.py bemi_status`` shows both, and more
+(docs/operations.md).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
+from django.db.migrations.recorder import MigrationRecorder
 from django.utils.module_loading import import_string
 
 from bemi import conf
@@ -124,6 +134,44 @@ def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any
                      "(see docs/security.md)",
                 id="bemi.W003",
             ))
+        if wal_level == "logical" and alias != "bemi" and _bemi_migrated(connection):
+            messages.extend(_slot_checks(alias, connection))
+    return messages
+
+
+def _bemi_migrated(connection: Any) -> bool:
+    """Has ``migrate bemi`` run on this database? (The alias ``bemi`` is the destination: not asked.)"""
+    recorder = MigrationRecorder(connection)
+    return recorder.has_table() and recorder.migration_qs.filter(app="bemi").exists()
+
+
+def _slot_checks(alias: str, connection: Any) -> list[CheckMessage]:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_catalog.current_setting('max_slot_wal_keep_size', true), "
+            "EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s WHERE s.plugin = 'pgoutput' "
+            "AND s.database = pg_catalog.current_database())"
+        )
+        keep, has_slot = cursor.fetchone()
+    messages: list[CheckMessage] = []
+    if keep == "-1":
+        messages.append(Warning(
+            f"Database {alias!r} has max_slot_wal_keep_size = -1 (unbounded): if the bemi worker stops, its "
+            "replication slot keeps every WAL file until the disk is full and PostgreSQL stops.",
+            hint="Bound it above the longest worker outage you accept, e.g. ALTER SYSTEM SET "
+                 "max_slot_wal_keep_size = '10GB'; SELECT pg_reload_conf(); (past it the slot is invalidated and "
+                 "changes are lost, but the database keeps running). Watch the worker with manage.py bemi_status "
+                 "or its metrics (docs/operations.md).",
+            id="bemi.W020",
+        ))
+    if not has_slot:
+        messages.append(Warning(
+            f"Database {alias!r} has bemi installed but no pgoutput replication slot: the bemi worker has never "
+            "started there, so changes are not recorded.",
+            hint="Start the worker: python manage.py bemi_worker (it creates the slot 'bemi' and the changes table "
+                 "on its first start). Changes made before the slot exists are never recorded.",
+            id="bemi.W021",
+        ))
     return messages
 
 

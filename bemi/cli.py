@@ -33,6 +33,9 @@ table `_bemi_worker_checkpoints`. It never drops or recreates a slot.
 """
 
 EPILOG = """\
+`bemi-worker status` (see `bemi-worker status --help`) tells whether tracking works:
+slot, retained WAL, lag, worker, tables; exit status 0 when healthy.
+
 exit status: 0 done (--once, or stopped by SIGINT/SIGTERM after committing the batch
 in hand); 1 unexpected database error in a --once run; 2 something to fix
 (privileges, missing or invalidated slot, wal_level, configuration); 3 another
@@ -91,6 +94,11 @@ def add_worker_arguments(parser) -> None:
     parser.add_argument("--retention", default=None, metavar="DAYS",
                         help="drop partitions of changes older than this many days, at most once an hour "
                              "(default: keep everything; BEMI_RETENTION with manage.py)")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics and a health probe at /healthz "
+                             "(200 while streaming, else 503); needs pip install 'bemi-django-selfhosted[metrics]'")
+    parser.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                        help="address for --metrics-port (default: 127.0.0.1; 0.0.0.0 for every interface)")
 
 
 def config_from_options(options, source_dsn: str, destination_dsn: str | None) -> Config:
@@ -108,10 +116,40 @@ def config_from_options(options, source_dsn: str, destination_dsn: str | None) -
         takeover_max_bytes=max(1, options.takeover_memory) * 1024 * 1024,
         partition_interval=getattr(options, "partition_interval", None) or DEFAULT_INTERVAL,
         retention=parse_retention(getattr(options, "retention", None)),
+        metrics_port=getattr(options, "metrics_port", None),
+        metrics_host=getattr(options, "metrics_host", "127.0.0.1"),
     )
 
 
+def build_status_parser() -> argparse.ArgumentParser:
+    from bemi.status import STATUS_EPILOG, add_status_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="bemi-worker status", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=STATUS_EPILOG,
+        description="Is change tracking working? The slot (and who reads it), the WAL it retains, the "
+                    "publication and the tracked tables, the worker's checkpoint, the lag, dead letters and "
+                    "warnings; exit status 0 when healthy. Source and destination as for bemi-worker.",
+    )
+    add_status_arguments(parser)
+    parser.add_argument("--dsn", help="libpq connection string of the source database (overrides DB_*)")
+    parser.add_argument("--destination-dsn",
+                        help="libpq connection string of the destination (overrides DESTINATION_DB_*)")
+    return parser
+
+
+def status_main(argv: list[str]) -> int:
+    from bemi import status
+
+    options = build_status_parser().parse_args(argv)
+    source = options.dsn or _dsn_from_env("DB_") or ""
+    destination = options.destination_dsn or _dsn_from_env("DESTINATION_DB_")
+    return status.run(source, destination, options, sys.stdout, sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        return status_main(argv[1:])
     parser = build_parser()
     options = parser.parse_args(argv)
     try:

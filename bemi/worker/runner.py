@@ -70,6 +70,8 @@ class Config:
     maintenance_interval: float = 60.0  # seconds between partition maintenance passes
     retention_interval: float = 3600.0  # seconds between retention passes
     clock: Callable[[], datetime] | None = None  # "now" for partition management (tests move it)
+    metrics_port: int | None = None  # serve /metrics and /healthz (bemi/worker/metrics.py)
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass
@@ -351,6 +353,7 @@ class Worker:
                             # Everything the server sent before this is stored (or had nothing to
                             # store): the slot may move on to its WAL end.
                             stream.confirm(stream.keepalive_end)
+                            self._caught_up(stream.keepalive_end)
                         if self.stopping.is_set():
                             break
                         if until is not None:
@@ -411,6 +414,12 @@ class Worker:
             stitcher.reset()
             raise
         return transactions
+
+    def _caught_up(self, wal_end: int) -> None:
+        """For the lag metrics: everything up to ``wal_end`` is handled, as of now."""
+        stats = self.stats
+        if wal_end > stats.last_commit_lsn:
+            stats.last_commit_lsn, stats.last_commit_time = wal_end, datetime.now(timezone.utc)
 
     def _final_status(self, stream: Stream) -> None:
         """Send the flush position and wait until the server has taken it (its keepalive answer)."""
@@ -562,6 +571,19 @@ def main_loop(config: Config) -> int:
         log.info("received %s: finishing the batch in hand, then exiting", signal.Signals(signum).name)
         worker.stop()
 
+    metrics = None
+    if config.metrics_port is not None:
+        from bemi.worker.metrics import MetricsServer, MetricsUnavailable
+
+        try:
+            metrics = MetricsServer(worker.stats, config.metrics_host, config.metrics_port).start()
+        except MetricsUnavailable as exc:
+            log.error("%s", exc)
+            return 2
+        except OSError as exc:
+            log.error("cannot serve metrics on %s:%s: %s", config.metrics_host, config.metrics_port, exc)
+            return 2
+
     previous = {}
     if threading.current_thread() is threading.main_thread():  # signals can only be handled there
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -581,3 +603,5 @@ def main_loop(config: Config) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if metrics is not None:
+            metrics.stop()

@@ -47,6 +47,8 @@ log = logging.getLogger("bemi.worker")
 MIN_PSYCOPG = (3, 3)
 
 LOCK_CLASS = 0x62656D69  # 'bemi'
+#: Seconds a starting worker waits for ``bemi-worker status`` to release the slot's lock.
+STATUS_PEEK_WAIT = 15.0
 SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}\Z")  # what PostgreSQL accepts as a slot name
 
 _XLOGDATA = struct.Struct(">QQq")  # 'w': data start, WAL end, send time
@@ -141,6 +143,17 @@ class Source:
         return bool(one_row(self.control.execute(
             "SELECT pg_catalog.pg_try_advisory_lock(%s::int4, %s::int4)", [LOCK_CLASS, self._lock_key]))[0])
 
+    def _held_by_status(self) -> bool:
+        """Is the slot's lock held by ``bemi-worker status`` (or released meanwhile)?"""
+        row = self.control.execute(
+            "SELECT a.application_name FROM pg_catalog.pg_locks l "
+            "LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) l.pid "
+            "WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.classid OPERATOR(pg_catalog.=) %s::oid "
+            "AND l.objid OPERATOR(pg_catalog.=) %s::oid AND l.objsubid OPERATOR(pg_catalog.=) 2 AND l.granted",
+            [LOCK_CLASS, self._lock_key],
+        ).fetchone()
+        return row is None or row[0] == "bemi-status"
+
     def lock_holder(self) -> str:
         holder = self.control.execute(
             "SELECT l.pid, a.backend_start FROM pg_catalog.pg_locks l "
@@ -155,8 +168,17 @@ class Source:
         return f" (its connection is backend pid {holder[0]}{since})"
 
     def lock(self) -> None:
-        """Take the advisory lock of this slot, or explain who holds it."""
-        if self.try_lock():
+        """Take the advisory lock of this slot, or explain who holds it.
+
+        ``bemi-worker status`` holds it for the moment it peeks at the slot of a stopped worker
+        (bemi/status.py): wait for that (at most its statement timeout) instead of giving up.
+        """
+        deadline = time.monotonic() + STATUS_PEEK_WAIT
+        while not self.try_lock():
+            if not self._held_by_status() or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
+        else:
             return
         raise WorkerError(
             f"another bemi worker is already reading slot {self.slot!r} of database {self.database!r}"

@@ -58,7 +58,7 @@ class Command(BaseCommand):
 
         opts = Opts()
         for key in ("once", "standby", "slot", "publication", "batch_rows", "poll_interval", "heartbeat_interval",
-                    "takeover", "takeover_memory"):
+                    "takeover", "takeover_memory", "metrics_port", "metrics_host"):
             setattr(opts, key, options[key])
         try:  # --partition-interval / --retention, else BEMI_PARTITION_INTERVAL / BEMI_RETENTION
             opts.partition_interval = options["partition_interval"] or conf.partition_interval()

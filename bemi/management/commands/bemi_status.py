@@ -1,0 +1,40 @@
+"""``python manage.py bemi_status``: is change tracking working? (``bemi-worker status`` in Django)."""
+
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connections
+
+from bemi import status
+from bemi.management.commands.bemi_worker import dsn_for_alias
+
+
+class Command(BaseCommand):
+    help = ("Is change tracking working? The slot (and who reads it), the WAL it retains, the publication and "
+            "the tracked tables, the worker's checkpoint, the lag, dead letters and warnings. Exit status 0 "
+            "when healthy, 1 when not, 2 when it cannot tell. Source: the --database alias (default 'default'); "
+            "destination: the alias 'bemi' when DATABASES has one. See docs/operations.md.")
+    requires_system_checks: list = []  # a probe: answer fast, and also when checks would complain
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--database", default="default", help="alias of the tracked database (default: default)")
+        status.add_status_arguments(parser)
+
+    def handle(self, *args, **options) -> None:
+        alias = options["database"]
+        if alias not in connections.settings:
+            raise CommandError(f"no database alias {alias!r} in DATABASES")
+        source = dsn_for_alias(alias)
+        destination = dsn_for_alias("bemi") if "bemi" in connections.settings and alias != "bemi" else None
+
+        class Opts:
+            pass
+
+        opts = Opts()
+        for key in ("slot", "publication", "json", "max_lag_seconds", "max_retained_bytes"):
+            setattr(opts, key, options[key])
+        code = status.run(source, destination, opts, self.stdout, self.stderr)
+        if code == status.EXIT_UNHEALTHY:
+            raise CommandError("bemi is unhealthy (see problems above)", returncode=code)
+        if code:
+            raise CommandError("could not read the status (see above)", returncode=code)

@@ -280,3 +280,38 @@ def _no_leftover_setting():
             _reload_setting("max_slot_wal_keep_size", None)
     except Exception:
         pass
+
+
+def test_separate_destination_holds_the_checkpoint(worker_env):
+    env = worker_env
+    dest_db = f"bemi_st_dest_{os.getpid()}"
+    env.execute(f"DROP DATABASE IF EXISTS {dest_db}")
+    env.execute(f"CREATE DATABASE {dest_db}")
+    dest_dsn = env.dsn.replace(f"dbname={env.execute('SELECT current_database()')[0][0]}", f"dbname={dest_db}")
+    try:
+        env.execute("CREATE TABLE st_dest (id int PRIMARY KEY)")
+        env.run_once(destination_dsn=dest_dsn)
+        env.execute("INSERT INTO st_dest VALUES (1), (2)")
+        env.run_once(destination_dsn=dest_dsn)
+        data = status_json(env, "--destination-dsn", dest_dsn)
+        assert data["destination_database"] == dest_db
+        with psycopg.connect(dest_dsn) as dest:
+            stored = dest.execute("SELECT commit_lsn::text FROM _bemi_worker_checkpoints WHERE slot = %s",
+                                  [env.slot]).fetchone()[0]
+        assert data["checkpoint"]["commit_lsn"] == stored
+        # Without the destination the status looks in the source, finds no checkpoint, and says so.
+        alone = status_json(env)
+        assert alone["checkpoint"] is None
+    finally:
+        env.execute(f"DROP DATABASE IF EXISTS {dest_db} WITH (FORCE)")
+
+
+def test_help_names_the_status_command_and_its_exit_statuses():
+    top = subprocess.run([sys.executable, "-m", "bemi.cli", "--help"], capture_output=True, text=True, cwd=ROOT)
+    assert "bemi-worker status" in top.stdout and "--metrics-port" in top.stdout and "--metrics-host" in top.stdout
+    sub = subprocess.run([sys.executable, "-m", "bemi.cli", "status", "--help"], capture_output=True, text=True,
+                         cwd=ROOT)
+    assert sub.returncode == 0
+    for word in ("--json", "--max-lag-seconds", "--max-retained-bytes", "--dsn", "--destination-dsn",
+                 "exit status: 0 healthy; 1 unhealthy"):
+        assert word in sub.stdout, word

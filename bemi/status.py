@@ -389,7 +389,8 @@ def collect(source: psycopg.Connection, destination: psycopg.Connection | None =
     destination = destination or source
     problems: list[str] = []
     warnings: list[str] = []
-    info = _one(source, "SELECT current_database() AS db, current_setting('server_version_num')::int AS version, "
+    info = _one(source, "SELECT current_database() AS db, current_user AS user, "
+                        "current_setting('server_version_num')::int AS version, "
                         "current_setting('max_slot_wal_keep_size', true) AS keep, now() AS now")
     assert info is not None
     database, now = info["db"], info["now"]
@@ -401,8 +402,17 @@ def collect(source: psycopg.Connection, destination: psycopg.Connection | None =
     worker = _worker(source, the_slot, database) if the_slot.exists else None
     pub = _publication(source, publication)
     tables = _tables(source, pub)
-    checkpoint = _checkpoint(destination, slot, database)
-    dead = _dead_letters(destination, slot)
+    unreadable = []
+    try:
+        checkpoint = _checkpoint(destination, slot, database)
+    except psycopg.errors.InsufficientPrivilege:
+        checkpoint = None
+        unreadable.append("_bemi_worker_checkpoints")
+    try:
+        dead = _dead_letters(destination, slot)
+    except psycopg.errors.InsufficientPrivilege:
+        dead = 0
+        unreadable.append("_bemi_worker_failures")
 
     # Lag in bytes: WAL after what is stored and confirmed (the slot, or the checkpoint when ahead of it).
     lag_bytes: int | None = None
@@ -491,6 +501,10 @@ def collect(source: psycopg.Connection, destination: psycopg.Connection | None =
     if "not installed" in tables.rule:
         warnings.append("bemi's SQL functions are not installed in the source database "
                         "(python manage.py migrate bemi): no triggers, new tables not tracked at once")
+    if unreadable:
+        warnings.append(f"role {info['user']!r} may not read " + " and ".join(f"public.{t}" for t in unreadable)
+                        + f" in database {dest_db!r}, so the checkpoint and dead letters are unknown: GRANT SELECT ON "
+                        + ", ".join(f"public.{t}" for t in unreadable) + f" TO {info['user']};")
     if dead:
         warnings.append(f"{dead} dead letters wait in _bemi_worker_failures (changes the destination rejected)")
     if not _table_exists(destination, "changes"):

@@ -315,3 +315,56 @@ def test_help_names_the_status_command_and_its_exit_statuses():
     for word in ("--json", "--max-lag-seconds", "--max-retained-bytes", "--dsn", "--destination-dsn",
                  "exit status: 0 healthy; 1 unhealthy"):
         assert word in sub.stdout, word
+
+
+def test_without_replication_privilege_the_lag_is_an_upper_bound(worker_env):
+    env = worker_env
+    env.execute("CREATE TABLE st_priv (id int PRIMARY KEY)")
+    env.run_once()
+    env.execute("INSERT INTO st_priv VALUES (1)")
+    env.run_once()
+    env.execute("INSERT INTO st_priv VALUES (2)")  # waiting, with no worker
+    env.execute("DROP ROLE IF EXISTS bemi_monitor; CREATE ROLE bemi_monitor LOGIN")
+    try:
+        dsn = env.dsn.replace("user=postgres", "user=bemi_monitor")
+        result = subprocess.run([sys.executable, "-m", "bemi.cli", "status", "--dsn", dsn, "--slot", env.slot,
+                                 "--publication", env.publication, "--json"],
+                                capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert result.returncode == 0, result.stderr
+        data = json.loads(result.stdout)
+        # It may not read the checkpoint table either: said so, and the lag in seconds is unknown.
+        assert data["checkpoint"] is None and data["lag_seconds"] is None
+        assert data["lag_seconds_source"].startswith("unknown (could not peek at the slot: ")  # no REPLICATION
+        assert any("GRANT SELECT ON public._bemi_worker_checkpoints" in w for w in data["warnings"])
+        # Granted: the age of the last stored commit, as an upper bound.
+        env.execute("GRANT SELECT ON _bemi_worker_checkpoints TO bemi_monitor")
+        data = json.loads(subprocess.run([sys.executable, "-m", "bemi.cli", "status", "--dsn", dsn, "--slot",
+                                          env.slot, "--publication", env.publication, "--json"],
+                                         capture_output=True, text=True, timeout=60, cwd=ROOT).stdout)
+        assert data["lag_seconds_source"].startswith("upper bound, the age of the last stored commit")
+        assert data["lag_seconds"] == pytest.approx(data["checkpoint"]["age_seconds"], abs=1)
+        assert data["healthy"] is True
+    finally:
+        env.execute("REVOKE ALL ON _bemi_worker_checkpoints FROM bemi_monitor; DROP ROLE bemi_monitor")
+
+
+def test_a_replication_connection_holding_the_slot_is_named(worker_env, pg_bindir):
+    """A streaming consumer (here pg_recvlogical) holds the slot: named, lag from pg_stat_replication."""
+    env = worker_env
+    env.run_once()
+    proc = subprocess.Popen([os.path.join(pg_bindir, "pg_recvlogical"), "-d", env.dsn, "--slot", env.slot, "--start",
+                             "-o", "proto_version=1", "-o", f"publication_names={env.publication}", "-f", "/dev/null"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env.processes.append(proc)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not env.execute(
+            "SELECT 1 FROM pg_stat_replication r JOIN pg_replication_slots s ON s.active_pid = r.pid "
+            "WHERE s.slot_name = %s", [env.slot]):
+        time.sleep(0.1)
+    data = status_json(env)
+    assert data["worker"]["via"] == "replication connection"
+    assert data["worker"]["application_name"] == "pg_recvlogical"
+    assert data["slot"]["active"] is True
+    assert data["lag_seconds_source"] in ("pg_stat_replication (replay_lag)", "nothing waiting")
+    assert isinstance(data["lag_seconds"], float)
+    proc.terminate()

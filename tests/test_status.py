@@ -368,3 +368,29 @@ def test_a_replication_connection_holding_the_slot_is_named(worker_env, pg_bindi
     assert data["lag_seconds_source"] in ("pg_stat_replication (replay_lag)", "nothing waiting")
     assert isinstance(data["lag_seconds"], float)
     proc.terminate()
+
+
+def test_wal_status_extended_is_a_warning(worker_env):
+    """A slot keeping more WAL than max_wal_size (wal_status 'extended'): warned, still healthy."""
+    env = worker_env
+    env.execute("CREATE TABLE st_ext (id int)")
+    env.run_once()
+    default = env.execute("SHOW max_wal_size")[0][0]
+    env.execute("ALTER SYSTEM SET max_wal_size = '32MB'")
+    env.execute("SELECT pg_reload_conf()")
+    try:
+        for _ in range(4):  # each switch starts a new 16 MB segment: 64 MB of WAL after the slot
+            env.execute("INSERT INTO st_ext VALUES (1); SELECT pg_switch_wal()")
+        deadline = time.monotonic() + 10
+        while env.slot_state()["wal_status"] != "extended" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        data = status_json(env)
+        assert data["slot"]["wal_status"] == "extended"
+        assert any("wal_status = 'extended'" in w and "max_wal_size" in w for w in data["warnings"])
+        assert data["healthy"] is True
+    finally:
+        env.execute("ALTER SYSTEM RESET max_wal_size")
+        env.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 10
+        while env.execute("SELECT current_setting('max_wal_size')")[0][0] != default and time.monotonic() < deadline:
+            time.sleep(0.05)

@@ -3,7 +3,7 @@
     .venv/bin/python bench/lag.py            # about 2 minutes; writes .bench/lag.json and docs/operations-lag.png
     .venv/bin/python bench/lag.py --no-plot  # numbers only
 
-Starts its own PostgreSQL cluster (tests/pgcluster.py) and a worker with
+Starts its own PostgreSQL cluster (bemi_devtools/pgcluster.py) and a worker with
 ``--metrics-port``, then drives a scripted load through five phases:
 
 1. steady: ``--rate`` single-row transactions per second, each with a context message;
@@ -40,7 +40,7 @@ sys.path.insert(0, HERE)
 import psycopg  # noqa: E402
 
 from bemi import status as bemi_status  # noqa: E402
-from tests.pgcluster import Cluster, free_port  # noqa: E402
+from bemi_devtools.pgcluster import Cluster, free_port  # noqa: E402
 
 CONTEXT = "SELECT pg_logical_emit_message(true, '_bemi', '{\"user_id\": 1, \"path\": \"/todos/\"}')"
 SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (\S+)$')

@@ -72,9 +72,9 @@ def _reload_setting(name: str, value: str | None) -> None:
 
     import psycopg
 
-    from tests.wal import django_dsn
+    from tests.db import db_dsn
 
-    with psycopg.connect(django_dsn(), autocommit=True) as conn:
+    with psycopg.connect(db_dsn(), autocommit=True) as conn:
         if value is None:
             conn.execute(f"ALTER SYSTEM RESET {name}")
         else:
@@ -82,7 +82,7 @@ def _reload_setting(name: str, value: str | None) -> None:
         conn.execute("SELECT pg_reload_conf()")
     expected = value or "-1"
     for _ in range(100):
-        with psycopg.connect(django_dsn()) as conn:
+        with psycopg.connect(db_dsn()) as conn:
             if conn.execute("SELECT current_setting(%s)", [name]).fetchone()[0] == expected:
                 return
         time.sleep(0.05)
@@ -118,13 +118,13 @@ def _eventually(predicate) -> bool:
 def test_missing_worker_slot_after_migrate_bemi_is_a_warning():
     import psycopg
 
-    from tests.wal import django_dsn
+    from tests.db import db_dsn
 
     messages = [m for m in run_checks(databases=["default"]) if m.id == "bemi.W021"]
     assert len(messages) == 1
     assert "no pgoutput replication slot" in messages[0].msg
     assert "manage.py bemi_worker" in messages[0].hint
-    with psycopg.connect(django_dsn(), autocommit=True) as conn:
+    with psycopg.connect(db_dsn(), autocommit=True) as conn:
         conn.execute("SELECT pg_create_logical_replication_slot('bemi_check_w021', 'pgoutput')")
         try:
             assert "bemi.W021" not in ids(databases=["default"])

@@ -16,7 +16,7 @@ import pytest
 
 from bemi.worker.metrics import MetricsServer
 from bemi.worker.stats import WorkerStats
-from tests.pgcluster import free_port
+from bemi_devtools.pgcluster import free_port
 from tests.test_worker_process import wait_for
 from tests.workerapp.harness import ROOT, worker_env  # noqa: F401
 

@@ -272,10 +272,10 @@ def test_sizes():
 def _no_leftover_setting():
     yield
     # a failed test must not leave the shared cluster with a WAL bound
-    from tests.wal import django_dsn
+    from tests.db import db_dsn
 
     try:
-        with psycopg.connect(django_dsn()) as conn:
+        with psycopg.connect(db_dsn()) as conn:
             keep = conn.execute("SELECT current_setting('max_slot_wal_keep_size')").fetchone()[0]
         if keep != "-1":
             _reload_setting("max_slot_wal_keep_size", None)

@@ -23,7 +23,7 @@ from typing import Any
 
 from bemi.worker.stats import WorkerStats
 
-__all__ = ["MetricsServer", "MetricsUnavailable", "lag_seconds", "require_prometheus_client", "INSTALL_HINT"]
+__all__ = ["MetricsServer", "MetricsUnavailable", "lag", "lag_seconds", "require_prometheus_client", "INSTALL_HINT"]
 
 log = logging.getLogger("bemi.worker")
 
@@ -42,17 +42,27 @@ def require_prometheus_client() -> None:
         raise MetricsUnavailable(f"--metrics-port needs the prometheus_client package: {INSTALL_HINT}") from exc
 
 
-def lag_seconds(stats: WorkerStats, now: datetime | None = None) -> float:
-    """How long since the worker was last caught up, while WAL waits; 0 when caught up.
+def lag(stats: WorkerStats, now: datetime | None = None) -> tuple[int, float]:
+    """(bytes, seconds) the worker is behind; (0, 0.0) when caught up.
 
-    ``last_commit_time`` is the commit time of the last source transaction handled, or the
-    time of the last pass that found nothing to do (then ``last_commit_lsn`` is the server's
-    position sampled before it).
+    Handled so far: up to the last stored source transaction (``last_commit_lsn``), or the last
+    keepalive that found the worker with nothing pending (``caught_up_lsn``), whichever is later.
+    The bytes are the server's WAL after that; the seconds, while there are any, the time since
+    that commit (its commit time) or that keepalive (when it came).
     """
-    if stats.lag_bytes <= 0 or stats.last_commit_time is None:
-        return 0.0
+    handled = max(stats.last_commit_lsn, stats.caught_up_lsn)
+    if not stats.server_wal_end or not handled:
+        return 0, 0.0
+    behind = max(stats.server_wal_end - handled, 0)
+    since = stats.caught_up_at if stats.caught_up_lsn > stats.last_commit_lsn else stats.last_commit_time
+    if not behind or since is None:
+        return behind, 0.0
     now = now or datetime.now(timezone.utc)
-    return max((now - stats.last_commit_time).total_seconds(), 0.0)
+    return behind, max((now - since).total_seconds(), 0.0)
+
+
+def lag_seconds(stats: WorkerStats, now: datetime | None = None) -> float:
+    return lag(stats, now)[1]
 
 
 class _StatsCollector:
@@ -87,11 +97,12 @@ class _StatsCollector:
                                   "large (their changes are stored with {})", value=s.dropped_contexts)
         yield CounterMetricFamily("bemi_reconnects", "Reconnections after a lost source or destination connection",
                                   value=s.reconnects)
+        behind, seconds = lag(s)
         yield GaugeMetricFamily("bemi_replication_lag_bytes", "WAL the server has after the last handled "
-                                "source transaction or empty read (0 when caught up)", value=s.lag_bytes)
+                                "source transaction or keepalive (0 when caught up)", value=behind)
         yield GaugeMetricFamily("bemi_replication_lag_seconds", "Seconds since the worker was last caught up "
-                                "(the commit time of the last stored transaction, or the last empty read), "
-                                "while WAL waits; 0 when caught up", value=lag_seconds(s))
+                                "(the commit time of the last stored transaction, or the last keepalive with "
+                                "nothing pending), while WAL waits; 0 when caught up", value=seconds)
         yield GaugeMetricFamily("bemi_slot_retained_wal_bytes", "WAL the replication slot retains "
                                 "(pg_current_wal_lsn() - restart_lsn)", value=s.slot_retained_wal_bytes)
         yield GaugeMetricFamily("bemi_worker_streaming", "1 while the worker reads the slot, else 0",

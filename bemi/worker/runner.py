@@ -418,8 +418,8 @@ class Worker:
     def _caught_up(self, wal_end: int) -> None:
         """For the lag metrics: everything up to ``wal_end`` is handled, as of now."""
         stats = self.stats
-        if wal_end > stats.last_commit_lsn:
-            stats.last_commit_lsn, stats.last_commit_time = wal_end, datetime.now(timezone.utc)
+        if wal_end > max(stats.last_commit_lsn, stats.caught_up_lsn):
+            stats.caught_up_lsn, stats.caught_up_at = wal_end, datetime.now(timezone.utc)
 
     def _final_status(self, stream: Stream) -> None:
         """Send the flush position and wait until the server has taken it (its keepalive answer)."""

@@ -30,6 +30,10 @@ class WorkerStats:
     #: Position (LSN as int) and commit time of the last source transaction stored.
     last_commit_lsn: int = 0
     last_commit_time: datetime | None = None
+    #: The last keepalive that found the worker with nothing pending: its WAL position, and when.
+    #: Everything before it is handled, so the lag metrics count from there (bemi/worker/metrics.py).
+    caught_up_lsn: int = 0
+    caught_up_at: datetime | None = None
     #: The server's WAL end as last reported by the walsender (keepalive or XLogData), as int.
     server_wal_end: int = 0
     #: WAL the slot retains (``pg_current_wal_lsn() - restart_lsn``), refreshed from time to time.

@@ -25,8 +25,9 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 
+from bemi.leftovers import find_leftovers
 from bemi.worker import pgoutput as po
 from bemi.worker.source import LOCK_CLASS
 
@@ -153,6 +154,8 @@ class Status:
     max_lag_seconds: float
     max_retained_bytes: int
     checked_at: str
+    #: Slots and publications an earlier Bemi worker left (bemi.leftovers), with the statement that drops each.
+    leftovers: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def worker_running(self) -> bool:
@@ -507,6 +510,14 @@ def collect(source: psycopg.Connection, destination: psycopg.Connection | None =
                         + ", ".join(f"public.{t}" for t in unreadable) + f" TO {info['user']};")
     if dead:
         warnings.append(f"{dead} dead letters wait in _bemi_worker_failures (changes the destination rejected)")
+    leftovers = []
+    if "_bemi_worker_checkpoints" not in unreadable:  # it tells a stopped worker's slot from a leftover
+        try:
+            with source.cursor(row_factory=tuple_row) as cursor:
+                leftovers = find_leftovers(cursor, in_use_slots=[slot], in_use_publications=[publication])
+        except psycopg.errors.InsufficientPrivilege:
+            pass  # a source role that may not read the checkpoints: no leftover is claimed
+    warnings.extend(leftover.message for leftover in leftovers)
     if not _table_exists(destination, "changes"):
         warnings.append(f"no changes table in database {dest_db!r} yet (the worker creates it on its first start)")
 
@@ -517,6 +528,7 @@ def collect(source: psycopg.Connection, destination: psycopg.Connection | None =
         lag_bytes=lag_bytes, lag_seconds=lag_seconds, lag_seconds_source=lag_source, dead_letters=dead,
         max_lag_seconds=max_lag_seconds, max_retained_bytes=max_retained_bytes,
         checked_at=now.astimezone(timezone.utc).isoformat(timespec="seconds"),
+        leftovers=[leftover.as_dict() for leftover in leftovers],
     )
 
 

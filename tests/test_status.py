@@ -395,3 +395,20 @@ def test_wal_status_extended_is_a_warning(worker_env):
         deadline = time.monotonic() + 10
         while env.execute("SELECT current_setting('max_wal_size')")[0][0] != default and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def test_a_leftover_slot_of_the_published_worker_is_a_warning_with_its_drop(worker_env):
+    env = worker_env
+    env.run_once()
+    env.execute("SELECT pg_create_logical_replication_slot('bemi_local', 'pgoutput')")
+    try:
+        data = status_json(env)
+        assert data["healthy"] is True  # a leftover is a warning: it does not stop tracking
+        leftovers = {x["name"]: x for x in data["leftovers"]}
+        assert leftovers["bemi_local"]["kind"] == "slot"
+        assert leftovers["bemi_local"]["drop_sql"] == "SELECT pg_drop_replication_slot('bemi_local');"
+        assert env.slot not in leftovers  # the slot this status is about is never a leftover
+        assert any("'bemi_local'" in w and "pg_drop_replication_slot" in w for w in data["warnings"])
+    finally:
+        env.execute("SELECT pg_drop_replication_slot('bemi_local')")
+    assert "bemi_local" not in {x["name"] for x in status_json(env)["leftovers"]}

@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from bemi.worker import pgoutput as po
-from bemi.worker.stitch import MAX_CONTEXT_BYTES, Stitcher, is_excluded, parse_context
+from bemi.worker.stitch import MAX_CONTEXT_BYTES, Stitcher, parse_context
 from bemi.worker.values import JsonValues
 from tests.workerapp.captured import messages
 
@@ -89,9 +89,12 @@ def test_primary_key_comes_from_the_catalog_not_a_column_named_id():
     assert rows[0].primary_key == '[1,"Sleep"]'  # composite keys: a JSON array in key order
 
 
-def test_changes_and_bemi_tables_are_never_tracked():
-    assert is_excluded("changes") and is_excluded("_bemi_worker_checkpoints")
-    assert not is_excluded("todo") and not is_excluded("changes_archive")
+def test_own_tables_are_skipped_by_oid_not_by_name():
+    rows, _, stitcher = stitch("insert_with_context")
+    (relid,) = {r.relation.relid for r in stitcher.relations.values()}
+    own = Stitcher(JsonValues(), lambda rel: PKS.get(rel.name), own_tables=frozenset({relid}))
+    assert stitch("insert_with_context", stitcher=own)[0] == []
+    assert len(rows) == 1  # the same table under another oid is tracked, whatever its name
 
 
 # -- untrusted context payloads --------------------------------------------------------------

@@ -9,7 +9,12 @@ Pure (no I/O). Rules:
   1 MB; otherwise ``{}`` is used, counted and logged (never an exception);
 * transactions whose commit position is at or before ``skip_through`` (the
   destination checkpoint) produce no rows: they were written already;
-* ``changes`` and tables named ``_bemi...`` are never tracked.
+* a relation is skipped when it is one of bemi's own tables (by oid, never by
+  name: a table renamed ``changes`` is still tracked) or when the tracking
+  settings (``bemi.tracking``) leave it out;
+* per changed row (``bemi.tracking``): masked columns are replaced by a keyed
+  digest; an UPDATE that changed only ignored columns, or (optionally) nothing,
+  is not recorded.
 """
 
 from __future__ import annotations
@@ -18,30 +23,21 @@ import decimal
 import functools
 import json
 import logging
-import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
 
+from bemi import tracking as tr
 from bemi.limits import MAX_CONTEXT_BYTES
 from bemi.worker import pgoutput as po
 from bemi.worker.values import JsonValues, dump_string
 
-__all__ = ["ChangeRow", "Stitcher", "parse_context", "is_excluded", "MAX_CONTEXT_BYTES"]
+__all__ = ["ChangeRow", "Stitcher", "parse_context", "MAX_CONTEXT_BYTES"]
 
 log = logging.getLogger("bemi.worker")
 
 CONTEXT_PREFIX = "_bemi"
 PRIMARY_KEY_MAX = 255
-
-
-#: The partitions of ``changes`` (bemi/worker/partitions.py): a FOR ALL TABLES publication publishes them.
-_CHANGES_PARTITION = re.compile(r"changes_(?:p[0-9]{8}(?:_[0-9]{12})?|default)\Z")
-
-
-def is_excluded(table: str) -> bool:
-    """Tables the worker never tracks: its destination and its bookkeeping (no feedback loop)."""
-    return table == "changes" or table.startswith("_bemi") or _CHANGES_PARTITION.match(table) is not None
 
 
 @dataclass(slots=True)
@@ -131,6 +127,8 @@ class _Rel:
     key_flags: list[bool]  # replica identity key columns (for 'K' old tuples)
     pk: list[int]  # positions of the primary key columns
     excluded: bool
+    masked: frozenset[int]  # positions of masked columns
+    ignored: frozenset[int]  # positions of ignore-change columns
 
 
 PrimaryKeyLookup = Callable[[po.Relation], "list[str] | None"]
@@ -144,10 +142,18 @@ class Stitcher:
         values: JsonValues,
         primary_key: PrimaryKeyLookup | None = None,
         skip_through: int = 0,
+        tracking: tr.Tracking | None = None,
+        own_tables: frozenset[int] = frozenset(),
+        masking_key: bytes = b"",
     ) -> None:
         self.values = values
         self.primary_key = primary_key
         self.skip_through = skip_through
+        self.tracking = tracking  # None: every published table, every column as is
+        self.own_tables = own_tables  # oids of bemi's own tables (destination in this database)
+        self.masking_key = masking_key
+        self.skip_unchanged = bool(tracking and tracking.skip_unchanged_updates)
+        self.skipped_updates = 0  # updates not recorded (ignored columns only, or no change)
         self.relations: dict[int, _Rel] = {}
         self.bad_contexts = 0
         self._begin: po.Begin | None = None
@@ -235,17 +241,24 @@ class Stitcher:
             flagged = [c.name for c in rel.columns if c.flags & 1]
             pk_names = flagged if 0 < len(flagged) < len(names) or rel.replica_identity in "di" else []
         pk = [names.index(n) for n in pk_names if n in names]
+        tracking = self.tracking
+        excluded = rel.relid in self.own_tables or (
+            tracking is not None and not tracking.tracks(rel.namespace, rel.name))
+        masked, ignored = (tracking.columns(rel.namespace, rel.name, names) if tracking is not None
+                           else (frozenset(), frozenset()))
         self.relations[rel.relid] = _Rel(
             relation=rel,
             keys=[json.dumps(n, ensure_ascii=False) + ":" for n in names],
             formats=[self.values.format(c.type_oid) for c in rel.columns],
             key_flags=[bool(c.flags & 1) for c in rel.columns],
             pk=pk,
-            excluded=is_excluded(rel.name),
+            excluded=excluded,
+            masked=masked,
+            ignored=ignored,
         )
 
     def _object(self, rel: _Rel, values: list, key_only: bool = False, fallback: list | None = None) -> str:
-        if not key_only and po.UNCHANGED not in values:  # the common case, kept fast
+        if not key_only and not rel.masked and po.UNCHANGED not in values:  # the common case, kept fast
             return "{" + ",".join([
                 key + ("null" if value is None else fmt(value))
                 for key, fmt, value in zip(rel.keys, rel.formats, values)
@@ -260,7 +273,12 @@ class Stitcher:
                 value = fallback[i] if fallback is not None and i < len(fallback) else po.UNCHANGED
                 if value is po.UNCHANGED:
                     continue  # unknown (no full old row): leave the key out rather than store NULL
-            parts.append(keys[i] + ("null" if value is None else formats[i](value)))
+            if value is None:
+                parts.append(keys[i] + "null")
+            elif i in rel.masked:
+                parts.append(keys[i] + tr.mask_text(self.masking_key, tr.canonical(formats[i](value))))
+            else:
+                parts.append(keys[i] + formats[i](value))
         return "{" + ",".join(parts) + "}"
 
     def _primary_key(self, rel: _Rel, values: list | None, fallback: list | None) -> str | None:
@@ -274,6 +292,9 @@ class Stitcher:
             if value is po.UNCHANGED:
                 value = None
             raw.append((i, value))
+        if rel.masked and not rel.masked.isdisjoint(rel.pk):
+            text = "[" + ",".join("null" if v is None else rel.formats[i](v) for i, v in raw) + "]"
+            return tr.mask_text(self.masking_key, text.encode("utf-8"))[1:-1]
         if len(raw) == 1:
             value = raw[0][1]
             if value is None:
@@ -290,6 +311,12 @@ class Stitcher:
         if rel.excluded:
             return
         full_old = old if old is not None and not old_is_key else None
+        if full_old is not None and new is not None and (rel.ignored or self.skip_unchanged):
+            # Which columns changed (an unchanged TOASTed value is not sent: it did not change)?
+            changed = [i for i, (a, b) in enumerate(zip(full_old, new)) if b is not po.UNCHANGED and a != b]
+            if (rel.ignored.issuperset(changed) if changed else self.skip_unchanged):
+                self.skipped_updates += 1
+                return
         before = "{}" if old is None else self._object(rel, old, key_only=old_is_key)
         after = "{}" if new is None else self._object(rel, new, fallback=full_old)
         if new is not None:

@@ -14,3 +14,8 @@ class BemiConfig(AppConfig):
         from bemi.wrapper import install_execute_wrapper
 
         install_execute_wrapper()
+        from django.db.models.signals import post_migrate
+
+        from bemi.installer import sync_tracking
+
+        post_migrate.connect(sync_tracking, sender=self, dispatch_uid="bemi.sync_tracking")

@@ -27,7 +27,7 @@ DESTINATION_DB_PORT, DESTINATION_DB_NAME, DESTINATION_DB_USER, DESTINATION_DB_PA
 by default the source database itself.
 
 On first start it creates what is missing and says so: the publication
-(public tables except `changes` and `_bemi*`, new tables added as they appear),
+(the tracked tables, see "what is tracked" below; new tables join it as they appear),
 the replication slot, the `changes` table with its indexes, and its checkpoint
 table `_bemi_worker_checkpoints`. It never drops or recreates a slot.
 """
@@ -99,9 +99,72 @@ def add_worker_arguments(parser) -> None:
                              "(200 while streaming, else 503); needs pip install 'bemi-django-selfhosted[metrics]'")
     parser.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                         help="address for --metrics-port (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    add_tracking_arguments(parser)
 
 
-def config_from_options(options, source_dsn: str, destination_dsn: str | None) -> Config:
+# -- what is tracked (bemi/tracking.py, docs/tracking.md) -----------------------------------------
+
+_TRACKING_FLAGS = (  # (option, environment variable, help)
+    ("--schemas", "BEMI_SCHEMAS", "schemas whose tables are tracked (default: public)"),
+    ("--ignored-tables", "BEMI_IGNORED_TABLES", "tables never tracked, added to the built-in django_session"),
+    ("--ignored-columns", "BEMI_IGNORED_COLUMNS",
+     "table.column patterns: an UPDATE that changed only these is not recorded"),
+    ("--masked-columns", "BEMI_MASKED_COLUMNS",
+     "table.column patterns whose values are stored as a keyed digest, added to the built-in auth_user.password"),
+    ("--unsafe-track-builtins", "BEMI_UNSAFE_TRACK_BUILTINS",
+     "built-ins to track anyway (django_session, auth_user.password): they hold credentials"),
+)
+
+
+def add_tracking_arguments(parser) -> None:
+    """What is tracked: comma-separated shell-style patterns, or the BEMI_* environment variables.
+
+    Without any of them the worker uses what `migrate bemi` stored from the Django settings
+    (or the defaults). Changes take effect on the worker's next start.
+    """
+    group = parser.add_argument_group(
+        "what is tracked", "comma-separated patterns (table, schema.table; table.column, schema.table.column); "
+        "each flag defaults to its environment variable. Without any, the settings `migrate bemi` stored are used.")
+    for flag, env, text in _TRACKING_FLAGS:
+        group.add_argument(flag, default=None, metavar="PATTERNS", help=f"{text} [env {env}]")
+    group.add_argument("--skip-unchanged-updates", action="store_const", const=True, default=None,
+                       help="do not record updates that change nothing [env BEMI_SKIP_UNCHANGED_UPDATES=1]")
+    group.add_argument("--masking-key", default=None,
+                       help="secret the masking digest is keyed with; prefer the environment variable "
+                            "[env BEMI_MASKING_KEY] (default: SECRET_KEY with manage.py bemi_worker, else a random "
+                            "key the worker keeps in the source database)")
+
+
+def tracking_from_options(options, environ=os.environ):
+    """``(Tracking or None, masking key or None)`` from the flags and environment variables.
+
+    None: nothing given, use what the database stores. Raises TrackingError naming the flag's setting.
+    """
+    from bemi.tracking import Tracking, TrackingError, split_env
+
+    values = {}
+    for flag, env, _text in _TRACKING_FLAGS:
+        attr = flag[2:].replace("-", "_")
+        given = getattr(options, attr, None)
+        value = given if given is not None else environ.get(env)
+        if value is not None:
+            values[attr] = split_env(value)
+    skip = getattr(options, "skip_unchanged_updates", None)
+    if skip is None and environ.get("BEMI_SKIP_UNCHANGED_UPDATES") is not None:
+        raw = environ["BEMI_SKIP_UNCHANGED_UPDATES"].strip().lower()
+        if raw not in ("1", "0", "true", "false", "yes", "no", "on", "off", ""):
+            raise TrackingError("BEMI_SKIP_UNCHANGED_UPDATES", f"must be 1 or 0, not {raw!r}")
+        skip = raw in ("1", "true", "yes", "on")
+    if skip is not None:
+        values["skip_unchanged_updates"] = skip
+    key = getattr(options, "masking_key", None) or environ.get("BEMI_MASKING_KEY") or None
+    return (Tracking.build(**values) if values else None), key
+
+
+def config_from_options(options, source_dsn: str, destination_dsn: str | None, tracking=None,
+                        masking_key: str | None = None) -> Config:
+    if tracking is None and masking_key is None:
+        tracking, masking_key = tracking_from_options(options)
     return Config(
         source_dsn=source_dsn,
         destination_dsn=destination_dsn,
@@ -118,6 +181,8 @@ def config_from_options(options, source_dsn: str, destination_dsn: str | None) -
         retention=parse_retention(getattr(options, "retention", None)),
         metrics_port=getattr(options, "metrics_port", None),
         metrics_host=getattr(options, "metrics_host", "127.0.0.1"),
+        tracking=tracking,
+        masking_key=masking_key,
     )
 
 
@@ -157,9 +222,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(str(exc))
     configure_logging(options.verbosity)
+    from bemi.tracking import TrackingError
+
+    try:
+        tracking, masking_key = tracking_from_options(options)
+    except TrackingError as exc:
+        parser.exit(2, f"bemi-worker: error: {exc}\n")
     source = options.dsn or _dsn_from_env("DB_") or ""
     destination = options.destination_dsn or _dsn_from_env("DESTINATION_DB_")
-    return main_loop(config_from_options(options, source, destination))
+    return main_loop(config_from_options(options, source, destination, tracking, masking_key))
 
 
 if __name__ == "__main__":  # pragma: no cover

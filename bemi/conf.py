@@ -105,3 +105,42 @@ def retention() -> Any:
         return parse_retention(value)
     except ValueError as exc:
         raise ImproperlyConfigured(f"BEMI_RETENTION: {exc}") from exc
+# -- what is tracked (bemi/tracking.py, docs/tracking.md) ------------------------------------------
+
+def user_password_columns() -> tuple[str, ...]:
+    """The password column of a custom ``AUTH_USER_MODEL`` (a built-in masked column, like auth_user.password)."""
+    from django.apps import apps
+
+    label = getattr(settings, "AUTH_USER_MODEL", "auth.User")
+    try:
+        model = apps.get_model(label)
+        field = model._meta.get_field("password")
+    except Exception:
+        return ()
+    table, column = model._meta.db_table, getattr(field, "column", None) or "password"
+    if table == "auth_user" or "." in table or '"' in table:
+        return ()
+    return (f"{table}.{column}",)
+
+
+def tracking() -> Any:
+    """The ``BEMI_*`` tracking settings as a validated ``bemi.tracking.Tracking``.
+
+    Raises ``bemi.tracking.TrackingError`` (a ValueError) naming the setting that is wrong.
+    """
+    from bemi.tracking import Tracking
+
+    return Tracking.build(
+        schemas=getattr(settings, "BEMI_SCHEMAS", None),
+        ignored_tables=getattr(settings, "BEMI_IGNORED_TABLES", None),
+        ignored_columns=getattr(settings, "BEMI_IGNORED_COLUMNS", None),
+        masked_columns=getattr(settings, "BEMI_MASKED_COLUMNS", None),
+        unsafe_track_builtins=getattr(settings, "BEMI_UNSAFE_TRACK_BUILTINS", None),
+        skip_unchanged_updates=getattr(settings, "BEMI_SKIP_UNCHANGED_UPDATES", False),
+        extra_masked_columns=user_password_columns(),
+    )
+
+
+def masking_secret() -> str:
+    """``BEMI_MASKING_KEY``, else ``SECRET_KEY``: what masked values are digested with."""
+    return getattr(settings, "BEMI_MASKING_KEY", None) or settings.SECRET_KEY

@@ -18,6 +18,11 @@ logger = logging.getLogger("bemi")
 
 def run_sql_file(connection: Any, name: str) -> list[str]:
     """Run one of our SQL files on a Django connection; return bemi's NOTICEs."""
+    return run_sql(sql.read(name), connection)
+
+
+def run_sql(text: str, connection: Any) -> list[str]:
+    """Run SQL on a Django connection; show and return bemi's NOTICEs."""
     if connection.vendor != "postgresql":
         return []
     notices: list[str] = []
@@ -32,7 +37,7 @@ def run_sql_file(connection: Any, name: str) -> list[str]:
         raw.add_notice_handler(handler)
     try:
         with connection.cursor() as cursor:
-            cursor.execute(sql.read(name))
+            cursor.execute(text)
     finally:
         if handler is not None:
             raw.remove_notice_handler(handler)
@@ -53,19 +58,114 @@ INSTALLED_BY_SUPERUSER = """
 """
 
 
+def store_tracking(connection: Any, by: str = "migrate bemi") -> bool:
+    """Write the ``BEMI_*`` tracking settings into ``public._bemi_tracking``; True when they changed.
+
+    A role that may not (the rule installed by a superuser) gets a notice, never a failed migrate.
+    """
+    import json
+
+    from django.db import DatabaseError, transaction
+
+    from bemi import conf
+
+    tracking = conf.tracking()  # a bad setting: TrackingError naming it
+    rules, settings = json.dumps(tracking.sql_rules()), tracking.source_json()
+    try:
+        with transaction.atomic(using=connection.alias), connection.cursor() as cursor:
+            cursor.execute("SELECT pg_catalog.to_regclass('public._bemi_tracking') IS NOT NULL")
+            if not cursor.fetchone()[0]:
+                return False
+            cursor.execute(
+                "UPDATE public._bemi_tracking SET rules = %s::jsonb, settings = %s::jsonb, "
+                "updated_at = pg_catalog.now(), updated_by = %s::text "
+                "WHERE rules IS DISTINCT FROM %s::jsonb OR settings IS DISTINCT FROM %s::jsonb",
+                [rules, settings, by, rules, settings],
+            )
+            return cursor.rowcount > 0
+    except DatabaseError as exc:
+        notice = (f"bemi: could not store the tracking settings ({exc}); the stored ones stay in force "
+                  "until a role that may update public._bemi_tracking runs migrate bemi")
+        logger.warning(notice)
+        sys.stdout.write(f"  {notice}\n")
+        return False
+
+
 def install(apps: Any, schema_editor: Any) -> None:
+    """The tracking rule and the settings first, then the triggers that follow them."""
     connection = schema_editor.connection
-    if connection.vendor == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute(INSTALLED_BY_SUPERUSER)
-            found = cursor.fetchone()
-        if found is not None:
-            notice = (f"bemi: already installed by superuser {found[0]}; its functions are kept "
-                      "(to reinstall, run bemi/sql/install.sql as a superuser)")
-            logger.warning(notice)
-            sys.stdout.write(f"  {notice}\n")
-            return
+    if connection.vendor != "postgresql":
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(INSTALLED_BY_SUPERUSER)
+        found = cursor.fetchone()
+    if found is not None:
+        notice = (f"bemi: already installed by superuser {found[0]}; its functions are kept "
+                  "(to reinstall, run bemi/sql/tracking.sql and bemi/sql/install.sql as a superuser)")
+        logger.warning(notice)
+        sys.stdout.write(f"  {notice}\n")
+        store_tracking(connection)
+        return
+    run_sql_file(connection, "tracking.sql")
+    store_tracking(connection)
     run_sql_file(connection, "install.sql")
+
+
+UPGRADE_NOTICE = (
+    "bemi: changes recorded before this version may hold credentials (session keys of django_session, "
+    "password hashes of auth_user.password), now left out and masked for new changes. "
+    "Run `python manage.py bemi_redact --dry-run`, then `python manage.py bemi_redact` to apply the "
+    "ignored tables and masked columns to recorded history."
+)
+
+
+def upgrade(apps: Any, schema_editor: Any) -> None:
+    """Migration 0003: install the tracking rule; say once that recorded history may hold credentials."""
+    connection = schema_editor.connection
+    if connection.vendor != "postgresql":
+        return
+    install(apps, schema_editor)
+    if _has_recorded_history():
+        logger.warning(UPGRADE_NOTICE)
+        sys.stdout.write(f"\n  {UPGRADE_NOTICE}\n")
+
+
+def _has_recorded_history() -> bool:
+    """Does the database the ``changes`` model reads from hold any change (an upgrade, not a new install)?"""
+    from django.db import DatabaseError, router, transaction
+
+    from bemi.models import BemiChange
+
+    alias = router.db_for_read(BemiChange) or "default"
+    try:
+        with transaction.atomic(using=alias):
+            return BemiChange.objects.using(alias).exists()
+    except DatabaseError:  # no changes table (yet): a new install
+        return False
+
+
+def sync_tracking(sender: Any = None, using: str = "default", **kwargs: Any) -> None:
+    """After every ``migrate``: bring the stored settings and the triggers in line with the settings.
+
+    Without this, a changed ``BEMI_*`` setting would only reach the database through a new migration.
+    """
+    from django.db import connections, router
+
+    connection = connections[using]
+    if connection.vendor != "postgresql" or not router.allow_migrate(using, "bemi"):
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_catalog.to_regclass('public._bemi_tracking') IS NOT NULL "
+                       "AND pg_catalog.to_regprocedure('public._bemi_create_triggers()') IS NOT NULL")
+        if not cursor.fetchone()[0]:
+            return  # not installed here (or uninstalled)
+    if store_tracking(connection):
+        notices = run_sql("CALL public._bemi_create_triggers(); CALL public._bemi_set_replica_identity();",
+                          connection)
+        message = f"bemi: tracking settings stored in database {using!r}; triggers brought in line"
+        logger.info(message)
+        if not notices:
+            sys.stdout.write(f"  {message}\n")
 
 
 def uninstall(apps: Any, schema_editor: Any) -> None:

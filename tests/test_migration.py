@@ -85,21 +85,6 @@ def test_tables_created_before_install_are_covered(db):
     assert replica_identity(db, "django_migrations") == "f"
 
 
-@pytest.mark.parametrize("name", ["changes", "_bemi_worker_state"])
-def test_worker_tables_are_never_tracked(db, name):
-    existed = db.execute("SELECT to_regclass(%s) IS NOT NULL", [name]).fetchone()[0]
-    if not existed:
-        db.execute(f"CREATE TABLE {name} (id int PRIMARY KEY)")
-    try:
-        db.execute("CALL _bemi_create_triggers()")
-        db.execute("CALL _bemi_set_replica_identity()")
-        assert triggers_on(db, name) == []
-        assert replica_identity(db, name) == "d"
-    finally:
-        if not existed:
-            db.execute(f"DROP TABLE {name}")
-
-
 def test_sql_comment_context_is_emitted_before_the_rows(db, table, wal):
     context = {"user_id": 1, "path": "/todo?x=1&y=2#a;b+c", "SQL": "x"}
     db.execute(f"INSERT INTO {table} (task) VALUES ('a'), ('b') /*Bemi {json.dumps(context)} Bemi*/")

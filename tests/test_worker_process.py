@@ -243,7 +243,9 @@ def test_missing_replication_privilege_names_the_grant(worker_env):
 
 def test_publication_owned_by_another_role_names_the_grant(worker_env):
     env = worker_env
+    # a publication bemi manages (made by an earlier worker run as postgres): its tables are kept in line
     env.execute(f'CREATE PUBLICATION "{env.publication}"')
+    env.execute(f"COMMENT ON PUBLICATION \"{env.publication}\" IS 'bemi: tracked tables'")
     env.execute("DROP ROLE IF EXISTS bemi_repl; CREATE ROLE bemi_repl LOGIN REPLICATION")
     try:
         dsn = env.dsn.replace("user=postgres", "user=bemi_repl")

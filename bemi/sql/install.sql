@@ -39,7 +39,8 @@ BEGIN
   PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
   FOREACH routine IN ARRAY ARRAY[
     'public._bemi_context_from_query(text)', 'public._bemi_row_trigger_func()',
-    'public._bemi_is_tracked(regclass)', 'public._bemi_tables()',
+    'public._bemi_is_tracked(regclass)', 'public._bemi_is_tracked(regclass,jsonb)',
+    'public._bemi_tracked_tables(jsonb)',
     'public._bemi_create_trigger(regclass)', 'public._bemi_create_triggers()',
     'public._bemi_set_replica_identity_on(regclass)', 'public._bemi_set_replica_identity()',
     'public._bemi_publish(regclass)', 'public._bemi_create_table_trigger_func()',
@@ -178,31 +179,9 @@ BEGIN
 END;
 $bemi$;
 
--- Is this relation one that bemi tracks? Tables of schema public, except the
--- worker's own (`changes`, `_bemi*`).
-CREATE OR REPLACE FUNCTION public._bemi_is_tracked(rel regclass)
-RETURNS boolean
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp AS $bemi$
-  SELECT EXISTS (
-    SELECT 1
-    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE c.oid = rel
-      AND n.nspname = 'public'
-      AND c.relkind IN ('r', 'p')
-      AND c.relname <> 'changes'
-      AND left(c.relname::text, 5) <> '_bemi'
-  );
-$bemi$;
-
--- The candidate tables: every table of schema public (filtered by _bemi_is_tracked).
-CREATE OR REPLACE FUNCTION public._bemi_tables()
-RETURNS SETOF regclass
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp AS $bemi$
-  SELECT c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-  WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p') ORDER BY c.relname;
-$bemi$;
+-- Which tables are tracked is decided by public._bemi_is_tracked(regclass), one
+-- rule over the settings in public._bemi_tracking (tracking.sql, run before
+-- this file; docs/tracking.md), which every function below uses.
 
 CREATE OR REPLACE FUNCTION public._bemi_create_trigger(rel regclass)
 RETURNS void
@@ -225,11 +204,29 @@ EXCEPTION WHEN insufficient_privilege THEN
 END;
 $bemi$;
 
+-- Brings the triggers in line with the tracking rule: one on every tracked table
+-- (partitions included: a statement may name one), none on the others.
 CREATE OR REPLACE PROCEDURE public._bemi_create_triggers()
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp AS $bemi$
+DECLARE
+  t record;
 BEGIN
-  PERFORM public._bemi_create_trigger(rel) FROM public._bemi_tables() AS rel;
+  PERFORM public._bemi_create_trigger(rel) FROM public._bemi_tracked_tables() AS rel;
+  FOR t IN
+    SELECT tg.tgname, n.nspname, c.relname
+    FROM pg_trigger tg JOIN pg_class c ON c.oid = tg.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE tg.tgfoid = 'public._bemi_row_trigger_func()'::regprocedure AND NOT tg.tgisinternal
+      AND NOT public._bemi_is_tracked(tg.tgrelid::regclass)
+  LOOP
+    BEGIN
+      EXECUTE format('DROP TRIGGER IF EXISTS %I ON %I.%I', t.tgname, t.nspname, t.relname);
+      RAISE NOTICE 'bemi: %.% is no longer tracked: dropped its trigger', t.nspname, t.relname;
+    EXCEPTION WHEN insufficient_privilege THEN
+      RAISE NOTICE 'bemi: no privilege to drop trigger % on %.% (no longer tracked); its owner should run DROP TRIGGER',
+        t.tgname, t.nspname, t.relname;
+    END;
+  END LOOP;
 END;
 $bemi$;
 
@@ -252,7 +249,7 @@ CREATE OR REPLACE PROCEDURE public._bemi_set_replica_identity()
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp AS $bemi$
 BEGIN
-  PERFORM public._bemi_set_replica_identity_on(rel) FROM public._bemi_tables() AS rel;
+  PERFORM public._bemi_set_replica_identity_on(rel) FROM public._bemi_tracked_tables() AS rel;
 END;
 $bemi$;
 
@@ -277,7 +274,7 @@ BEGIN
   FOR pub IN
     SELECT p.pubname FROM pg_publication p
     WHERE NOT p.puballtables
-      AND obj_description(p.oid, 'pg_publication') = 'bemi: tables of schema public'
+      AND obj_description(p.oid, 'pg_publication') IN ('bemi: tracked tables', 'bemi: tables of schema public')
       AND NOT EXISTS (SELECT 1 FROM pg_publication_rel pr WHERE pr.prpubid = p.oid AND pr.prrelid = rel)
   LOOP
     BEGIN
@@ -306,7 +303,9 @@ BEGIN
     WHERE e.evtname IN ('_bemi_create_table_trigger', '_bemi_set_replica_identity_trigger')
       AND p.oid IN ('public._bemi_create_table_trigger_func()'::regprocedure,
                     'public._bemi_create_trigger(regclass)'::regprocedure,
-                    'public._bemi_is_tracked(regclass)'::regprocedure)
+                    'public._bemi_is_tracked(regclass)'::regprocedure,
+                    'public._bemi_is_tracked(regclass,jsonb)'::regprocedure,
+                    'public._bemi_tracked_tables(jsonb)'::regprocedure)
       AND p.proowner <> e.evtowner
   ) THEN
     RAISE WARNING 'bemi: not adding the trigger to the new table: a function it would run is not owned by the owner of the event trigger; reinstall bemi as a superuser (see docs/security.md)';
@@ -331,7 +330,9 @@ BEGIN
       AND p.oid IN ('public._bemi_set_replica_identity_func()'::regprocedure,
                     'public._bemi_set_replica_identity_on(regclass)'::regprocedure,
                     'public._bemi_publish(regclass)'::regprocedure,
-                    'public._bemi_is_tracked(regclass)'::regprocedure)
+                    'public._bemi_is_tracked(regclass)'::regprocedure,
+                    'public._bemi_is_tracked(regclass,jsonb)'::regprocedure,
+                    'public._bemi_tracked_tables(jsonb)'::regprocedure)
       AND p.proowner <> e.evtowner
   ) THEN
     RAISE WARNING 'bemi: not setting the replica identity of the new table: a function it would run is not owned by the owner of the event trigger; reinstall bemi as a superuser (see docs/security.md)';

@@ -15,6 +15,38 @@
 --               (Deciding by name let anyone hide a table's writes by renaming it
 --               `changes` or `_bemi...`.)
 
+-- As in install.sql: refuse to run over functions another role owns (CREATE OR
+-- REPLACE keeps the owner, who could then rewrite what the event trigger runs).
+DO $bemi$
+DECLARE
+  path text := pg_catalog.current_setting('search_path');
+  routine text;
+  owner_name name;
+  owners text := '';
+  fixes text := '';
+BEGIN
+  PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+  FOREACH routine IN ARRAY ARRAY[
+    'public._bemi_is_tracked(regclass)', 'public._bemi_is_tracked(regclass,jsonb)',
+    'public._bemi_tracked_tables(jsonb)'
+  ] LOOP
+    SELECT r.rolname INTO owner_name
+    FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner
+    WHERE p.oid = to_regprocedure(routine);
+    IF owner_name IS NOT NULL AND owner_name <> current_user THEN
+      owners := owners || format('%s (owner %I) ', routine, owner_name);
+      fixes := fixes || format('ALTER ROUTINE %s OWNER TO %I; ', routine, current_user);
+    END IF;
+  END LOOP;
+  IF fixes <> '' THEN
+    RAISE EXCEPTION 'bemi: refusing to install over functions owned by another role than % (who runs this install): %', current_user, owners
+      USING DETAIL = 'A role that owns them can rewrite what bemi''s triggers run with the privileges of whoever fires them.',
+            HINT = format('Check them, then as %I run: %sand install again.', current_user, fixes);
+  END IF;
+  PERFORM pg_catalog.set_config('search_path', path, true);
+END;
+$bemi$;
+
 CREATE TABLE IF NOT EXISTS public._bemi_tracking (
   singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
   rules jsonb NOT NULL

@@ -40,5 +40,8 @@ DROP FUNCTION IF EXISTS public._bemi_set_replica_identity_on(regclass);
 DROP FUNCTION IF EXISTS public._bemi_publish(regclass);
 DROP FUNCTION IF EXISTS public._bemi_is_tracked(regclass);
 DROP FUNCTION IF EXISTS public._bemi_tables();
+DROP FUNCTION IF EXISTS public._bemi_tracked_tables(jsonb);
+DROP FUNCTION IF EXISTS public._bemi_is_tracked(regclass, jsonb);
+DROP TABLE IF EXISTS public._bemi_tracking;
 DROP FUNCTION IF EXISTS public._bemi_row_trigger_func();
 DROP FUNCTION IF EXISTS public._bemi_context_from_query(text);

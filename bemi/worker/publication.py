@@ -1,7 +1,9 @@
-"""The publication the worker reads: create it, and keep the trackable tables in it (I/O).
+"""The publication the worker reads: create it, and keep exactly the tracked tables in it (I/O).
 
-Which tables are published is decided here (and by the `migrate bemi` event
-trigger, bemi/sql/install.sql, which adds each new table at once).
+Which tables are tracked is decided by one rule, ``_bemi_is_tracked`` of
+bemi/sql/tracking.sql (the settings: bemi/tracking.py), which the `migrate
+bemi` triggers and event trigger use too; the event trigger adds each new
+table at once. A publication bemi did not create is used as it is.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ __all__ = ["Publication", "MANAGED_PUBLICATION_COMMENT"]
 
 log = logging.getLogger("bemi.worker")
 
-# Marks the publications this worker keeps up to date; the `migrate bemi` event
-# trigger adds each new table to them at once (bemi/sql/install.sql, _bemi_publish).
-MANAGED_PUBLICATION_COMMENT = "bemi: tables of schema public"
+# Marks the publications this worker created and keeps to exactly the tracked tables;
+# the `migrate bemi` event trigger adds each new table to them at once (bemi/sql/install.sql,
+# _bemi_publish). The second one is what earlier versions wrote.
+MANAGED_PUBLICATION_COMMENT = "bemi: tracked tables"
+MANAGED_PUBLICATION_COMMENTS = (MANAGED_PUBLICATION_COMMENT, "bemi: tables of schema public")
 
 
 def _quote_ident(name: str) -> str:
@@ -37,16 +41,23 @@ class Publication:
         self.database = database
         self.superuser = superuser
         self.all_tables = False
+        self.managed = False  # a publication bemi created: its tables are kept in line
+        self.rules: str | None = None  # JSON rules for _bemi_is_tracked (bemi/worker/tracked.py); None: stored
         self._missing_identity_logged: set[str] = set()
 
     def ensure_publication(self) -> None:
+        """The publication: created (and then kept to exactly the tracked tables) when missing;
+        one created by someone else is used as it is."""
         row = self.control.execute(
-            "SELECT pg_get_userbyid(pubowner), puballtables, pg_has_role(pubowner, 'USAGE') "
-            "FROM pg_publication WHERE pubname = %s", [self.publication],
+            "SELECT pg_catalog.pg_get_userbyid(p.pubowner), p.puballtables, "
+            "pg_catalog.pg_has_role(p.pubowner, 'USAGE'), p.pubviaroot, "
+            "pg_catalog.obj_description(p.oid, 'pg_publication') "
+            "FROM pg_catalog.pg_publication p WHERE p.pubname = %s::name", [self.publication],
         ).fetchone()
         if row is None:
             try:
-                self.control.execute(sql.SQL("CREATE PUBLICATION {}").format(sql.Identifier(self.publication)))
+                self.control.execute(sql.SQL("CREATE PUBLICATION {} WITH (publish_via_partition_root = true)").format(
+                    sql.Identifier(self.publication)))
             except errors.InsufficientPrivilege as exc:
                 raise WorkerError(
                     f"cannot create publication {self.publication!r}: role {self.user!r} needs CREATE on the "
@@ -54,17 +65,26 @@ class Publication:
                     f"(or create it as its owner: CREATE PUBLICATION {_quote_ident(self.publication)};)"
                 ) from exc
             self._mark_managed()
-            log.info("created publication %s (public tables except changes and _bemi* are added to it)",
-                     self.publication)
+            self.managed = True
+            log.info("created publication %s (the tracked tables are added to it)", self.publication)
             return
-        owner, all_tables, is_member = row
+        owner, all_tables, is_member, via_root, comment = row
         self.all_tables = all_tables
-        if not all_tables and not (is_member or self.superuser):
+        self.managed = not all_tables and comment in MANAGED_PUBLICATION_COMMENTS
+        if not self.managed:
+            log.info("publication %s was not created by bemi: used as it is, its tables are left alone "
+                     "(the worker still records only the tracked tables)", self.publication)
+            return
+        if not (is_member or self.superuser):
             raise WorkerError(
-                f"publication {self.publication!r} belongs to {owner!r}, so role {self.user!r} cannot add tables "
-                f"to it. Run: ALTER PUBLICATION {_quote_ident(self.publication)} OWNER TO {_quote_ident(self.user)};"
+                f"publication {self.publication!r} belongs to {owner!r}, so role {self.user!r} cannot keep its "
+                f"tables in line. Run: ALTER PUBLICATION {_quote_ident(self.publication)} OWNER TO "
+                f"{_quote_ident(self.user)};"
             )
-        if not all_tables:
+        if not via_root:  # made by an earlier version: record partitions under their root's name
+            self.control.execute(sql.SQL("ALTER PUBLICATION {} SET (publish_via_partition_root = true)").format(
+                sql.Identifier(self.publication)))
+        if comment != MANAGED_PUBLICATION_COMMENT:
             self._mark_managed()
 
     def _mark_managed(self) -> None:
@@ -73,65 +93,84 @@ class Publication:
             sql.Identifier(self.publication), sql.Literal(MANAGED_PUBLICATION_COMMENT)))
 
     def refresh_tables(self) -> list[str]:
-        """Put every trackable public table in the publication; return the names added.
+        """Keep exactly the tracked tables in a publication bemi manages; return the names added.
 
-        A table without a usable replica identity would make the application's
-        UPDATE/DELETE fail once published, so it gets REPLICA IDENTITY FULL when
-        we own it, and is left out (and named in a warning) otherwise.
+        Tracked: ``_bemi_is_tracked`` under this worker's rules (``rules``), the one rule of
+        bemi/sql/tracking.sql; partitions are published through their root. A table without a
+        usable replica identity would make the application's UPDATE/DELETE fail once published,
+        so it gets REPLICA IDENTITY FULL when we own it, and is left out (and named) otherwise.
         """
-        if self.all_tables:
+        if not self.managed:
             return []
+        pub = sql.Identifier(self.publication)
         rows = self.control.execute(
             """
-            SELECT c.oid, c.relname, c.relreplident,
-                   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
-                   EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisreplident),
-                   pg_has_role(c.relowner, 'USAGE'),
-                   EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
-                           WHERE p.pubname = %s AND pr.prrelid = c.oid)
-            FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE n.nspname = 'public' AND c.relkind = 'r' AND NOT c.relispartition
-              AND c.relname <> 'changes' AND c.relname NOT LIKE '\\_bemi%%'
+            SELECT c.oid, n.nspname, c.relname, c.relreplident,
+                   EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+                   EXISTS (SELECT 1 FROM pg_catalog.pg_index i WHERE i.indrelid = c.oid AND i.indisreplident),
+                   pg_catalog.pg_has_role(c.relowner, 'USAGE'),
+                   EXISTS (SELECT 1 FROM pg_catalog.pg_publication_rel pr
+                           JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid
+                           WHERE p.pubname = %s::name AND pr.prrelid = c.oid)
+            FROM public._bemi_tracked_tables(%s::jsonb) AS t(rel)
+            JOIN pg_catalog.pg_class c ON c.oid = t.rel::oid
+            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+            WHERE NOT c.relispartition
             """,
-            [self.publication],
+            [self.publication, self.rules],
         ).fetchall()
+        tracked = {oid for oid, *_ in rows}
+        for oid, schema, name in self.control.execute(
+            "SELECT c.oid, n.nspname, c.relname FROM pg_catalog.pg_publication_rel pr "
+            "JOIN pg_catalog.pg_publication p ON p.oid = pr.prpubid "
+            "JOIN pg_catalog.pg_class c ON c.oid = pr.prrelid JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE p.pubname = %s::name", [self.publication],
+        ).fetchall():
+            if oid not in tracked:
+                try:
+                    self.control.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+                        pub, sql.Identifier(schema, name)))
+                    log.info("not tracked any more (tracking settings): removed %s.%s from publication %s",
+                             schema, name, self.publication)
+                except (errors.UndefinedObject, errors.UndefinedTable, errors.LockNotAvailable) as exc:
+                    log.info("will retry removing %s.%s from the publication: %s", schema, name, exc)
         added = []
-        for _oid, name, ident, has_pk, has_ident_index, owned, published in rows:
+        for _oid, schema, name, ident, has_pk, has_ident_index, owned, published in rows:
             usable = ident == "f" or (ident == "d" and has_pk) or (ident == "i" and has_ident_index)
-            table = sql.Identifier("public", name)
+            table = sql.Identifier(schema, name)
+            label = f"{schema}.{name}"
             if not usable:
                 if owned or self.superuser:
                     try:
                         self.control.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY FULL").format(table))
-                        log.warning("set REPLICA IDENTITY FULL on public.%s: it has no primary key, and "
-                                    "published without a replica identity its UPDATE/DELETE would fail", name)
+                        log.warning("set REPLICA IDENTITY FULL on %s: it has no primary key, and "
+                                    "published without a replica identity its UPDATE/DELETE would fail", label)
                         usable = True
                     except psycopg.Error as exc:
-                        log.warning("could not set REPLICA IDENTITY FULL on public.%s: %s", name, exc)
+                        log.warning("could not set REPLICA IDENTITY FULL on %s: %s", label, exc)
                 if not usable:
                     if published:
-                        self.control.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
-                            sql.Identifier(self.publication), table))
-                    if name not in self._missing_identity_logged:
-                        self._missing_identity_logged.add(name)
-                        log.warning("not tracking public.%s: it has no primary key or replica identity and we "
-                                    "may not set one (run ALTER TABLE public.%s REPLICA IDENTITY FULL; as its owner)",
-                                    name, name)
+                        self.control.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(pub, table))
+                    if label not in self._missing_identity_logged:
+                        self._missing_identity_logged.add(label)
+                        log.warning("not tracking %s: it has no primary key or replica identity and we "
+                                    "may not set one (run ALTER TABLE %s REPLICA IDENTITY FULL; as its owner)",
+                                    label, table.as_string(self.control))
                     continue
             if not published:
                 try:
-                    self.control.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
-                        sql.Identifier(self.publication), table))
+                    self.control.execute(sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(pub, table))
                 except errors.InsufficientPrivilege as exc:
-                    if name not in self._missing_identity_logged:
-                        self._missing_identity_logged.add(name)
-                        log.warning("not tracking public.%s: %s (the table's owner must run the worker, or "
-                                    "ALTER PUBLICATION %s ADD TABLE public.%s;)", name, exc, self.publication, name)
+                    if label not in self._missing_identity_logged:
+                        self._missing_identity_logged.add(label)
+                        log.warning("not tracking %s: %s (the table's owner must run the worker, or "
+                                    "ALTER PUBLICATION %s ADD TABLE %s;)", label, exc, self.publication,
+                                    table.as_string(self.control))
                     continue
                 except (errors.DuplicateObject, errors.LockNotAvailable, errors.UndefinedTable) as exc:
-                    log.info("will retry adding public.%s to the publication: %s", name, exc)
+                    log.info("will retry adding %s to the publication: %s", label, exc)
                     continue
-                added.append(name)
+                added.append(label)
         if added:
             log.info("tracking new tables: %s", ", ".join(added))
         return added

@@ -37,6 +37,7 @@ from bemi.worker.sink import Checkpoint, Sink, is_rejection
 from bemi.worker.source import KEEPALIVE, MIN_PSYCOPG, ConnectionLost, Source, Stream
 from bemi.worker.stats import WorkerStats
 from bemi.worker.stitch import ChangeRow, Stitcher
+from bemi.worker.tracked import TrackedTables
 from bemi.worker.values import JsonValues
 
 __all__ = ["Config", "Worker", "WorkerError", "main_loop", "configure_logging", "check_psycopg"]
@@ -72,6 +73,8 @@ class Config:
     clock: Callable[[], datetime] | None = None  # "now" for partition management (tests move it)
     metrics_port: int | None = None  # serve /metrics and /healthz (bemi/worker/metrics.py)
     metrics_host: str = "127.0.0.1"
+    tracking: Any = None  # bemi.tracking.Tracking from flags; None: the settings stored in the source database
+    masking_key: str | None = None  # None: the random key kept in the source database
 
 
 @dataclass
@@ -134,12 +137,19 @@ class Worker:
         self.source = source = Source(cfg.source_dsn, cfg.slot, cfg.publication)
         source.check_privileges()
         self._lock(source)
+        # What is tracked (bemi/tracking.py): the same rule as the triggers and the event trigger.
+        self.tracked = tracked = TrackedTables(source.control, source.user)
+        tracked.ensure_rule()
+        tracked.load(cfg.tracking)
         source.ensure_publication()
         stream = source.open_stream(self.stats)
         self.source_identity = source.identity
         self.sink = sink = Sink(cfg.destination_dsn or cfg.source_dsn, cfg.slot, source.database, source.identity)
         sink.ensure_tables()
         self._maintain_partitions(force=True)
+        tracked.register_own_tables(sink.conn)
+        source.publisher.rules = tracked.rules()
+        key = tracked.masking_key(cfg.masking_key) if tracked.tracking.masked_columns else b""
         self.checkpoint = checkpoint = sink.checkpoint()
         source.refresh_tables()
         self._last_refresh = time.monotonic()
@@ -152,7 +162,8 @@ class Worker:
         takeover_mod.warn_about_leftovers(source.control, cfg.slot, cfg.publication)
         self.values = JsonValues(source.type_spec, _python_encoding(source.encoding))
         self.stitcher = Stitcher(self.values, source.primary_key,
-                                 skip_through=checkpoint.commit_lsn if checkpoint else 0)
+                                 skip_through=checkpoint.commit_lsn if checkpoint else 0,
+                                 tracking=tracked.tracking, own_tables=tracked.own_tables, masking_key=key)
         self.stitcher.bad_contexts = self.stats.dropped_contexts
         start = max(state.confirmed_flush, checkpoint.end_lsn if checkpoint else 0)
         stream.start(start)

@@ -8,7 +8,8 @@ from django.db import connections
 from psycopg.conninfo import make_conninfo
 
 from bemi import conf
-from bemi.cli import DESCRIPTION, add_worker_arguments, config_from_options
+from bemi.cli import DESCRIPTION, add_worker_arguments, config_from_options, tracking_from_options
+from bemi.tracking import TrackingError
 from bemi.worker.partitions import parse_retention
 from bemi.worker.runner import configure_logging, main_loop
 
@@ -66,6 +67,16 @@ class Command(BaseCommand):
             parse_retention(opts.retention)
         except (ValueError, ImproperlyConfigured) as exc:
             raise CommandError(str(exc)) from exc
-        code = main_loop(config_from_options(opts, source, destination))
+        for key in ("schemas", "ignored_tables", "ignored_columns", "masked_columns", "unsafe_track_builtins",
+                    "skip_unchanged_updates", "masking_key"):
+            setattr(opts, key, options.get(key))
+        try:
+            tracking, masking_key = tracking_from_options(opts)
+            if tracking is None:  # no flag and no BEMI_* variable: the Django settings
+                tracking = conf.tracking()
+            masking_key = masking_key or conf.masking_secret()
+        except TrackingError as exc:
+            raise CommandError(str(exc)) from exc
+        code = main_loop(config_from_options(opts, source, destination, tracking, masking_key))
         if code:
             raise CommandError(f"bemi worker stopped with exit status {code} (see the log above)", returncode=code)

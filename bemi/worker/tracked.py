@@ -1,0 +1,156 @@
+"""The worker's side of what is tracked (I/O on the source database).
+
+At start the worker
+
+* makes sure the rule is installed (``bemi/sql/tracking.sql``: the config table
+  and ``_bemi_is_tracked``), which ``migrate bemi`` normally did;
+* takes the tracking settings from its flags, storing them for the event
+  trigger, or, without flags, the ones stored there (by ``migrate bemi`` from
+  the Django settings, or by an earlier worker);
+* registers bemi's own tables by oid when it writes ``changes`` into the
+  tracked database itself (never by name);
+* finds the masking key: given (``BEMI_MASKING_KEY``, or ``SECRET_KEY`` with
+  ``manage.py bemi_worker``), else a random key kept in the source database.
+
+Every query pins nothing itself (the connection does) and qualifies bemi's
+objects and casts its parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+
+import psycopg
+from psycopg import errors
+
+from bemi import sql as bemi_sql
+from bemi import tracking as tr
+from bemi.worker.errors import WorkerError
+
+__all__ = ["TrackedTables"]
+
+log = logging.getLogger("bemi.worker")
+
+_FUNCTIONS = ("public._bemi_is_tracked(regclass,jsonb)", "public._bemi_tracked_tables(jsonb)")
+
+
+class TrackedTables:
+    """The tracking settings of one source database, as the worker uses them."""
+
+    def __init__(self, control: psycopg.Connection, user: str) -> None:
+        self.control = control  # autocommit
+        self.user = user
+        self.tracking = tr.Tracking.build()
+        self.own_tables: frozenset[int] = frozenset()
+        self.key = b""
+
+    # -- the rule ----------------------------------------------------------------------------
+
+    def ensure_rule(self) -> None:
+        present = self.control.execute(
+            "SELECT pg_catalog.to_regclass('public._bemi_tracking') IS NOT NULL AND "
+            + " AND ".join("pg_catalog.to_regprocedure(%s) IS NOT NULL" for _ in _FUNCTIONS), list(_FUNCTIONS),
+        ).fetchone()
+        if present and present[0]:
+            return
+        try:
+            with self.control.transaction():
+                self.control.execute(bemi_sql.read("tracking.sql"))
+        except (errors.InsufficientPrivilege, errors.DependentObjectsStillExist) as exc:
+            raise WorkerError(
+                "the tracking rule (bemi/sql/tracking.sql) is not installed in the source database and role "
+                f"{self.user!r} may not install it ({exc}). Run `python manage.py migrate bemi`, or "
+                "`psql -f bemi/sql/tracking.sql` as the owner of schema public."
+            ) from exc
+        log.info("installed the tracking rule (public._bemi_tracking, public._bemi_is_tracked)")
+
+    # -- the settings ------------------------------------------------------------------------
+
+    def load(self, given: tr.Tracking | None) -> tr.Tracking:
+        """The settings in force: the flags' (stored for the event trigger), else the stored ones."""
+        if given is not None:
+            try:
+                self.control.execute(
+                    "UPDATE public._bemi_tracking SET rules = %s::jsonb, settings = %s::jsonb, "
+                    "updated_at = pg_catalog.now(), updated_by = 'bemi-worker'",
+                    [json.dumps(given.sql_rules()), given.source_json()],
+                )
+            except errors.InsufficientPrivilege as exc:
+                log.warning("could not store the tracking settings for the event trigger (%s): tables created "
+                            "later are set up by the stored settings until `migrate bemi` or a worker with "
+                            "UPDATE on public._bemi_tracking stores these", exc)
+            self.tracking = given
+        else:
+            row = self.control.execute(
+                "SELECT settings, updated_by FROM public._bemi_tracking").fetchone()
+            stored = row[0] if row else {}
+            try:
+                self.tracking = tr.Tracking.from_source(stored) if stored else tr.Tracking.build()
+            except tr.TrackingError as exc:
+                raise WorkerError(f"the tracking settings stored in public._bemi_tracking are invalid: {exc}")
+        log.info("tracking: %s", self.tracking.describe())
+        return self.tracking
+
+    def rules(self) -> str:
+        """The rules ``_bemi_is_tracked(rel, rules)`` applies for this worker (with its own tables)."""
+        rules = self.tracking.sql_rules()
+        rules["own_tables"] = sorted(self.own_tables)
+        return json.dumps(rules)
+
+    # -- bemi's own tables -------------------------------------------------------------------
+
+    def register_own_tables(self, destination: psycopg.Connection) -> frozenset[int]:
+        """Oids of ``changes`` and the checkpoints when the destination is this very database."""
+        pid, started = destination.execute(
+            "SELECT pg_catalog.pg_backend_pid(), a.backend_start FROM pg_catalog.pg_stat_activity a "
+            "WHERE a.pid = pg_catalog.pg_backend_pid()").fetchone() or (None, None)
+        oids = destination.execute(
+            "SELECT pg_catalog.to_regclass('public.changes')::oid, "
+            "pg_catalog.to_regclass('public._bemi_worker_checkpoints')::oid").fetchone()
+        destination.rollback()
+        same = self.control.execute(
+            "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = %s::int4 "
+            "AND a.backend_start = %s::timestamptz AND a.datname = pg_catalog.current_database())",
+            [pid, started],
+        ).fetchone()
+        if not (same and same[0]) or not oids:
+            return self.own_tables
+        own = frozenset(int(o) for o in oids if o is not None)
+        self.own_tables = own
+        try:
+            self.control.execute(
+                "UPDATE public._bemi_tracking SET own_tables = ARRAY(SELECT DISTINCT u FROM "
+                "pg_catalog.unnest(own_tables || %s::oid[]) u WHERE EXISTS "
+                "(SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = u)) WHERE NOT (own_tables @> %s::oid[])",
+                [sorted(own), sorted(own)],
+            )
+        except errors.InsufficientPrivilege as exc:
+            log.warning("could not register changes and _bemi_worker_checkpoints as bemi's own tables in "
+                        "public._bemi_tracking (%s); the worker still skips them", exc)
+        return own
+
+    # -- the masking key ---------------------------------------------------------------------
+
+    def masking_key(self, given: str | None) -> bytes:
+        if given:
+            self.key = tr.derive_key(given)
+            return self.key
+        try:
+            row = self.control.execute("SELECT generated_key FROM public._bemi_tracking").fetchone()
+            key = row[0] if row else None
+            if key is None:
+                key = secrets.token_bytes(32)
+                self.control.execute(
+                    "UPDATE public._bemi_tracking SET generated_key = %s::bytea WHERE generated_key IS NULL", [key])
+                key = self.control.execute("SELECT generated_key FROM public._bemi_tracking").fetchone()[0]
+                log.warning("no BEMI_MASKING_KEY: masked columns are keyed with a random key kept in "
+                            "public._bemi_tracking of the source database (set BEMI_MASKING_KEY to choose one)")
+        except errors.InsufficientPrivilege as exc:
+            raise WorkerError(
+                "masked columns need a key: set BEMI_MASKING_KEY (or --masking-key), or grant role "
+                f"{self.user!r} SELECT, UPDATE on public._bemi_tracking so it can keep a random one ({exc})"
+            ) from exc
+        self.key = tr.derive_key(bytes(key))
+        return self.key

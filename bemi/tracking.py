@@ -285,7 +285,7 @@ class Tracking:
     def sql_rules(self) -> dict[str, Any]:
         """What ``_bemi_is_tracked`` reads: regexes of the schemas and of the ignored tables."""
         return {
-            "schemas": [p.table for p in self.schemas],
+            "schemas": [p.schema for p in self.schemas],
             "ignored_tables": [[p.schema, p.table] for p in self.ignored_tables],
         }
 

@@ -104,3 +104,11 @@ def test_update_of_ignored_columns_only_is_not_recorded():
 def test_ignored_tables_produce_no_rows():
     rows, _ = stitch("insert_with_context", tr.Tracking.build(ignored_tables=["to*"]))
     assert rows == []
+
+
+def test_sql_rules_are_the_translated_patterns():
+    t = tr.Tracking.build(schemas=["public", "sales_*"], ignored_tables=["sales_*.tmp_?"])
+    assert t.sql_rules() == {
+        "schemas": ["^(?:public)$", "^(?:sales_.*)$"],
+        "ignored_tables": [["^(?:sales_.*)$", "^(?:tmp_.)$"], ["^(?:public)$", "^(?:django_session)$"]],
+    }

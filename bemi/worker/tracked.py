@@ -71,12 +71,17 @@ class TrackedTables:
     def load(self, given: tr.Tracking | None) -> tr.Tracking:
         """The settings in force: the flags' (stored for the event trigger), else the stored ones."""
         if given is not None:
+            rules, settings = json.dumps(given.sql_rules()), given.source_json()
             try:
-                self.control.execute(
+                changed = self.control.execute(
                     "UPDATE public._bemi_tracking SET rules = %s::jsonb, settings = %s::jsonb, "
-                    "updated_at = pg_catalog.now(), updated_by = 'bemi-worker'",
-                    [json.dumps(given.sql_rules()), given.source_json()],
-                )
+                    "updated_at = pg_catalog.now(), updated_by = 'bemi-worker' "
+                    "WHERE rules IS DISTINCT FROM %s::jsonb OR settings IS DISTINCT FROM %s::jsonb",
+                    [rules, settings, rules, settings],
+                ).rowcount
+                if changed:
+                    log.info("stored the tracking settings in public._bemi_tracking (used by the event trigger)")
+                    self._align_triggers()
             except errors.InsufficientPrivilege as exc:
                 log.warning("could not store the tracking settings for the event trigger (%s): tables created "
                             "later are set up by the stored settings until `migrate bemi` or a worker with "
@@ -92,6 +97,32 @@ class TrackedTables:
                 raise WorkerError(f"the tracking settings stored in public._bemi_tracking are invalid: {exc}")
         log.info("tracking: %s", self.tracking.describe())
         return self.tracking
+
+    def _align_triggers(self) -> None:
+        """Triggers and replica identity in line with the new settings (when `migrate bemi` installed them)."""
+        row = self.control.execute(
+            "SELECT pg_catalog.to_regprocedure('public._bemi_create_triggers()') IS NOT NULL "
+            "AND pg_catalog.to_regprocedure('public._bemi_set_replica_identity()') IS NOT NULL").fetchone()
+        if not (row and row[0]):
+            return
+        notices: list[str] = []
+
+        def on_notice(diagnostic) -> None:
+            if (diagnostic.message_primary or "").startswith("bemi:"):
+                notices.append(diagnostic.message_primary)
+
+        self.control.add_notice_handler(on_notice)
+        try:
+            self.control.execute("CALL public._bemi_create_triggers()")
+            self.control.execute("CALL public._bemi_set_replica_identity()")
+        except psycopg.Error as exc:
+            log.warning("could not bring the triggers in line with the tracking settings: %s "
+                        "(run `python manage.py migrate bemi`)", exc)
+        finally:
+            self.control.remove_notice_handler(on_notice)
+        for notice in notices:
+            log.info("%s", notice)
+        log.info("triggers and replica identity brought in line with the tracking settings")
 
     def rules(self) -> str:
         """The rules ``_bemi_is_tracked(rel, rules)`` applies for this worker (with its own tables)."""

@@ -63,7 +63,7 @@ class Scene:
         self.hostile.execute(template.format(escalate=ESCALATE.format(role=self.role)))
 
     def install_as_superuser(self) -> None:
-        self.su.execute(sql.read("install.sql"))
+        self.su.execute(sql.read("tracking.sql") + sql.read("install.sql"))
 
     def escalated(self) -> bool:
         return self.su.execute("SELECT rolsuper FROM pg_roles WHERE rolname = %s", [self.role]).fetchone()[0]
@@ -113,7 +113,7 @@ def test_planted_function_or_operator_does_not_run_when_a_superuser_runs_migrate
 
 def test_installing_as_superuser_over_functions_the_app_role_owns_is_refused(scene):
     # First install by the application's role (no event triggers: not a superuser).
-    scene.hostile.execute(sql.read("install.sql"))
+    scene.hostile.execute(sql.read("tracking.sql") + sql.read("install.sql"))
     # The app role could now rewrite any of them; here it rewrites one the event triggers call.
     scene.hostile.execute(
         "CREATE OR REPLACE FUNCTION public._bemi_is_tracked(rel regclass) RETURNS boolean LANGUAGE plpgsql AS $$"

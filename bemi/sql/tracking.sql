@@ -26,9 +26,14 @@ DECLARE
   fixes text := '';
 BEGIN
   PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-  FOREACH routine IN ARRAY ARRAY[
+  FOREACH routine IN ARRAY ARRAY[  -- all of bemi's: install.sql runs next, with the same check
     'public._bemi_is_tracked(regclass)', 'public._bemi_is_tracked(regclass,jsonb)',
-    'public._bemi_tracked_tables(jsonb)'
+    'public._bemi_tracked_tables(jsonb)', 'public._bemi_tables()',
+    'public._bemi_context_from_query(text)', 'public._bemi_row_trigger_func()',
+    'public._bemi_create_trigger(regclass)', 'public._bemi_create_triggers()',
+    'public._bemi_set_replica_identity_on(regclass)', 'public._bemi_set_replica_identity()',
+    'public._bemi_publish(regclass)', 'public._bemi_create_table_trigger_func()',
+    'public._bemi_set_replica_identity_func()'
   ] LOOP
     SELECT r.rolname INTO owner_name
     FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner
@@ -41,7 +46,7 @@ BEGIN
   IF fixes <> '' THEN
     RAISE EXCEPTION 'bemi: refusing to install over functions owned by another role than % (who runs this install): %', current_user, owners
       USING DETAIL = 'A role that owns them can rewrite what bemi''s triggers run with the privileges of whoever fires them.',
-            HINT = format('Check them, then as %I run: %sand install again.', current_user, fixes);
+            HINT = format('Check them, then as %I run: %sand install again (manage.py migrate bemi, or psql -f bemi/sql/tracking.sql -f bemi/sql/install.sql): it rewrites their bodies.', current_user, fixes);
   END IF;
   PERFORM pg_catalog.set_config('search_path', path, true);
 END;

@@ -1,0 +1,170 @@
+"""``python manage.py bemi_redact``: apply the current tracking settings to recorded history.
+
+Changing ``BEMI_IGNORED_TABLES`` or ``BEMI_MASKED_COLUMNS`` (or upgrading from a
+version without the built-ins) does not rewrite what ``changes`` already holds.
+This command does: it deletes the changes of ignored tables and replaces the
+values of masked columns in ``before`` and ``after`` by the same keyed marker
+the worker writes (``bemi.tracking``). Batched (each batch its own transaction,
+so it can be stopped at any time), resumable (a masked value is never masked
+again and deleted rows are gone: running it again continues where it stopped),
+with a progress bar; ``--dry-run`` only counts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+from django.db import connections, router, transaction
+from psycopg import sql
+
+from bemi import conf
+from bemi import tracking as tr
+from bemi.models import BemiChange
+
+NOT_MASKED = sql.SQL(
+    "EXISTS (SELECT 1 FROM pg_catalog.jsonb_each({side}) e WHERE e.key OPERATOR(pg_catalog.~) %s "
+    "AND pg_catalog.jsonb_typeof(e.value) OPERATOR(pg_catalog.<>) 'null' "
+    "AND NOT pg_catalog.starts_with(e.value OPERATOR(pg_catalog.#>>) '{{}}', %s))"
+)
+
+
+def _table_condition(patterns: list[tr.Pattern]) -> tuple[sql.Composable, list[Any]]:
+    parts, params = [], []
+    for p in patterns:
+        parts.append(sql.SQL('("schema" OPERATOR(pg_catalog.~) %s AND "table" OPERATOR(pg_catalog.~) %s)'))
+        params += [p.schema, p.table]
+    return (sql.SQL(" OR ").join(parts) if parts else sql.SQL("false")), params
+
+
+def _masked_condition(patterns: list[tr.Pattern]) -> tuple[sql.Composable, list[Any]]:
+    parts, params = [], []
+    for p in patterns:
+        parts.append(sql.SQL('("schema" OPERATOR(pg_catalog.~) %s AND "table" OPERATOR(pg_catalog.~) %s AND ({} OR {}))')
+                     .format(NOT_MASKED.format(side=sql.Identifier("before")),
+                             NOT_MASKED.format(side=sql.Identifier("after"))))
+        params += [p.schema, p.table, p.column, tr.MASK_PREFIX, p.column, tr.MASK_PREFIX]
+    return (sql.SQL(" OR ").join(parts) if parts else sql.SQL("false")), params
+
+
+class Command(BaseCommand):
+    help = ("Apply the current BEMI_IGNORED_TABLES and BEMI_MASKED_COLUMNS (with the built-ins) to the changes "
+            "already recorded: delete the changes of ignored tables, mask the values of masked columns. "
+            "Batched and resumable; --dry-run only counts.")
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--database", default=None,
+                            help="alias of the database holding `changes` (default: where BemiChange is written)")
+        parser.add_argument("--dry-run", action="store_true", help="count what would change, change nothing")
+        parser.add_argument("--batch-size", type=int, default=1000, help="changes per transaction (default: 1000)")
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            tracking = conf.tracking()
+        except tr.TrackingError as exc:
+            raise CommandError(str(exc)) from exc
+        alias = options["database"] or router.db_for_write(BemiChange) or "default"
+        if alias not in connections.settings:
+            raise CommandError(f"no database alias {alias!r} in DATABASES")
+        self.connection = connections[alias]
+        self.table = sql.Identifier(BemiChange._meta.db_table)
+        self.batch = max(1, options["batch_size"])
+        self.progress = not options["no_progress"] and options["verbosity"] > 0
+        key = tr.derive_key(conf.masking_secret())
+        tables = list(tracking.ignored_tables)
+        masked = list(tracking.masked_columns)
+
+        if options["dry_run"]:
+            for p in tables:
+                n = self._count(*_table_condition([p]))
+                self.stdout.write(f"would delete {n} change(s) of ignored table {p.text}")
+            for p in masked:
+                n = self._count(*_masked_condition([p]))
+                self.stdout.write(f"would mask {p.text} in {n} change(s)")
+            return
+
+        deleted = self._delete(*_table_condition(tables))
+        changed = self._mask(masked, key)
+        self.stdout.write(f"bemi_redact: deleted {deleted} change(s) of ignored tables, "
+                          f"masked values in {changed} change(s)")
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _count(self, condition: sql.Composable, params: list[Any]) -> int:
+        self.connection.ensure_connection()
+        with self.connection.cursor() as cursor:
+            cursor.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(self.table, condition)
+                           .as_string(self.connection.connection), params)
+            return cursor.fetchone()[0]
+
+    def _delete(self, condition: sql.Composable, params: list[Any]) -> int:
+        total = self._count(condition, params)
+        done = 0
+        query = sql.SQL("DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE {c} LIMIT %s)").format(
+            t=self.table, c=condition).as_string(self.connection.connection)
+        while done < total:
+            with transaction.atomic(using=self.connection.alias), self.connection.cursor() as cursor:
+                cursor.execute(query, [*params, self.batch])
+                if not cursor.rowcount:
+                    break
+                done += cursor.rowcount
+            self._bar("deleting changes of ignored tables", done, total)
+        self._bar_end(total)
+        return done
+
+    def _mask(self, patterns: list[tr.Pattern], key: bytes) -> int:
+        condition, params = _masked_condition(patterns)
+        total = self._count(condition, params)
+        select = sql.SQL('SELECT id, "schema", "table", before, after FROM {t} WHERE ({c}) AND id > %s '
+                         "ORDER BY id LIMIT %s FOR UPDATE").format(t=self.table, c=condition)
+        update = sql.SQL("UPDATE {t} SET before = %s::jsonb, after = %s::jsonb WHERE id = %s").format(t=self.table)
+        conn = self.connection
+        conn.ensure_connection()
+        select_text, update_text = select.as_string(conn.connection), update.as_string(conn.connection)
+        done, last = 0, "00000000-0000-0000-0000-000000000000"
+        while True:
+            with transaction.atomic(using=conn.alias), conn.cursor() as cursor:
+                cursor.execute(select_text, [*params, last, self.batch])
+                rows = cursor.fetchall()
+                if not rows:
+                    break
+                for change_id, schema, table, before, after in rows:
+                    columns = [p for p in patterns if p.matches_table(schema, table)]
+                    before = _load(before)
+                    after = _load(after)
+                    new_before = _mask_object(before, columns, key)
+                    new_after = _mask_object(after, columns, key)
+                    cursor.execute(update_text, [json.dumps(new_before), json.dumps(new_after), change_id])
+                    last = str(change_id)
+                done += len(rows)
+            self._bar("masking values", done, total)
+        self._bar_end(total)
+        return done
+
+    # -- progress --------------------------------------------------------------------------------
+
+    def _bar(self, what: str, done: int, total: int) -> None:
+        if not self.progress:
+            return
+        total = max(total, done, 1)
+        filled = int(30 * done / total)
+        sys.stderr.write(f"\r{what}: [{'#' * filled}{'.' * (30 - filled)}] {done}/{total} ({100 * done // total}%)")
+        sys.stderr.flush()
+
+    def _bar_end(self, total: int) -> None:
+        if self.progress and total:
+            sys.stderr.write("\n")
+
+
+def _load(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, (str, bytes)) else value
+
+
+def _mask_object(values: Any, patterns: list[tr.Pattern], key: bytes) -> Any:
+    if not isinstance(values, dict):
+        return values
+    return {column: (tr.mask_json_value(key, value) if any(p.matches_column(column) for p in patterns) else value)
+            for column, value in values.items()}

@@ -1,0 +1,87 @@
+"""No credentials in `changes` by default: a real login and password change through Django, the worker, redact."""
+
+from __future__ import annotations
+
+import pytest
+from django.contrib.auth.models import User
+from django.core.management import call_command
+from django.test import override_settings
+
+from bemi import tracking as tr
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def run_worker(env, **options):
+    call_command("bemi_worker", once=True, slot=env.slot, publication=env.publication, verbosity=0, **options)
+
+
+def all_changes_text(env) -> str:
+    return env.execute("SELECT coalesce(string_agg(c::text, ' '), '') FROM changes c")[0][0]
+
+
+def test_login_and_password_change_leave_no_session_key_and_no_hash(worker_env, client, settings):
+    env = worker_env
+    run_worker(env)
+    user = User.objects.create_superuser("ann", "ann@example.com", "old-Secret-pw-1")
+    hashes = [User.objects.get(pk=user.pk).password]
+    response = client.post("/admin/login/?next=/admin/", {"username": "ann", "password": "old-Secret-pw-1"})
+    assert response.status_code == 302
+    sessions = [client.cookies["sessionid"].value]
+    response = client.post("/admin/password_change/", {
+        "old_password": "old-Secret-pw-1", "new_password1": "new-Secret-pw-2", "new_password2": "new-Secret-pw-2"})
+    assert response.status_code == 302, response.content[:500]
+    hashes.append(User.objects.get(pk=user.pk).password)
+    sessions.append(client.cookies["sessionid"].value)
+    sessions += [s for (s,) in env.execute("SELECT session_key FROM django_session")]
+    assert hashes[0] != hashes[1]
+    run_worker(env)
+
+    text = all_changes_text(env)
+    assert env.execute("SELECT count(*) FROM changes WHERE \"table\" = 'auth_user'")[0][0] >= 3
+    for secret in hashes + [h.split("$")[-1] for h in hashes] + sessions:
+        assert secret not in text
+    assert "django_session" not in text
+    # yet the password change is visible as a change (and the login's last_login update too)
+    from bemi.models import BemiChange
+
+    changes = list(BemiChange.objects.filter(table="auth_user").updated())
+    password_changes = [c for c in changes if "password" in c.diff()]
+    assert len(password_changes) == 1
+    before, after = password_changes[0].diff()["password"]
+    assert before.startswith(tr.MASK_PREFIX) and after.startswith(tr.MASK_PREFIX) and before != after
+    key = tr.derive_key(settings.SECRET_KEY)
+    assert (before, after) == (tr.mask_json_value(key, hashes[0]), tr.mask_json_value(key, hashes[1]))
+    assert any("last_login" in c.diff() and "password" not in c.diff() for c in changes)
+
+
+def test_bemi_redact_applies_the_settings_to_history_recorded_before(worker_env, capsys):
+    env = worker_env
+    with override_settings(BEMI_UNSAFE_TRACK_BUILTINS=["django_session", "auth_user.password"]):
+        run_worker(env)  # as an earlier version did: everything in full
+        user = User.objects.create_user("bob", password="pw-Bob-123456")
+        user.set_password("pw-Bob-654321")
+        user.save()
+        env.execute("INSERT INTO django_session VALUES ('leakedsessionkey', 'x', now() + interval '1 day')")
+        run_worker(env)
+    hashes = [h for (h,) in env.execute("SELECT DISTINCT after->>'password' FROM changes WHERE \"table\" = 'auth_user'")]
+    assert len(hashes) == 2 and "leakedsessionkey" in all_changes_text(env)
+    try:
+        call_command("bemi_redact", dry_run=True)
+        out = capsys.readouterr().out
+        assert "would delete 1 change(s) of ignored table django_session" in out
+        assert "would mask auth_user.password in 2 change(s)" in out  # the create and the update
+        assert "leakedsessionkey" in all_changes_text(env)  # dry run: nothing changed
+
+        call_command("bemi_redact", batch_size=1)
+        text = all_changes_text(env)
+        assert "leakedsessionkey" not in text and not any(h in text for h in hashes)
+        key = tr.derive_key("bemi-tests")  # tests.settings.SECRET_KEY
+        stored = [h for (h,) in env.execute(
+            "SELECT after->>'password' FROM changes WHERE \"table\" = 'auth_user' ORDER BY commit_position")]
+        assert stored[-1] == tr.mask_json_value(key, User.objects.get(pk=user.pk).password)  # as the worker would
+
+        call_command("bemi_redact")  # resumable: a second run finds nothing left to do
+        assert "deleted 0 change(s) of ignored tables, masked values in 0 change(s)" in capsys.readouterr().out
+    finally:
+        env.execute("DELETE FROM django_session WHERE session_key = 'leakedsessionkey'")

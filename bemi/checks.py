@@ -19,6 +19,9 @@ bemi.W020  ``max_slot_wal_keep_size = -1`` on a database where bemi is installed
            worker's slot keeps WAL until the disk is full
 bemi.W021  bemi is installed (``migrate bemi`` ran) but the database has no pgoutput
            replication slot: the worker never started, and changes are not recorded
+bemi.E010  a tracking setting (``BEMI_SCHEMAS``, ``BEMI_IGNORED_TABLES``...) is not a list or holds a malformed pattern
+bemi.W010  a table or column named in a tracking setting matches no Django model's table or column
+bemi.W011  ``BEMI_UNSAFE_TRACK_BUILTINS`` tracks a built-in that holds credentials
 =========  =====================================================================
 
 W002 and W003 are warnings, not errors: see docs/security.md for what they
@@ -256,3 +259,77 @@ def check_append_only(app_configs: Any = None, databases: Any = None, **kwargs: 
              "SILENCED_SYSTEM_CHECKS if one role on purpose does both.",
         id="bemi.W004",
     )]
+# -- what is tracked (bemi/tracking.py, docs/tracking.md) --------------------------------------
+
+_BUILTIN_WHY = {
+    "django_session": "its primary key is the session key, a bearer credential: whoever reads it can act as the user",
+    "auth_user.password": "every login copies the password hash into before and after",
+}
+
+
+@register()
+def check_tracking(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    from bemi import tracking as tr
+
+    try:
+        tracking = conf.tracking()
+    except tr.TrackingError as exc:
+        return [Error(str(exc), hint="See docs/tracking.md for the settings and their patterns.", id="bemi.E010")]
+    messages: list[CheckMessage] = []
+    for name in tracking.unsafe_track_builtins:
+        messages.append(Warning(
+            f"BEMI_UNSAFE_TRACK_BUILTINS tracks {name!r} in full: "
+            f"{_BUILTIN_WHY.get(name, 'it is the password column of AUTH_USER_MODEL')}. Anyone who may read "
+            "`changes` (bemi.view_bemichange in the admin) sees it.",
+            hint=f"Remove {name!r} from BEMI_UNSAFE_TRACK_BUILTINS unless you really mean it.", id="bemi.W011"))
+    messages += _unknown_names(tracking)
+    return messages
+
+
+def _model_tables() -> dict[tuple[str, str], set[str]]:
+    """(schema, table) -> columns of every Django model (schema public unless db_table says 'schema"."table')."""
+    from django.apps import apps
+
+    tables: dict[tuple[str, str], set[str]] = {}
+    for model in apps.get_models(include_auto_created=True):
+        db_table = model._meta.db_table
+        schema, table = ("public", db_table)
+        if '"."' in db_table:
+            schema, table = db_table.split('"."', 1)
+        columns = tables.setdefault((schema.strip('"'), table.strip('"')), set())
+        columns.update(f.column for f in model._meta.local_fields if getattr(f, "column", None))
+    return tables
+
+
+def _unknown_names(tracking: Any) -> list[CheckMessage]:
+    source = tracking.source
+    tables = _model_tables()
+    messages: list[CheckMessage] = []
+    user_tables = set(source.get("ignored_tables") or ())
+    for pattern in tracking.ignored_tables:
+        if pattern.text in user_tables and not any(pattern.matches_table(s, t) for s, t in tables):
+            messages.append(Warning(
+                f"BEMI_IGNORED_TABLES: {pattern.text!r} matches no table of a Django model.",
+                hint="Check the spelling (the table name, e.g. 'myapp_todo', not the model name); "
+                     "a table without a model is fine: silence with SILENCED_SYSTEM_CHECKS = ['bemi.W010'].",
+                id="bemi.W010"))
+    for setting, patterns, given in (
+        ("BEMI_IGNORED_COLUMNS", tracking.ignored_columns, source.get("ignored_columns") or ()),
+        ("BEMI_MASKED_COLUMNS", tracking.masked_columns, source.get("masked_columns") or ()),
+    ):
+        for pattern in patterns:
+            if pattern.text not in given:
+                continue
+            matched = [cols for (s, t), cols in tables.items() if pattern.matches_table(s, t)]
+            if not matched:
+                problem = "matches no table of a Django model"
+            elif not any(pattern.matches_column(c) for cols in matched for c in cols):
+                problem = "matches no column of the tables it names"
+            else:
+                continue
+            messages.append(Warning(
+                f"{setting}: {pattern.text!r} {problem}.",
+                hint="Patterns are table.column or schema.table.column with the database names "
+                     "(db_table, db_column, e.g. 'auth_user.password').",
+                id="bemi.W010"))
+    return messages

@@ -172,3 +172,34 @@ def test_wal_level_not_logical_is_an_error_with_the_fix(replica_server):
     assert "bemi.E002" in result.stderr
     assert "wal_level = 'replica'" in result.stderr
     assert "ALTER SYSTEM SET wal_level = logical;" in result.stderr
+
+
+# -- tracking settings (bemi/tracking.py) ------------------------------------------------------
+
+@pytest.mark.parametrize("setting, value", [
+    ("BEMI_SCHEMAS", "public"), ("BEMI_IGNORED_TABLES", ["a.b.c"]), ("BEMI_IGNORED_COLUMNS", ["todo"]),
+    ("BEMI_MASKED_COLUMNS", ["todo.[x"]), ("BEMI_UNSAFE_TRACK_BUILTINS", ["todo"]),
+    ("BEMI_SKIP_UNCHANGED_UPDATES", "yes"),
+])
+def test_malformed_tracking_setting_is_an_error_naming_it(setting, value):
+    with override_settings(**{setting: value}):
+        messages = [m for m in run_checks() if m.id == "bemi.E010"]
+    assert len(messages) == 1 and messages[0].msg.startswith(f"{setting}: ")
+
+
+def test_unknown_table_or_column_is_a_warning_naming_it():
+    with override_settings(BEMI_IGNORED_TABLES=["todo", "no_such_table"],
+                           BEMI_MASKED_COLUMNS=["auth_user.email", "auth_user.no_such_column", "nope.x"],
+                           BEMI_IGNORED_COLUMNS=["todo.*"]):
+        messages = [m.msg for m in run_checks() if m.id == "bemi.W010"]
+    assert messages == [
+        "BEMI_IGNORED_TABLES: 'no_such_table' matches no table of a Django model.",
+        "BEMI_MASKED_COLUMNS: 'auth_user.no_such_column' matches no column of the tables it names.",
+        "BEMI_MASKED_COLUMNS: 'nope.x' matches no table of a Django model.",
+    ]
+
+
+def test_opting_out_of_a_builtin_is_a_warning():
+    with override_settings(BEMI_UNSAFE_TRACK_BUILTINS=["django_session"]):
+        messages = [m for m in run_checks() if m.id == "bemi.W011"]
+    assert len(messages) == 1 and "'django_session'" in messages[0].msg and "session key" in messages[0].msg

@@ -89,9 +89,10 @@ class BemiChangeQuerySet(models.QuerySet):
 
     # -- one record ----------------------------------------------------------------
     def record(self, model_or_table: Any, primary_key: Any) -> "BemiChangeQuerySet":
-        """The changes of one row, given a model (class or instance) or a table name."""
-        table, _ = timetravel.resolve_table(model_or_table, self)
-        return self.filter(table=table, primary_key=timetravel.check_primary_key(primary_key))
+        """The changes of one row, given a model (class or instance), ``'schema.table'`` or a table name."""
+        schema, table, _ = timetravel.resolve_schema_table(model_or_table, self)
+        found = self.filter(table=table, primary_key=timetravel.check_primary_key(primary_key))
+        return found if schema is None else found.filter(schema=schema)
 
     def field_changed(
         self,

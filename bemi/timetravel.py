@@ -78,6 +78,48 @@ def resolve_table(
     )
 
 
+def model_schema_table(model: type[models.Model]) -> tuple[str, str]:
+    """Where a model's rows are recorded: ``db_table = 'sales"."orders'`` is schema sales, any other public."""
+    db_table = model._meta.db_table
+    if '"."' in db_table:
+        schema, table = db_table.split('"."', 1)
+        return schema.strip('"'), table.strip('"')
+    return "public", db_table
+
+
+def resolve_schema_table(
+    model_or_table: Any, changes: "BemiChangeQuerySet"
+) -> tuple[str | None, str, type[models.Model] | None]:
+    """``(schema or None, table, model or None)``: like resolve_table, and the schema.
+
+    A model's schema comes from its ``db_table`` (public unless it names one); a string
+    ``'schema.table'`` names both; a table name alone matches the table in any schema.
+    """
+    if isinstance(model_or_table, models.Model):
+        model_or_table = type(model_or_table)
+    if isinstance(model_or_table, type) and issubclass(model_or_table, models.Model):
+        schema, table = model_schema_table(model_or_table)
+        return schema, table, model_or_table
+    if isinstance(model_or_table, str) and "." in model_or_table:
+        schema, table = model_or_table.split(".", 1)
+        using = changes.db
+        models_there = [m for m in apps.get_models() if model_schema_table(m) == (schema, table)]
+        if models_there:
+            return schema, table, None
+        if model_or_table in _known_tables.get(using, ()) or changes.model._default_manager.using(using).filter(
+                schema=schema, table=table).exists():
+            _known_tables.setdefault(using, set()).add(model_or_table)
+            return schema, table, None
+        if not any(m._meta.db_table == model_or_table for m in apps.get_models()):
+            raise UnknownTableError(
+                f"Unknown table {model_or_table!r}: no Django model has this schema and table and no change of "
+                "it is recorded. Pass 'schema.table' as stored in changes.schema and changes.table, a table "
+                "name alone, or the model class itself."
+            )
+    table, model = resolve_table(model_or_table, changes)
+    return None, table, model
+
+
 def check_when(when: Any) -> dt.datetime:
     if not isinstance(when, dt.datetime):
         raise TypeError(
@@ -122,10 +164,12 @@ def _row_changes(
     changes: "BemiChangeQuerySet", model_or_table: Any, primary_key: Any
 ) -> tuple["BemiChangeQuerySet", type[models.Model] | None]:
     """All recorded changes of one row (whatever ``changes`` is filtered on), and its model if known."""
-    table, model = resolve_table(model_or_table, changes)
+    schema, table, model = resolve_schema_table(model_or_table, changes)
     of_row = changes.model._default_manager.using(changes.db).filter(
         table=table, primary_key=check_primary_key(primary_key)
     )
+    if schema is not None:
+        of_row = of_row.filter(schema=schema)
     return of_row, model
 
 

@@ -121,6 +121,27 @@ def test_second_schema_table_created_after_migrate_is_tracked_from_its_first_row
         ("orders", "CREATE", {}, {"id": 1, "total": 10}),
         ("orders", "UPDATE", {"id": 1, "total": 10}, {"id": 1, "total": 11}),  # REPLICA IDENTITY FULL set
     ]
+    # the query API finds them by schema and table: 'schema.table', or a model whose db_table names the schema
+    from django.db import models
+
+    from bemi import BemiRecordMixin
+    from bemi.models import BemiChange
+
+    env.execute("CREATE TABLE IF NOT EXISTS public.orders (id int PRIMARY KEY, total int)")
+    env.made.append("DROP TABLE IF EXISTS public.orders")
+    env.execute("INSERT INTO public.orders VALUES (1, 99)")
+    env.run_once()
+    assert BemiChange.objects.filter(table="orders").count() == 3  # same table name in two schemas
+    assert [c.operation for c in BemiChange.objects.record(f"{schema}.orders", 1)] == ["CREATE", "UPDATE"]
+    assert [c.after["total"] for c in BemiChange.objects.record("public.orders", 1)] == [99]
+    meta = type("Meta", (), {"db_table": f'{schema}"."orders', "managed": False, "app_label": "queryapp"})
+    order_model = type(f"Order{schema}", (BemiRecordMixin, models.Model), {
+        "__module__": "tests.queryapp.models", "Meta": meta,
+        "id": models.IntegerField(primary_key=True), "total": models.IntegerField()})
+    order = order_model(id=1, total=11)
+    assert [c.operation for c in order.bemi_changes()] == ["CREATE", "UPDATE"]
+    assert [c.operation for c in order.bemi_changes("total")] == ["CREATE", "UPDATE"]
+    assert BemiChange.objects.as_of(order_model, 1, rows[0].get("committed_at")).total == 10
     # and a schema that is not tracked is not
     env.execute("CREATE SCHEMA IF NOT EXISTS elsewhere_trk; CREATE TABLE elsewhere_trk.t (id int PRIMARY KEY)")
     env.made.append("DROP SCHEMA elsewhere_trk CASCADE")

@@ -26,6 +26,11 @@ Destination (where `changes` is written): --destination-dsn, or DESTINATION_DB_H
 DESTINATION_DB_PORT, DESTINATION_DB_NAME, DESTINATION_DB_USER, DESTINATION_DB_PASSWORD;
 by default the source database itself.
 
+What is tracked (docs/tracking.md): BEMI_SCHEMAS, BEMI_IGNORED_TABLES,
+BEMI_IGNORED_COLUMNS, BEMI_MASKED_COLUMNS, BEMI_UNSAFE_TRACK_BUILTINS,
+BEMI_SKIP_UNCHANGED_UPDATES, BEMI_MASKING_KEY, or the flags below; without any,
+the settings `migrate bemi` stored from Django's.
+
 On first start it creates what is missing and says so: the publication
 (the tracked tables, see "what is tracked" below; new tables join it as they appear),
 the replication slot, the `changes` table with its indexes, and its checkpoint

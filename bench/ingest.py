@@ -313,6 +313,40 @@ class Bench:
               f"{doubled}; longest commit-to-visible {gap:.1f} s; same worker process still running: {alive}",
               flush=True)
         return {"workload": "faults", "lost": lost, "doubled": doubled, "longest_gap_s": gap, "alive": alive}
+def masking(bench: Bench, rows: int, repeats: int) -> None:
+    """Masked columns cost (docs/tracking.md): the same WAL drained by three workers, each on its own slot
+    created at the same position: nothing masked; `todo.task` masked (a keyed digest per row); `todo.task`
+    masked and `todo.is_completed` ignored. Median of `repeats` runs, drain order rotated."""
+    variants = {
+        "plain": ["--schemas", "public"],
+        "masked": ["--schemas", "public", "--masked-columns", "todo.task", "--masking-key", "bench"],
+        "masked+ignored": ["--schemas", "public", "--masked-columns", "todo.task", "--masking-key", "bench",
+                           "--ignored-columns", "todo.is_completed"],
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for repeat in range(repeats):
+        bench.reset()
+        slots = {}
+        for name, flags in variants.items():
+            bench.n += 1
+            slots[name] = f"mask{bench.n}"
+            subprocess.run(worker_cmd(bench.dsn, slots[name], "--once", *flags), check=True, cwd=ROOT)
+        bench.one_big_transaction(rows)()
+        bench.conn.execute("UPDATE todo SET task = task || '!' WHERE id % 2 = 0")  # a masked column changes
+        order = list(variants)[repeat % 3:] + list(variants)[:repeat % 3]
+        for name in order:
+            bench.conn.execute("TRUNCATE changes")
+            started = time.perf_counter()
+            subprocess.run(worker_cmd(bench.dsn, slots[name], "--once", *variants[name]), check=True, cwd=ROOT)
+            times[name].append(time.perf_counter() - started)
+            written = bench.conn.execute("SELECT count(*) FROM changes").fetchone()[0]
+            assert written == rows + rows // 2, (name, written)
+    base = statistics.median(times["plain"])
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"masking: {name}: {rows + rows // 2:,} changes ({rows:,} inserts, {rows // 2:,} updates) in "
+              f"{median:.2f} s median of {repeats} ({(rows + rows // 2) / median:,.0f}/s); "
+              f"ratio to plain {median / base:.3f}", flush=True)
 
 
 def main() -> None:
@@ -325,6 +359,10 @@ def main() -> None:
     parser.add_argument("--after-big-rows", type=int, default=300_000,
                         help="rows of the big transaction before single writes (0: skip)")
     parser.add_argument("--faults", type=float, default=12.0, help="seconds of the fault run (0: skip)")
+    parser.add_argument("--masking", action="store_true",
+                        help="only the masked-columns comparison (plain / masked / masked+ignored, same WAL)")
+    parser.add_argument("--masking-rows", type=int, default=100_000, help="rows of the masking comparison")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of the masking comparison (median)")
     options = parser.parse_args()
 
     cluster = Cluster(settings={"track_commit_timestamp": "on", "max_wal_size": "4GB",
@@ -332,6 +370,9 @@ def main() -> None:
     bench = Bench(cluster)
     print(f"PostgreSQL {bench.conn.execute('SHOW server_version').fetchone()[0]}, {os.cpu_count()} CPUs; "
           f"python {sys.version.split()[0]}; psycopg {psycopg.__version__} ({psycopg.pq.__impl__})", flush=True)
+    if options.masking:
+        masking(bench, options.masking_rows, options.repeats)
+        return
     bench.bulk(f"{options.big_rows:,} rows in one transaction", bench.one_big_transaction(options.big_rows))
     bench.bulk(f"{options.small_tx:,} single-row transactions", bench.single_row_transactions(options.small_tx))
     bench.steady(options.rate, options.duration)

@@ -223,3 +223,26 @@ def test_sql_comment_context_comes_before_the_rows_of_every_operation(db, table,
     db.execute(operation.format(t=table) + ' /*Bemi {"op": 1} Bemi*/')
     kinds = [r.kind for r in wal.read() if r.kind not in ("BEGIN", "COMMIT")]
     assert kinds[0] == "MESSAGE" and len(kinds) >= 2 and "MESSAGE" not in kinds[1:], kinds
+def test_upgrade_says_once_that_recorded_history_may_hold_credentials(pg_server, scratch_database):
+    from bemi import sql as bemi_sql
+
+    fresh = scratch_database()
+    result = _manage(["migrate"], BEMI_TEST_DB_NAME=fresh)
+    assert result.returncode == 0, result.stderr
+    assert "bemi_redact" not in result.stdout  # a new install has no history
+
+    upgraded = scratch_database()
+    result = _manage(["migrate", "bemi", "0002"], BEMI_TEST_DB_NAME=upgraded)
+    assert result.returncode == 0, result.stderr
+    with psycopg.connect(pg_server.dsn(upgraded), autocommit=True) as conn:  # history recorded before
+        conn.execute(bemi_sql.read("changes.sql"))
+        conn.execute("INSERT INTO changes (database, schema, \"table\", primary_key, operation, before, after, "
+                     "context, committed_at, queued_at, transaction_id, position, commit_position, change_index) "
+                     "VALUES ('app', 'public', 'django_session', 'k', 'CREATE', '{}', '{}', '{}', now(), now(), "
+                     "1, 1, 1, 0)")
+    result = _manage(["migrate", "bemi"], BEMI_TEST_DB_NAME=upgraded)
+    assert result.returncode == 0, result.stderr
+    assert "Applying bemi.0003_tracking..." in result.stdout
+    assert "may hold credentials" in result.stdout and "python manage.py bemi_redact" in result.stdout
+    result = _manage(["migrate", "bemi"], BEMI_TEST_DB_NAME=upgraded)
+    assert result.returncode == 0 and "bemi_redact" not in result.stdout  # once

@@ -151,12 +151,15 @@ class TrackedTables:
         own = frozenset(int(o) for o in oids if o is not None)
         self.own_tables = own
         try:
-            self.control.execute(
+            registered = self.control.execute(
                 "UPDATE public._bemi_tracking SET own_tables = ARRAY(SELECT DISTINCT u FROM "
                 "pg_catalog.unnest(own_tables || %s::oid[]) u WHERE EXISTS "
                 "(SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = u)) WHERE NOT (own_tables @> %s::oid[])",
                 [sorted(own), sorted(own)],
-            )
+            ).rowcount
+            if registered:  # the event trigger may have set them up as it does any new table
+                log.info("registered changes and _bemi_worker_checkpoints as bemi's own tables (never tracked)")
+                self._align_triggers()
         except errors.InsufficientPrivilege as exc:
             log.warning("could not register changes and _bemi_worker_checkpoints as bemi's own tables in "
                         "public._bemi_tracking (%s); the worker still skips them", exc)

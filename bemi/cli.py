@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from psycopg.conninfo import make_conninfo
 
@@ -147,7 +148,7 @@ def tracking_from_options(options, environ=os.environ):
     """
     from bemi.tracking import Tracking, TrackingError, split_env
 
-    values = {}
+    values: dict[str, Any] = {}
     for flag, env, _text in _TRACKING_FLAGS:
         attr = flag[2:].replace("-", "_")
         given = getattr(options, attr, None)

@@ -109,7 +109,9 @@ def glob_to_regex(glob: str) -> str:
 
 def _split(text: str) -> list[str]:
     """Split a pattern on the dots that are not inside ``[...]``."""
-    parts, current, depth = [], [], False
+    parts: list[str] = []
+    current: list[str] = []
+    depth = False
     for c in text:
         if c == "[" and not depth:
             depth = True

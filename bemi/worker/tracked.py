@@ -178,7 +178,8 @@ class TrackedTables:
                 key = secrets.token_bytes(32)
                 self.control.execute(
                     "UPDATE public._bemi_tracking SET generated_key = %s::bytea WHERE generated_key IS NULL", [key])
-                key = self.control.execute("SELECT generated_key FROM public._bemi_tracking").fetchone()[0]
+                stored = self.control.execute("SELECT generated_key FROM public._bemi_tracking").fetchone()
+                key = stored[0] if stored else key
                 log.warning("no BEMI_MASKING_KEY: masked columns are keyed with a random key kept in "
                             "public._bemi_tracking of the source database (set BEMI_MASKING_KEY to choose one)")
         except errors.InsufficientPrivilege as exc:

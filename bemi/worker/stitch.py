@@ -292,7 +292,10 @@ class Stitcher:
             if value is po.UNCHANGED:
                 value = None
             raw.append((i, value))
-        if rel.masked and not rel.masked.isdisjoint(rel.pk):
+        if rel.masked and not rel.masked.isdisjoint(rel.pk):  # the key's marker: that of its value
+            if len(raw) == 1:
+                i, v = raw[0]
+                return None if v is None else tr.mask_text(self.masking_key, tr.canonical(rel.formats[i](v)))[1:-1]
             text = "[" + ",".join("null" if v is None else rel.formats[i](v) for i, v in raw) + "]"
             return tr.mask_text(self.masking_key, text.encode("utf-8"))[1:-1]
         if len(raw) == 1:

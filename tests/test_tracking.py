@@ -112,3 +112,11 @@ def test_sql_rules_are_the_translated_patterns():
         "schemas": ["^(?:public)$", "^(?:sales_.*)$"],
         "ignored_tables": [["^(?:sales_.*)$", "^(?:tmp_.)$"], ["^(?:public)$", "^(?:django_session)$"]],
     }
+
+
+@pytest.mark.parametrize("value", ["plain", 'quo"te', "back\\slash", "tab\there", "ü €", 42, 1.5, True, [1, "x"]])
+def test_the_worker_and_bemi_redact_give_the_same_marker(value):
+    from bemi.worker.values import dump_string
+
+    text = dump_string(value) if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    assert json.loads(tr.mask_text(KEY, tr.canonical(text))) == tr.mask_json_value(KEY, value)

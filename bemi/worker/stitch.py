@@ -246,10 +246,13 @@ class Stitcher:
             tracking is not None and not tracking.tracks(rel.namespace, rel.name))
         masked, ignored = (tracking.columns(rel.namespace, rel.name, names) if tracking is not None
                            else (frozenset(), frozenset()))
+        formats = [self.values.format(c.type_oid) for c in rel.columns]
+        for i in masked:  # a masked column's value is formatted straight into its marker
+            formats[i] = self._masker(formats[i])
         self.relations[rel.relid] = _Rel(
             relation=rel,
             keys=[json.dumps(n, ensure_ascii=False) + ":" for n in names],
-            formats=[self.values.format(c.type_oid) for c in rel.columns],
+            formats=formats,
             key_flags=[bool(c.flags & 1) for c in rel.columns],
             pk=pk,
             excluded=excluded,
@@ -257,8 +260,16 @@ class Stitcher:
             ignored=ignored,
         )
 
+    def _masker(self, fmt: Callable[[bytes], str]) -> Callable[[bytes], str]:
+        key, mask, canonical = self.masking_key, tr.mask_text, tr.canonical
+
+        def masked(value: bytes) -> str:
+            return mask(key, canonical(fmt(value)))
+
+        return masked
+
     def _object(self, rel: _Rel, values: list, key_only: bool = False, fallback: list | None = None) -> str:
-        if not key_only and not rel.masked and po.UNCHANGED not in values:  # the common case, kept fast
+        if not key_only and po.UNCHANGED not in values:  # the common case, kept fast
             return "{" + ",".join([
                 key + ("null" if value is None else fmt(value))
                 for key, fmt, value in zip(rel.keys, rel.formats, values)
@@ -273,12 +284,7 @@ class Stitcher:
                 value = fallback[i] if fallback is not None and i < len(fallback) else po.UNCHANGED
                 if value is po.UNCHANGED:
                     continue  # unknown (no full old row): leave the key out rather than store NULL
-            if value is None:
-                parts.append(keys[i] + "null")
-            elif i in rel.masked:
-                parts.append(keys[i] + tr.mask_text(self.masking_key, tr.canonical(formats[i](value))))
-            else:
-                parts.append(keys[i] + formats[i](value))
+            parts.append(keys[i] + ("null" if value is None else formats[i](value)))
         return "{" + ",".join(parts) + "}"
 
     def _primary_key(self, rel: _Rel, values: list | None, fallback: list | None) -> str | None:
@@ -292,16 +298,12 @@ class Stitcher:
             if value is po.UNCHANGED:
                 value = None
             raw.append((i, value))
-        if rel.masked and not rel.masked.isdisjoint(rel.pk):  # the key's marker: that of its value
-            if len(raw) == 1:
-                i, v = raw[0]
-                return None if v is None else tr.mask_text(self.masking_key, tr.canonical(rel.formats[i](v)))[1:-1]
-            text = "[" + ",".join("null" if v is None else rel.formats[i](v) for i, v in raw) + "]"
-            return tr.mask_text(self.masking_key, text.encode("utf-8"))[1:-1]
         if len(raw) == 1:
-            value = raw[0][1]
+            i, value = raw[0]
             if value is None:
                 return None
+            if i in rel.masked:  # the column's marker (its formatter masks), without the JSON quotes
+                return rel.formats[i](value)[1:-1]
             text = value.decode("utf-8", "replace")
         else:
             text = "[" + ",".join("null" if v is None else rel.formats[i](v) for i, v in raw) + "]"

@@ -98,8 +98,8 @@ class TrackedTables:
         log.info("tracking: %s", self.tracking.describe())
         return self.tracking
 
-    def _align_triggers(self) -> None:
-        """Triggers and replica identity in line with the new settings (when `migrate bemi` installed them)."""
+    def _align_triggers(self, identity: bool = True) -> None:
+        """Triggers (and replica identity) in line with the settings (when `migrate bemi` installed them)."""
         row = self.control.execute(
             "SELECT pg_catalog.to_regprocedure('public._bemi_create_triggers()') IS NOT NULL "
             "AND pg_catalog.to_regprocedure('public._bemi_set_replica_identity()') IS NOT NULL").fetchone()
@@ -114,7 +114,8 @@ class TrackedTables:
         self.control.add_notice_handler(on_notice)
         try:
             self.control.execute("CALL public._bemi_create_triggers()")
-            self.control.execute("CALL public._bemi_set_replica_identity()")
+            if identity:
+                self.control.execute("CALL public._bemi_set_replica_identity()")
         except psycopg.Error as exc:
             log.warning("could not bring the triggers in line with the tracking settings: %s "
                         "(run `python manage.py migrate bemi`)", exc)
@@ -122,7 +123,7 @@ class TrackedTables:
             self.control.remove_notice_handler(on_notice)
         for notice in notices:
             log.info("%s", notice)
-        log.info("triggers and replica identity brought in line with the tracking settings")
+        log.info("triggers%s brought in line with the tracking settings", " and replica identity" if identity else "")
 
     def rules(self) -> str:
         """The rules ``_bemi_is_tracked(rel, rules)`` applies for this worker (with its own tables)."""
@@ -159,7 +160,7 @@ class TrackedTables:
             ).rowcount
             if registered:  # the event trigger may have set them up as it does any new table
                 log.info("registered changes and _bemi_worker_checkpoints as bemi's own tables (never tracked)")
-                self._align_triggers()
+                self._align_triggers(identity=False)
         except errors.InsufficientPrivilege as exc:
             log.warning("could not register changes and _bemi_worker_checkpoints as bemi's own tables in "
                         "public._bemi_tracking (%s); the worker still skips them", exc)

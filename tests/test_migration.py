@@ -96,6 +96,15 @@ def test_sql_comment_context_is_emitted_before_the_rows(db, table, wal):
     assert len({r.xid for r in records}) == 1
 
 
+@pytest.mark.parametrize("statement, kind", [("UPDATE {t} SET done = true", "UPDATE"), ("DELETE FROM {t}", "DELETE")])
+def test_the_message_comes_before_the_rows_of_updates_and_deletes_too(db, table, wal, statement, kind):
+    """An EXCEPTION block around the emit (a subtransaction) had the message decoded after the rows."""
+    db.execute(f"INSERT INTO {table} (task) VALUES ('a'), ('b')")
+    wal.read()
+    db.execute(statement.format(t=table) + ' /*Bemi {"op": 1} Bemi*/')
+    assert [r.kind for r in wal.read() if r.kind in ("MESSAGE", kind)] == ["MESSAGE", kind, kind]
+
+
 @pytest.mark.parametrize("operation", ["UPDATE {t} SET done = true", "DELETE FROM {t}", "TRUNCATE {t}"])
 def test_every_operation_is_labelled(db, table, wal, operation):
     db.execute(f"INSERT INTO {table} (task) VALUES ('a')")

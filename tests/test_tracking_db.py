@@ -233,4 +233,5 @@ def test_renaming_a_table_to_changes_or_bemi_does_not_hide_its_writes(env):
     env.run_once()  # and the worker's own `changes` still never feeds back
     assert sorted((r["schema"], r["table"], r["after"]["v"]) for r in env.changes()) == [
         (schema, "changes", 2), ("public", f"_bemi_{victim}", 1)]
-    assert ("public", "changes") not in published(env)
+    assert not {("public", "changes"), ("public", "_bemi_worker_checkpoints"),
+                ("public", "_bemi_worker_failures")} & published(env)

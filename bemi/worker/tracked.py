@@ -134,13 +134,14 @@ class TrackedTables:
     # -- bemi's own tables -------------------------------------------------------------------
 
     def register_own_tables(self, destination: psycopg.Connection) -> frozenset[int]:
-        """Oids of ``changes`` and the checkpoints when the destination is this very database."""
+        """Oids of ``changes``, the checkpoints and the dead letters when the destination is this very database."""
         pid, started = destination.execute(
             "SELECT pg_catalog.pg_backend_pid(), a.backend_start FROM pg_catalog.pg_stat_activity a "
             "WHERE a.pid = pg_catalog.pg_backend_pid()").fetchone() or (None, None)
         oids = destination.execute(
             "SELECT pg_catalog.to_regclass('public.changes')::oid, "
-            "pg_catalog.to_regclass('public._bemi_worker_checkpoints')::oid").fetchone()
+            "pg_catalog.to_regclass('public._bemi_worker_checkpoints')::oid, "
+            "pg_catalog.to_regclass('public._bemi_worker_failures')::oid").fetchone()
         destination.rollback()
         same = self.control.execute(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = %s::int4 "
@@ -159,7 +160,7 @@ class TrackedTables:
                 [sorted(own), sorted(own)],
             ).rowcount
             if registered:  # the event trigger may have set them up as it does any new table
-                log.info("registered changes and _bemi_worker_checkpoints as bemi's own tables (never tracked)")
+                log.info("registered changes and the worker's _bemi_* tables as bemi's own (never tracked)")
                 self._align_triggers(identity=False)
         except errors.InsufficientPrivilege as exc:
             log.warning("could not register changes and _bemi_worker_checkpoints as bemi's own tables in "

@@ -120,7 +120,7 @@ UPGRADE_NOTICE = (
 
 
 def upgrade(apps: Any, schema_editor: Any) -> None:
-    """Migration 0003: install the tracking rule; say once that recorded history may hold credentials."""
+    """Migration 0004: install the tracking rule; say once that recorded history may hold credentials."""
     connection = schema_editor.connection
     if connection.vendor != "postgresql":
         return

@@ -251,7 +251,7 @@ def test_upgrade_says_once_that_recorded_history_may_hold_credentials(pg_server,
                      "1, 1, 1, 0)")
     result = _manage(["migrate", "bemi"], BEMI_TEST_DB_NAME=upgraded)
     assert result.returncode == 0, result.stderr
-    assert "Applying bemi.0003_tracking..." in result.stdout
+    assert "Applying bemi.0004_tracking..." in result.stdout
     assert "may hold credentials" in result.stdout and "python manage.py bemi_redact" in result.stdout
     result = _manage(["migrate", "bemi"], BEMI_TEST_DB_NAME=upgraded)
     assert result.returncode == 0 and "bemi_redact" not in result.stdout  # once

@@ -104,6 +104,12 @@ def test_a_user_publication_for_all_tables_still_records_only_tracked_tables(env
     env.made.append("DELETE FROM django_session WHERE session_key = 'secretkey'")
     env.run_once()
     assert env.changes() == []
+    kept = name("kept")
+    env.execute(f"CREATE TABLE {kept} (id int PRIMARY KEY); INSERT INTO {kept} VALUES (1)")
+    env.made.append(f"DROP TABLE {kept}")
+    env.run_once()
+    env.run_once()  # what the worker wrote into changes (and its partitions) does not come back
+    assert [r["table"] for r in env.changes()] == [kept]
 
 
 def test_second_schema_table_created_after_migrate_is_tracked_from_its_first_row(env):
@@ -233,5 +239,8 @@ def test_renaming_a_table_to_changes_or_bemi_does_not_hide_its_writes(env):
     env.run_once()  # and the worker's own `changes` still never feeds back
     assert sorted((r["schema"], r["table"], r["after"]["v"]) for r in env.changes()) == [
         (schema, "changes", 2), ("public", f"_bemi_{victim}", 1)]
+    for (part,) in env.execute("SELECT inhrelid::regclass::text FROM pg_inherits "
+                               "WHERE inhparent = 'public.changes'::regclass"):
+        assert not env.execute("SELECT public._bemi_is_tracked(%s::regclass)", [part])[0][0], part
     assert not {("public", "changes"), ("public", "_bemi_worker_checkpoints"),
                 ("public", "_bemi_worker_failures")} & published(env)

@@ -146,8 +146,8 @@ class Worker:
         self.source_identity = source.identity
         self.sink = sink = Sink(cfg.destination_dsn or cfg.source_dsn, cfg.slot, source.database, source.identity)
         sink.ensure_tables()
+        tracked.register_own_tables(sink.conn)  # before its partitions are made: they are decided by it
         self._maintain_partitions(force=True)
-        tracked.register_own_tables(sink.conn)
         source.publisher.rules = tracked.rules()
         key = tracked.masking_key(cfg.masking_key) if tracked.tracking.masked_columns else b""
         self.checkpoint = checkpoint = sink.checkpoint()
@@ -163,7 +163,8 @@ class Worker:
         self.values = JsonValues(source.type_spec, _python_encoding(source.encoding))
         self.stitcher = Stitcher(self.values, source.primary_key,
                                  skip_through=checkpoint.commit_lsn if checkpoint else 0,
-                                 tracking=tracked.tracking, own_tables=tracked.own_tables, masking_key=key)
+                                 tracking=tracked.tracking, own_tables=tracked.own_tables, masking_key=key,
+                                 is_own=tracked.is_own)
         self.stitcher.bad_contexts = self.stats.dropped_contexts
         start = max(state.confirmed_flush, checkpoint.end_lsn if checkpoint else 0)
         stream.start(start)

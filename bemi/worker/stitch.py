@@ -23,6 +23,7 @@ import decimal
 import functools
 import json
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable
@@ -38,6 +39,10 @@ log = logging.getLogger("bemi.worker")
 
 CONTEXT_PREFIX = "_bemi"
 PRIMARY_KEY_MAX = 255
+
+
+#: The partitions of ``changes`` (bemi/worker/partitions.py), for relations already dropped when read.
+_CHANGES_PARTITION = re.compile(r"changes_(?:p[0-9]{8}(?:_[0-9]{12})?|default)\Z")
 
 
 @dataclass(slots=True)
@@ -145,12 +150,14 @@ class Stitcher:
         tracking: tr.Tracking | None = None,
         own_tables: frozenset[int] = frozenset(),
         masking_key: bytes = b"",
+        is_own: Callable[[int], "bool | None"] | None = None,
     ) -> None:
         self.values = values
         self.primary_key = primary_key
         self.skip_through = skip_through
         self.tracking = tracking  # None: every published table, every column as is
         self.own_tables = own_tables  # oids of bemi's own tables (destination in this database)
+        self.is_own = is_own  # relid -> a partition of one of them? (asked once per Relation message)
         self.masking_key = masking_key
         self.skip_unchanged = bool(tracking and tracking.skip_unchanged_updates)
         self.skipped_updates = 0  # updates not recorded (ignored columns only, or no change)
@@ -242,8 +249,11 @@ class Stitcher:
             pk_names = flagged if 0 < len(flagged) < len(names) or rel.replica_identity in "di" else []
         pk = [names.index(n) for n in pk_names if n in names]
         tracking = self.tracking
-        excluded = rel.relid in self.own_tables or (
-            tracking is not None and not tracking.tracks(rel.namespace, rel.name))
+        own = self.is_own(rel.relid) if self.is_own is not None else False
+        if own is None:  # the relation is gone from the catalog: a partition of changes by its name
+            own = rel.namespace == "public" and _CHANGES_PARTITION.match(rel.name) is not None
+        excluded = (rel.relid in self.own_tables or own
+                    or (tracking is not None and not tracking.tracks(rel.namespace, rel.name)))
         masked, ignored = (tracking.columns(rel.namespace, rel.name, names) if tracking is not None
                            else (frozenset(), frozenset()))
         formats = [self.values.format(c.type_oid) for c in rel.columns]

@@ -167,6 +167,19 @@ class TrackedTables:
                         "public._bemi_tracking (%s); the worker still skips them", exc)
         return own
 
+    def is_own(self, relid: int) -> bool | None:
+        """Is this relation one of bemi's own tables or a partition of one (``changes`` is partitioned)?"""
+        if not self.own_tables:
+            return False
+        row = self.control.execute(
+            "SELECT COALESCE(pg_catalog.pg_partition_root(c.oid)::oid, c.oid) FROM pg_catalog.pg_class c "
+            "WHERE c.oid = %s::oid", [relid]).fetchone()
+        if row is None:
+            # Dropped before the worker read it (a partition of changes the retention or a test dropped):
+            # the catalog cannot say any more, so the partition's name decides (a known, narrow gap).
+            return None
+        return int(row[0]) in self.own_tables
+
     # -- the masking key ---------------------------------------------------------------------
 
     def masking_key(self, given: str | None) -> bytes:

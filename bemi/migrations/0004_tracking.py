@@ -11,5 +11,5 @@ from bemi.installer import upgrade
 
 
 class Migration(migrations.Migration):
-    dependencies = [("bemi", "0002_bemichange")]
+    dependencies = [("bemi", "0003_upgrade")]
     operations = [migrations.RunPython(upgrade, migrations.RunPython.noop, elidable=False)]

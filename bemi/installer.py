@@ -76,6 +76,12 @@ def store_tracking(connection: Any, by: str = "migrate bemi") -> bool:
             cursor.execute("SELECT pg_catalog.to_regclass('public._bemi_tracking') IS NOT NULL")
             if not cursor.fetchone()[0]:
                 return False
+            if _changes_live_here(connection):  # bemi's own tables, by oid: never tracked, whatever their name
+                cursor.execute(
+                    "UPDATE public._bemi_tracking SET own_tables = ARRAY(SELECT DISTINCT u FROM pg_catalog.unnest("
+                    "own_tables || ARRAY[pg_catalog.to_regclass('public.changes')::oid, "
+                    "pg_catalog.to_regclass('public._bemi_worker_checkpoints')::oid, "
+                    "pg_catalog.to_regclass('public._bemi_worker_failures')::oid]) u WHERE u IS NOT NULL)")
             cursor.execute(
                 "UPDATE public._bemi_tracking SET rules = %s::jsonb, settings = %s::jsonb, "
                 "updated_at = pg_catalog.now(), updated_by = %s::text "
@@ -89,6 +95,15 @@ def store_tracking(connection: Any, by: str = "migrate bemi") -> bool:
         logger.warning(notice)
         sys.stdout.write(f"  {notice}\n")
         return False
+
+
+def _changes_live_here(connection: Any) -> bool:
+    """Does the worker write ``changes`` into this database (Django's routing of BemiChange says so)?"""
+    from django.db import router
+
+    from bemi.models import BemiChange
+
+    return (router.db_for_write(BemiChange) or "default") == connection.alias
 
 
 def install(apps: Any, schema_editor: Any) -> None:

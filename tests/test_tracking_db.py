@@ -226,9 +226,12 @@ def test_masked_columns_store_a_keyed_digest(env):
 def test_renaming_a_table_to_changes_or_bemi_does_not_hide_its_writes(env):
     """Issue 9: the rule decided by name, so a table renamed `changes` or `_bemi...` was dropped silently."""
     victim, schema = name("victim"), name("other")
-    env.execute(f"CREATE TABLE {victim} (id int PRIMARY KEY, v int)")
-    env.execute(f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.ledger (id int PRIMARY KEY, v int)")
-    env.made.append(f"DROP TABLE IF EXISTS _bemi_{victim}; DROP SCHEMA {schema} CASCADE")
+    # tables of another role than the one that owns bemi's tables (the worker's)
+    env.execute("DROP ROLE IF EXISTS bemi_renamer; CREATE ROLE bemi_renamer")
+    env.execute(f"CREATE TABLE {victim} (id int PRIMARY KEY, v int); ALTER TABLE {victim} OWNER TO bemi_renamer")
+    env.execute(f"CREATE SCHEMA {schema}; CREATE TABLE {schema}.ledger (id int PRIMARY KEY, v int); "
+                f"ALTER TABLE {schema}.ledger OWNER TO bemi_renamer")
+    env.made.append(f"DROP TABLE IF EXISTS _bemi_{victim}; DROP SCHEMA {schema} CASCADE; DROP ROLE bemi_renamer")
     env.run_once(tracking=tr.Tracking.build(schemas=["public", "other_*"]))
     env.execute(f"ALTER TABLE {victim} RENAME TO _bemi_{victim}")
     env.execute(f"ALTER TABLE {schema}.ledger RENAME TO changes")

@@ -239,8 +239,10 @@ def test_install_sql_run_alone_over_the_published_package_never_cancels_a_write(
     published_migrate(published_python, pg_server, scratch, tmp_path)
     with psycopg.connect(pg_server.dsn(scratch), autocommit=True) as conn:
         conn.execute(PUBLISHED_CHANGES)
-        conn.execute(sql.read("install.sql"))
-        assert bemi_triggers(conn, "changes") == [("changes", "_bemi_row_trigger_changes", True)]
+        conn.execute(sql.read("tracking.sql") + sql.read("install.sql"))
+        # psql alone cannot tell that this `changes` is the worker's (bemi's own tables are known by oid,
+        # registered by migrate bemi and the worker): the trigger of that name is there, per row or ours.
+        assert [t[:2] for t in bemi_triggers(conn, "changes")] == [("changes", "_bemi_row_trigger_changes")]
         conn.execute("INSERT INTO changes (\"database\", \"schema\", \"table\", operation, committed_at, queued_at, "
                      "transaction_id, \"position\") VALUES ('d', 'public', 't', 'CREATE', now(), now(), 1, 1)")
         conn.execute("DELETE FROM changes")

@@ -97,6 +97,16 @@ AS $bemi$
         WHERE o.id OPERATOR(pg_catalog.=) r.oid::text)
       AND NOT EXISTS (
         SELECT 1 FROM public._bemi_tracking b WHERE r.oid OPERATOR(pg_catalog.=) ANY (b.own_tables))
+      -- A `_bemi...` table is the worker's own (e.g. a partition of changes being made) only when
+      -- the role that owns bemi's registered tables owns it: renaming one's table does not hide it.
+      AND NOT (pg_catalog.left(r.relname::text, 5) OPERATOR(pg_catalog.=) '_bemi'
+               AND r.relowner IN (
+                 SELECT o.relowner FROM pg_catalog.pg_class o
+                 WHERE o.oid IN (
+                   SELECT pg_catalog.unnest(b.own_tables) FROM public._bemi_tracking b
+                   UNION ALL
+                   SELECT e.id::oid
+                   FROM pg_catalog.jsonb_array_elements_text(rules OPERATOR(pg_catalog.->) 'own_tables') e(id))))
   );
 $bemi$;
 

@@ -96,6 +96,10 @@ class TrackedTables:
             except tr.TrackingError as exc:
                 raise WorkerError(f"the tracking settings stored in public._bemi_tracking are invalid: {exc}")
         log.info("tracking: %s", self.tracking.describe())
+        # The settings table itself is bemi's own (a FOR ALL TABLES publication publishes its updates).
+        row = self.control.execute("SELECT pg_catalog.to_regclass('public._bemi_tracking')::oid").fetchone()
+        if row and row[0] is not None:
+            self.own_tables = self.own_tables | {int(row[0])}
         return self.tracking
 
     def _align_triggers(self, identity: bool = True) -> None:
@@ -151,7 +155,7 @@ class TrackedTables:
         if not (same and same[0]) or not oids:
             return self.own_tables
         own = frozenset(int(o) for o in oids if o is not None)
-        self.own_tables = own
+        self.own_tables = self.own_tables | own
         try:
             registered = self.control.execute(
                 "UPDATE public._bemi_tracking SET own_tables = ARRAY(SELECT DISTINCT u FROM "

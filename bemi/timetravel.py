@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 from django.apps import apps
 from django.core.exceptions import ValidationError
-from django.db import models
+from django.db import connections, models
 
 if TYPE_CHECKING:  # pragma: no cover
     from bemi.models import BemiChange
@@ -200,8 +200,6 @@ _has_prune_log: set[str] = set()
 
 def pruned_before(using: str) -> dt.datetime | None:
     """The latest cutoff of ``bemi_prune`` / retention on this database (None: nothing was pruned)."""
-    from django.db import connections
-
     with connections[using].cursor() as cursor:
         if using not in _has_prune_log:
             cursor.execute("SELECT pg_catalog.to_regclass('public._bemi_pruned') IS NOT NULL")

@@ -18,7 +18,7 @@ from bemi.worker.metrics import MetricsServer
 from bemi.worker.stats import WorkerStats
 from bemi_devtools.pgcluster import free_port
 from tests.test_worker_process import wait_for
-from tests.workerapp.harness import ROOT, worker_env  # noqa: F401
+from tests.workerapp.harness import ROOT
 
 SAMPLE = re.compile(r'^([a-z_]+)(\{[^}]*\})? (\S+)$')
 

@@ -13,7 +13,7 @@ import pytest
 
 from bemi.status import parse_bytes
 from tests.test_checks import _reload_setting
-from tests.workerapp.harness import ROOT, WorkerEnv, worker_env  # noqa: F401
+from tests.workerapp.harness import ROOT, WorkerEnv
 
 
 def status(env: WorkerEnv, *args: str) -> subprocess.CompletedProcess:

@@ -2,7 +2,7 @@
 
 ./scripts/test installs chromium and chromium-driver when it runs as root; elsewhere these tests
 skip and say what to install. With BEMI_UPDATE_SCREENSHOT=1 the history page's screenshot
-replaces docs/admin-history.png (the README shows it); otherwise it goes to a temporary file.
+replaces docs/admin-history.png (docs/admin.md shows it); otherwise it goes to a temporary file.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""The README's "Querying changes" examples run as doctests, on the changes of the Bemi documentation's example."""
+"""The querying examples run as doctests, on the changes of the Bemi documentation's example.
+
+They live in two places: the README's "Querying changes" section (a quick
+start) and the "Examples" section of docs/querying.md (every helper). The
+blocks run in that order, sharing their names, like one session.
+"""
 
 import datetime as dt
 import doctest
@@ -9,18 +14,37 @@ import pytest
 
 from tests.queryapp.models import Todo
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+QUERYING = ROOT / "docs" / "querying.md"
 
 
-def section(name: str) -> str:
+def readme_section(name: str) -> str:
     text = README.read_text()
     start = text.index(f"<!-- section: {name} -->")
     end = text.find("<!-- section:", start + 1)
     return text[start:end if end != -1 else None]
 
 
+def markdown_section(path: Path, heading: str) -> str:
+    """From ``heading`` (a ``## `` line) to the next heading of the same level."""
+    text = path.read_text()
+    start = text.index(f"\n{heading}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end != -1 else None]
+
+
 def pycon_blocks(text: str) -> list[str]:
     return re.findall(r"```pycon\n(.*?)```", text, re.S)
+
+
+def example_blocks() -> list[tuple[str, str]]:
+    """``(where, block)`` for every example, in the order they run."""
+    return [
+        *((f"README.md querying block {n}", b) for n, b in enumerate(pycon_blocks(readme_section("querying")), 1)),
+        *((f"docs/querying.md example {n}", b)
+          for n, b in enumerate(pycon_blocks(markdown_section(QUERYING, "## Examples")), 1)),
+    ]
 
 
 @pytest.fixture
@@ -37,25 +61,31 @@ def docs_example_changes(recorder):
         Todo.objects.filter(id=27).delete()
 
 
-def test_readme_has_an_example_of_every_helper():
-    examples = "".join(pycon_blocks(section("querying")))
+def test_the_readme_has_a_quick_start_example_and_links_to_the_others():
+    section = readme_section("querying")
+    assert len(pycon_blocks(section)) >= 1
+    assert "docs/querying.md#examples" in section
+
+
+def test_there_is_an_example_of_every_helper():
+    examples = "".join(block for _where, block in example_blocks())
     for helper in ["bemi_changes()", "bemi_changes('task')", ".diff()", "field_changed(", ".before(", ".before_not(",
                    ".after(", ".after_not(", ".context(", ".context_not(", ".created()", ".updated()", ".deleted()",
                    ".asc()", ".desc()", "bemi_as_of(", "objects.as_of(", "bemi_history(", ".revert()", "revert(force=True)"]:
         assert helper in examples, helper
-    assert "![The History page of a Todo in the Django admin](docs/admin-history.png)" in section("querying")
-    assert (README.parent / "docs" / "admin-history.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![The History page of a Todo](admin-history.png)" in (ROOT / "docs" / "admin.md").read_text()
+    assert (ROOT / "docs" / "admin-history.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_readme_examples_run(docs_example_changes):
-    blocks = pycon_blocks(section("querying"))
-    assert len(blocks) >= 4
+def test_the_examples_run(docs_example_changes):
+    blocks = example_blocks()
+    assert len(blocks) >= 5
     parser = doctest.DocTestParser()
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     globs = {"Todo": Todo}
     report: list[str] = []
-    for number, block in enumerate(blocks, 1):
-        test = parser.get_doctest(block, globs, f"README querying block {number}", str(README), 0)
+    for where, block in blocks:
+        test = parser.get_doctest(block, globs, where, where.split()[0], 0)
         runner.run(test, out=report.append, clear_globs=False)
         globs.update(test.globs)  # DocTest copies its globals: carry names to the next block
     assert runner.failures == 0, "".join(report)

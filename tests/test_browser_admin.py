@@ -109,13 +109,21 @@ def test_change_list_filters_in_a_browser(live_server, browser, todo_history):
     browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
     assert len(browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr")) == 3
     browser.find_element(By.LINK_TEXT, "CREATE").click()
+    _wait_for_url(browser, "operation__exact=CREATE")  # else the rows may still be the old page's
     rows = browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr")
     assert len(rows) == 1 and "CREATE" in rows[0].text
     browser.get(f"{live_server.url}/admin/bemi/bemichange/")
     search = browser.find_element(By.ID, "searchbar")
     search.send_keys("/todo/26/complete\n")
+    _wait_for_url(browser, "q=")
     rows = browser.find_elements(By.CSS_SELECTOR, "#result_list tbody tr")
     assert len(rows) == 1 and "user_id: 5" in rows[0].text
+
+
+def _wait_for_url(browser, part: str) -> None:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(browser, 10).until(lambda b: part in b.current_url)
 
 
 def _uppercase(browser) -> bool:

@@ -9,7 +9,6 @@ import pytest
 from django.core.management import call_command
 
 from bemi import tracking as tr
-from tests.workerapp.harness import worker_env  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

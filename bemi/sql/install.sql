@@ -40,7 +40,7 @@ BEGIN
   FOREACH routine IN ARRAY ARRAY[
     'public._bemi_context_from_query(text)', 'public._bemi_row_trigger_func()',
     'public._bemi_is_tracked(regclass)', 'public._bemi_is_tracked(regclass,jsonb)',
-    'public._bemi_tracked_tables(jsonb)',
+    'public._bemi_tracked_tables(jsonb)', 'public._bemi_tables()',
     'public._bemi_create_trigger(regclass)', 'public._bemi_create_triggers()',
     'public._bemi_set_replica_identity_on(regclass)', 'public._bemi_set_replica_identity()',
     'public._bemi_publish(regclass)', 'public._bemi_create_table_trigger_func()',

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from django.apps import apps
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, router, transaction
@@ -201,7 +201,7 @@ class _Table:
         """``"schema"."name"`` or ``"column"``, quoted by psycopg, ready for a query with parameters."""
         return sql.Identifier(*names).as_string(self._raw).replace("%", "%%")
 
-    def query(self, template: str, columns: list[str] = ()) -> str:
+    def query(self, template: str, columns: Sequence[str] = ()) -> str:
         """``template`` with ``{table}``, ``{where_pk}``, ``{columns}`` and ``{r_columns}`` filled in."""
         return sql.SQL(template).format(
             table=sql.SQL(self.qualified),

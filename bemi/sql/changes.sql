@@ -1,6 +1,7 @@
 -- The `changes` table the worker writes (one row per changed row), its
 -- published indexes, and its partitions' safety net. Idempotent: safe to run
--- on every worker start. (Works with `psql -f` too.)
+-- on every worker start. (Works with `psql -f` too: every name that resolution
+-- could take from another schema is qualified, defaults included.)
 --
 -- Partitioned by range on committed_at (UTC): bemi/worker/partitions.py adds
 -- one partition per day, week or month (`changes_p20250101`) ahead of time.
@@ -18,7 +19,7 @@
 -- published unique key on `position` is not used: every row of one COPY
 -- shares one LSN. The primary key is (id, committed_at) for the same reason.
 CREATE TABLE IF NOT EXISTS public.changes (
-    "id" uuid NOT NULL DEFAULT gen_random_uuid(),
+    "id" uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
     "database" varchar(255) NOT NULL,
     "schema" varchar(255) NOT NULL,
     "table" varchar(255) NOT NULL,
@@ -28,8 +29,8 @@ CREATE TABLE IF NOT EXISTS public.changes (
     "after" jsonb NOT NULL DEFAULT '{}'::jsonb,
     "context" jsonb NOT NULL DEFAULT '{}'::jsonb,
     "committed_at" timestamptz NOT NULL,
-    "queued_at" timestamptz NOT NULL DEFAULT now(),
-    "created_at" timestamptz NOT NULL DEFAULT now(),
+    "queued_at" timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    "created_at" timestamptz NOT NULL DEFAULT pg_catalog.now(),
     "transaction_id" bigint NOT NULL,
     "position" bigint NOT NULL,
     "commit_position" bigint NOT NULL,
@@ -51,7 +52,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS changes_identity_index
 -- table of an earlier version is left as it is until `manage.py bemi_partition`).
 DO $$
 BEGIN
-    IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = 'public.changes'::pg_catalog.regclass) = 'p'
+    IF (SELECT c.relkind FROM pg_catalog.pg_class c
+        WHERE c.oid OPERATOR(pg_catalog.=) 'public.changes'::pg_catalog.regclass::pg_catalog.oid)
+       OPERATOR(pg_catalog.=) 'p'::pg_catalog."char"
        AND pg_catalog.to_regclass('public.changes_default') IS NULL THEN
         -- made under a _bemi name so that the `migrate bemi` event triggers leave it alone
         CREATE TABLE public._bemi_changes_default PARTITION OF public.changes DEFAULT;
@@ -64,7 +67,7 @@ $$;
 -- `pruned_before` says so instead of answering from incomplete history.
 CREATE TABLE IF NOT EXISTS public._bemi_pruned (
     "pruned_before" timestamptz NOT NULL,
-    "pruned_at" timestamptz NOT NULL DEFAULT now(),
+    "pruned_at" timestamptz NOT NULL DEFAULT pg_catalog.now(),
     "partitions" text[] NOT NULL DEFAULT '{}',
     "changes" bigint NOT NULL DEFAULT 0,
     "pruned_by" text NOT NULL DEFAULT ''

@@ -48,11 +48,11 @@ UTC = timezone.utc
 
 # (name, type, default) of the columns, as in bemi/sql/changes.sql (a test compares the two tables).
 COLUMNS = [
-    ("id", "uuid", "gen_random_uuid()"), ("database", "varchar(255)", None), ("schema", "varchar(255)", None),
+    ("id", "uuid", "pg_catalog.gen_random_uuid()"), ("database", "varchar(255)", None), ("schema", "varchar(255)", None),
     ("table", "varchar(255)", None), ("primary_key", "varchar(255)", None), ("operation", "text", None),
     ("before", "jsonb", "'{}'::jsonb"), ("after", "jsonb", "'{}'::jsonb"), ("context", "jsonb", "'{}'::jsonb"),
-    ("committed_at", "timestamptz", None), ("queued_at", "timestamptz", "now()"),
-    ("created_at", "timestamptz", "now()"), ("transaction_id", "bigint", None), ("position", "bigint", None),
+    ("committed_at", "timestamptz", None), ("queued_at", "timestamptz", "pg_catalog.now()"),
+    ("created_at", "timestamptz", "pg_catalog.now()"), ("transaction_id", "bigint", None), ("position", "bigint", None),
     ("commit_position", "bigint", None), ("change_index", "integer", None),
 ]
 NULLABLE = {"primary_key"}

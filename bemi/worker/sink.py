@@ -105,16 +105,24 @@ class Sink:
         try:
             if existed["changes"]:
                 self._upgrade_published_table()
-            # changes.sql names its objects without a schema, and the event trigger of `migrate bemi`
-            # (on CREATE TABLE) runs with this session's search_path: create them in public, with
-            # pg_catalog searched right after it (and nothing else), then pin the path again.
-            conn.execute("SET LOCAL search_path = public, pg_catalog, pg_temp")
+            # With the session's search_path (pg_catalog, pg_temp): both files qualify bemi's own
+            # objects, and nothing of schema public may be picked up, not even by the defaults of
+            # `changes` (they run on every row the worker writes). bemi's event triggers pin their own.
             if not (existed["changes"] and existed["changes_identity_index"]):
                 conn.execute(bemi_sql.read("changes.sql"))
             if existed["_bemi_worker_checkpoints"] and not keyed:
                 self._upgrade_checkpoints()
             conn.execute(bemi_sql.read("worker.sql"))
             conn.commit()
+        except psycopg.errors.UndefinedFunction as exc:
+            conn.rollback()
+            # The event trigger of the published bemi-django calls its functions without a schema.
+            raise WorkerError(
+                f"cannot create the worker's tables in the destination: an event trigger failed ({exc}). "
+                "If the published bemi-django was installed there, run python manage.py migrate bemi first "
+                "(docs/upgrading.md): it replaces that event trigger with one that does not depend on the "
+                "search_path."
+            ) from exc
         except psycopg.errors.InsufficientPrivilege as exc:
             conn.rollback()
             user = conn.info.user

@@ -97,7 +97,10 @@ def find_leftovers(cursor: Any, in_use_slots: Iterable[str] = (),
         if active or name in in_use:
             debezium_in_use = debezium_in_use or _debezium_slot(name)
             continue
-        drop = sql.SQL("SELECT pg_drop_replication_slot({});").format(sql.Literal(name)).as_string(context)
+        # Qualified and typed: a person runs it, often as a superuser with public on the search_path,
+        # where an untyped literal would prefer a planted public.pg_drop_replication_slot(text).
+        drop = sql.SQL("SELECT pg_catalog.pg_drop_replication_slot({}::pg_catalog.name);").format(
+            sql.Literal(name)).as_string(context)
         found.append(Leftover("slot", name, retained, drop))
     if DEBEZIUM_PUBLICATION not in set(in_use_publications) and not debezium_in_use:
         cursor.execute("SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_publication "

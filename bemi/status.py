@@ -191,14 +191,19 @@ def _all(conn: psycopg.Connection, query: Any, params: Any = None) -> list[dict[
         return cur.fetchall()
 
 
-def _function(conn: psycopg.Connection, name: str, argtypes: str) -> tuple[sql.Composable, int] | None:
-    """A function bemi installs (``migrate bemi``): its schema-qualified name and oid; public first."""
+def _function(conn: psycopg.Connection, name: str, argtypes: str) -> tuple[sql.Composable, int, str | None] | None:
+    """A function bemi installs (``migrate bemi``) in schema public: its qualified name, its oid, and
+    None when it may be called, else the role that owns it (not a superuser nor this session's role:
+    calling it would run that role's code with our privileges; a function of the same name in any
+    other schema is never considered)."""
     row = _one(conn, """
-        SELECT n.nspname, p.oid::int8 AS oid FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-        WHERE p.proname = %s::name AND p.proargtypes::text = %s::text
-        ORDER BY n.nspname <> 'public', n.nspname LIMIT 1""",
+        SELECT p.oid::int8 AS oid, CASE WHEN r.rolsuper OR r.rolname = current_user THEN NULL
+                                        ELSE r.rolname::text END AS untrusted_owner
+        FROM pg_proc p JOIN pg_roles r ON r.oid = p.proowner
+        WHERE p.pronamespace = 'public'::regnamespace AND p.proname = %s::name
+          AND p.proargtypes::text = %s::text""",
         [name, argtypes])
-    return (sql.Identifier(row["nspname"], name), row["oid"]) if row else None
+    return (sql.Identifier("public", name), row["oid"], row["untrusted_owner"]) if row else None
 
 
 def _table_exists(conn: psycopg.Connection, name: str) -> bool:
@@ -281,9 +286,13 @@ def _tables(conn: psycopg.Connection, publication: Publication) -> Tables:
     rule: sql.Composable
     has_trigger: sql.Composable
     trigger_func = _function(conn, "_bemi_row_trigger_func", "")
-    if is_tracked is not None:
+    if is_tracked is not None and is_tracked[2] is None:
         rule = sql.SQL("{}(c.oid::regclass)").format(is_tracked[0])
         source = "_bemi_is_tracked()"
+    elif is_tracked is not None:
+        rule = sql.SQL(_FALLBACK_TRACKED)
+        source = (f"public._bemi_is_tracked() is owned by role {is_tracked[2]!r}, neither a superuser nor the "
+                  "role running this status, so it is not called: tables of schema public except changes and _bemi*")
     else:
         rule = sql.SQL(_FALLBACK_TRACKED)
         source = "bemi's SQL functions are not installed: tables of schema public except changes and _bemi*"

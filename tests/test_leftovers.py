@@ -45,7 +45,7 @@ def test_inactive_debezium_and_bemi_slots_are_leftovers(db):
     assert leftovers(db) == [("slot", "bemi_local"), ("slot", "bemi_trial"), ("publication", "dbz_publication")]
     with db.cursor() as cursor:
         slot = find_leftovers(cursor)[0]
-    assert slot.drop_sql == "SELECT pg_drop_replication_slot('bemi_local');"
+    assert slot.drop_sql == "SELECT pg_catalog.pg_drop_replication_slot('bemi_local'::pg_catalog.name);"
     assert slot.retained_wal_bytes is not None and slot.retained_wal_bytes >= 0
     assert "keeps" in slot.message and slot.drop_sql in slot.message
     assert slot.as_dict()["drop_sql"] == slot.drop_sql and slot.as_dict()["kind"] == "slot"
@@ -78,5 +78,5 @@ def test_system_check_warns_with_what_to_drop(db):
     messages = [m for m in run_checks(databases=["default"]) if m.id == "bemi.W015"]
     assert len(messages) == 1
     assert "inactive replication slot 'bemi_local'" in messages[0].msg
-    assert "SELECT pg_drop_replication_slot('bemi_local');" in messages[0].msg
+    assert "SELECT pg_catalog.pg_drop_replication_slot('bemi_local'::pg_catalog.name);" in messages[0].msg
     assert messages[0].level == 30  # WARNING

@@ -57,3 +57,47 @@ def test_the_worker_creating_its_tables_does_not_pick_up_planted_code(scene, pla
         "WHERE d.classid = 'pg_attrdef'::regclass AND d.refclassid = 'pg_proc'::regclass "
         "AND p.pronamespace <> 'pg_catalog'::regnamespace")}
     assert defaults == set(), f"defaults depend on functions outside pg_catalog: {defaults}"
+
+
+PLANTED_IS_TRACKED = """
+CREATE FUNCTION {schema}._bemi_is_tracked(rel regclass) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN {escalate} RETURN true; END $$;
+"""
+
+
+@pytest.mark.parametrize("schema", ["hostile_schema", "public"])
+def test_the_status_does_not_call_a_tracked_rule_function_another_role_planted(scene, schema):
+    """bemi_status asks _bemi_is_tracked(regclass) which tables are tracked: only bemi's own."""
+    from bemi import status
+
+    if schema != "public":
+        scene.hostile.execute(f"CREATE SCHEMA {schema}")  # the database's owner may
+    scene.hostile.execute("CREATE TABLE public.app_table (id int PRIMARY KEY)")
+    scene.hostile.execute(PLANTED_IS_TRACKED.format(schema=schema, escalate=ESCALATE.format(role=scene.role)))
+    conn = status.connect(scene.server.dsn(scene.database))  # as a superuser, e.g. the worker's DSN
+    try:
+        result = status.collect(conn)
+    finally:
+        conn.close()
+    assert not scene.escalated(), "bemi_status ran a function the hostile role planted"
+    assert result.tables.tracked == 1  # app_table, by the built-in rule
+
+
+def test_the_statement_a_leftover_slot_warning_recommends_does_not_run_planted_code(scene):
+    """W015 / bemi_status tell a person to run a statement, typically as a superuser in psql."""
+    from bemi.leftovers import find_leftovers
+
+    scene.plant("CREATE FUNCTION public.pg_drop_replication_slot(text) RETURNS void LANGUAGE plpgsql AS $$"
+                "BEGIN {escalate} END $$")
+    scene.su.execute("SELECT pg_create_logical_replication_slot('bemi_old', 'pgoutput')")
+    try:
+        with scene.su.cursor() as cursor:
+            (leftover,) = find_leftovers(cursor)
+        assert leftover.name == "bemi_old"
+        scene.su.execute(leftover.drop_sql)  # with the default search_path ("$user", public)
+        assert not scene.escalated(), "the recommended statement ran the planted function"
+        assert scene.su.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'bemi_old'"
+                                ).fetchone()[0] == 0
+    finally:
+        scene.su.execute("SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                         "WHERE slot_name = 'bemi_old'")

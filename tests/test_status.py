@@ -406,7 +406,7 @@ def test_a_leftover_slot_of_the_published_worker_is_a_warning_with_its_drop(work
         assert data["healthy"] is True  # a leftover is a warning: it does not stop tracking
         leftovers = {x["name"]: x for x in data["leftovers"]}
         assert leftovers["bemi_local"]["kind"] == "slot"
-        assert leftovers["bemi_local"]["drop_sql"] == "SELECT pg_drop_replication_slot('bemi_local');"
+        assert leftovers["bemi_local"]["drop_sql"] == "SELECT pg_catalog.pg_drop_replication_slot('bemi_local'::pg_catalog.name);"
         assert env.slot not in leftovers  # the slot this status is about is never a leftover
         assert any("'bemi_local'" in w and "pg_drop_replication_slot" in w for w in data["warnings"])
     finally:

@@ -194,7 +194,7 @@ def test_taking_over_the_published_workers_slot(pg_server, database, mode, caplo
     replayed = sum(len(t) - 1 for t in seen[5:])  # changes of transactions 6..16, as the container stored them
     if mode == "new-slot":  # the container's slot, inactive from now on, is named with what to do
         assert "inactive replication slot 'bemi_local'" in caplog.text
-        assert "SELECT pg_drop_replication_slot('bemi_local');" in caplog.text
+        assert "SELECT pg_catalog.pg_drop_replication_slot('bemi_local'::pg_catalog.name);" in caplog.text
     else:
         assert "inactive replication slot" not in caplog.text
     if mode in ("takeover", "new-slot"):

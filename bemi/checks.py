@@ -149,11 +149,13 @@ def _bemi_migrated(connection: Any) -> bool:
 
 
 def _slot_checks(alias: str, connection: Any) -> list[CheckMessage]:
+    # The application's connection (its search_path): operators qualified, literals typed.
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT pg_catalog.current_setting('max_slot_wal_keep_size', true), "
-            "EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s WHERE s.plugin = 'pgoutput' "
-            "AND s.database = pg_catalog.current_database())"
+            "EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s "
+            "WHERE s.plugin OPERATOR(pg_catalog.=) 'pgoutput'::pg_catalog.name "
+            "AND s.database OPERATOR(pg_catalog.=) pg_catalog.current_database())"
         )
         keep, has_slot = cursor.fetchone()
     messages: list[CheckMessage] = []

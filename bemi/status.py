@@ -372,20 +372,26 @@ def _first_waiting(conn: psycopg.Connection, slot: str, database: str, publicati
         if not (got and got["got"]):
             raise _Busy
         conn.execute("SELECT set_config('statement_timeout', %s::text, true)", [PEEK_TIMEOUT])
-        rows = conn.execute(
-            "SELECT data FROM pg_logical_slot_peek_binary_changes(%s::name, NULL::pg_lsn, %s::int4, "
-            "'proto_version', '1', 'publication_names', %s::text)",
-            [slot, 64, '"' + publication.replace('"', '""') + '"'], binary=True,
-        ).fetchall()
-    begin: po.Begin | None = None
-    for (data,) in rows:
-        kind = bytes(data[:1])
-        if kind == b"B":
-            begin = po.decode(bytes(data))
-        elif kind in (b"I", b"U", b"D", b"T") and begin is not None and begin.final_lsn > after_commit_lsn:
-            return begin.commit_time, "the first waiting transaction"
-        elif kind == b"C":
-            begin = None
+        # The server decodes a whole transaction at its commit record, whatever upto_nchanges says:
+        # only the first 21 bytes of each message (a Begin's header; the kind of the others) are
+        # sent, through a server-side cursor read in batches, so the status holds the same few
+        # kilobytes whether the waiting transaction is one row or millions of large ones.
+        with conn.cursor(name="bemi_status_peek", binary=True) as cur:
+            cur.execute(
+                "SELECT pg_catalog.substr(data, 1, 21) FROM pg_catalog.pg_logical_slot_peek_binary_changes("
+                "%s::name, NULL::pg_lsn, %s::int4, 'proto_version', '1', 'publication_names', %s::text)",
+                [slot, 64, '"' + publication.replace('"', '""') + '"'])
+            begin: po.Begin | None = None
+            while rows := cur.fetchmany(1000):
+                for (data,) in rows:
+                    kind = bytes(data[:1])
+                    if kind == b"B":
+                        begin = po.decode(bytes(data))
+                    elif kind in (b"I", b"U", b"D", b"T") and begin is not None \
+                            and begin.final_lsn > after_commit_lsn:
+                        return begin.commit_time, "the first waiting transaction"
+                    elif kind == b"C":
+                        begin = None
     return None, "nothing waiting"
 
 

@@ -101,3 +101,40 @@ def test_the_statement_a_leftover_slot_warning_recommends_does_not_run_planted_c
     finally:
         scene.su.execute("SELECT pg_catalog.pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
                          "WHERE slot_name = 'bemi_old'")
+
+
+STATUS_PEAK = """
+import resource, sys
+from bemi import status
+conn = status.connect(sys.argv[1])
+result = status.collect(conn)
+print(result.lag_seconds_source, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def test_the_status_peek_at_a_large_waiting_transaction_stays_small(scene):
+    """bemi_status (a probe, run often) peeks at the first waiting transaction while no worker runs:
+    what it holds must not grow with that transaction's size (here 120 rows of 1 MB each)."""
+    import subprocess
+    import sys
+
+    dsn = scene.server.dsn(scene.database)
+    scene.su.execute("CREATE TABLE public.big (id int PRIMARY KEY, body text)")
+    scene.su.execute("CREATE PUBLICATION bemi FOR TABLE public.big")
+    scene.su.execute("SELECT pg_create_logical_replication_slot('bemi', 'pgoutput')")
+    try:
+        def peak() -> tuple[str, int]:
+            out = subprocess.run([sys.executable, "-c", STATUS_PEAK, dsn], capture_output=True, text=True,
+                                 timeout=120)
+            assert out.returncode == 0, out.stderr
+            source, mib = out.stdout.strip().rsplit(" ", 1)
+            return source, int(mib)
+
+        _source, baseline = peak()  # nothing waiting
+        scene.su.execute("INSERT INTO public.big SELECT i, pg_catalog.repeat(i::text, 1000000 / length(i::text)) "
+                         "FROM generate_series(1, 120) i")  # compressed in the WAL, 1 MB each decoded
+        source, mib = peak()
+        assert source == "the first waiting transaction"
+        assert mib - baseline < 60, f"the status took {mib - baseline} MiB more to peek at a 120 MB transaction"
+    finally:
+        scene.su.execute("SELECT pg_catalog.pg_drop_replication_slot('bemi')")

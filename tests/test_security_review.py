@@ -138,3 +138,15 @@ def test_the_status_peek_at_a_large_waiting_transaction_stays_small(scene):
         assert mib - baseline < 60, f"the status took {mib - baseline} MiB more to peek at a 120 MB transaction"
     finally:
         scene.su.execute("SELECT pg_catalog.pg_drop_replication_slot('bemi')")
+
+
+def test_the_takeover_overlap_counts_the_bytes_it_really_holds():
+    """--takeover-memory bounds Overlap.nbytes: it must be what its arrays hold (counts were 8 bytes, not 4)."""
+    from bemi.worker.takeover import BYTES_PER_KEY, Overlap
+
+    overlap = Overlap()
+    for position in range(1000):
+        overlap.add(position, "public", "t", "CREATE", 3)
+    held = sum(a.itemsize * len(a) for a in (overlap.positions, overlap.tags, overlap.counts))
+    assert overlap.nbytes == held == 1000 * BYTES_PER_KEY
+    assert overlap.stored(999, "public", "t", "CREATE") == 3

@@ -70,7 +70,7 @@ class Overlap:
     def __init__(self) -> None:
         self.positions = array("q")
         self.tags = array("q")
-        self.counts = array("l")
+        self.counts = array("i")  # 4 bytes: BYTES_PER_KEY is what the arrays really hold
         self._tag_cache: dict[tuple[str, str, str], int] = {}  # one entry per table and operation
 
     def _tag(self, schema: str, table: str, operation: str) -> int:
@@ -101,7 +101,7 @@ class Overlap:
         """Keys must come in ascending position order."""
         self.positions.append(position)
         self.tags.append(self._tag(schema, table, operation))
-        self.counts.append(count)
+        self.counts.append(min(count, 2**31 - 1))
 
     def stored(self, position: int, schema: str, table: str, operation: str) -> int:
         """Rows the published worker stored under this key."""

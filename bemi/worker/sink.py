@@ -128,7 +128,7 @@ class Sink:
             user = conn.info.user
             raise WorkerError(
                 f"cannot create the changes table in the destination: role {user!r} needs CREATE on schema "
-                f"public (GRANT CREATE ON SCHEMA public TO \"{user}\";): {exc}"
+                f"public (GRANT CREATE ON SCHEMA public TO {sql.Identifier(user).as_string(conn)};): {exc}"
             ) from exc
         if not existed["changes"]:
             log.info("created table changes and its indexes in database %s", conn.info.dbname)

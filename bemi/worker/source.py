@@ -236,7 +236,7 @@ class Source:
                     f"replication slot {self.slot!r} is missing, but changes up to {po.int_to_lsn(checkpoint_lsn)} "
                     "were already written from it: changes since then may be lost and a new slot would hide "
                     "that. If you accept the gap, delete the checkpoint row in _bemi_worker_checkpoints "
-                    f"(slot = '{self.slot}', database = '{self.database}') and start again."
+                    f"(slot = {_repl_string(self.slot)}, database = {_repl_string(self.database)}) and start again."
                 )
             if self.stream is None:
                 raise RuntimeError("open_stream() first")

@@ -150,3 +150,39 @@ def test_the_takeover_overlap_counts_the_bytes_it_really_holds():
     held = sum(a.itemsize * len(a) for a in (overlap.positions, overlap.tags, overlap.counts))
     assert overlap.nbytes == held == 1000 * BYTES_PER_KEY
     assert overlap.stored(999, "public", "t", "CREATE") == 3
+
+
+SQUAT_TRIGGER = """
+CREATE FUNCTION public.squat() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN {escalate} RETURN NEW; END $$;
+CREATE TRIGGER squat BEFORE INSERT OR UPDATE ON public._bemi_worker_checkpoints
+  FOR EACH ROW EXECUTE FUNCTION public.squat();
+"""
+
+
+def test_the_worker_refuses_bookkeeping_tables_another_role_created_first(scene):
+    """A role that may CREATE in public makes the worker's tables before its first start (same names,
+    CREATE TABLE IF NOT EXISTS then keeps them) with a trigger: every commit of the worker ran it."""
+    from datetime import datetime, timezone
+
+    from bemi import sql
+    from bemi.worker import pgoutput as po
+    from bemi.worker.errors import WorkerError
+    from bemi.worker.sink import Sink
+
+    scene.hostile.execute("SET search_path = pg_catalog, pg_temp")
+    scene.hostile.execute(sql.read("changes.sql"))
+    scene.hostile.execute(sql.read("worker.sql"))
+    scene.plant(SQUAT_TRIGGER)
+    sink = Sink(scene.server.dsn(scene.database), "bemi", scene.database, "test/1")
+    refused = None
+    try:
+        sink.ensure_tables()
+        sink.commit(po.Commit(0, 100, 200, datetime.now(timezone.utc)), 1, 0)  # the worker's first commit
+    except WorkerError as exc:
+        refused = str(exc)
+    finally:
+        sink.close()
+    assert not scene.escalated(), "the worker's commit ran a trigger the hostile role put on its table"
+    assert refused is not None and f"owned by role {scene.role!r}" in refused
+    assert "public._bemi_worker_checkpoints" in refused

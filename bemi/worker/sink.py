@@ -57,6 +57,10 @@ def _copy_text(value: str) -> str:
     return value.translate(_COPY_ESCAPES) if _NEEDS_ESCAPE.search(value) else value
 
 
+#: The worker's tables in schema public of the destination (created by changes.sql and worker.sql).
+BEMI_TABLES = ("changes", "_bemi_worker_checkpoints", "_bemi_worker_failures", "_bemi_pruned")
+
+
 class Checkpoint:
     def __init__(self, commit_lsn: int, end_lsn: int) -> None:
         self.commit_lsn = commit_lsn
@@ -90,6 +94,7 @@ class Sink:
     def ensure_tables(self) -> None:
         """Create ``changes`` (+ indexes) and the worker's tables when missing, and say so."""
         conn = self.conn
+        self._refuse_untrusted_tables()
         names = ("public.changes", "public._bemi_worker_checkpoints", "public.changes_identity_index",
                  "public._bemi_worker_failures", "public._bemi_pruned")
         existed = {name.split(".")[1]: one_row(conn.execute(
@@ -138,6 +143,40 @@ class Sink:
         if not existed["_bemi_worker_failures"]:
             log.info("created table _bemi_worker_failures (changes the destination rejected) in database %s",
                      conn.info.dbname)
+
+    def _refuse_untrusted_tables(self) -> None:
+        """bemi's tables must be tables owned by this role or a superuser.
+
+        They are created with ``CREATE TABLE IF NOT EXISTS``: a role that may CREATE in schema
+        public could make one first and, as its owner, give it a trigger, a rule or a default
+        that the worker would then run with its own privileges on every write.
+        """
+        conn = self.conn
+        rows = conn.execute(
+            "SELECT c.relname::text, r.rolname::text, c.relkind::text FROM pg_catalog.pg_class c "
+            "JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) c.relowner "
+            "CROSS JOIN (SELECT u.oid, u.rolsuper FROM pg_catalog.pg_roles u "
+            "            WHERE u.rolname OPERATOR(pg_catalog.=) CURRENT_USER) AS me "
+            "WHERE c.relnamespace OPERATOR(pg_catalog.=) 'public'::pg_catalog.regnamespace "
+            "AND c.relname OPERATOR(pg_catalog.=) ANY (%s::pg_catalog.name[]) "
+            "AND NOT (c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::pg_catalog.\"char\"[]) AND (r.rolsuper "
+            "     OR r.oid OPERATOR(pg_catalog.=) me.oid "
+            "     OR (NOT me.rolsuper AND pg_catalog.pg_has_role(me.oid, r.oid, 'MEMBER')))) "
+            "ORDER BY 1", [list(BEMI_TABLES)]).fetchall()
+        conn.rollback()
+        if rows:
+            me = conn.info.user
+            owner_to = " ".join(sql.SQL("ALTER TABLE {} OWNER TO {};").format(
+                sql.Identifier("public", name), sql.Identifier(me)).as_string(conn) for name, _o, _k in rows)
+            listed = ", ".join(f"public.{name} (owned by role {owner!r}"
+                               + ("" if kind in ("r", "p") else f", relkind {kind!r}: not a table") + ")"
+                               for name, owner, kind in rows)
+            raise WorkerError(
+                f"refusing to write to bemi's tables created by another role: {listed}. Their owner could run "
+                f"code with the worker's privileges (role {me!r}) through a trigger, rule or default on them. "
+                "Check them (\\d+ in psql); if their owner is trusted, have a superuser run: "
+                f"{owner_to} Otherwise drop them and start the worker again: it creates its own."
+            )
 
     def _upgrade_checkpoints(self) -> None:
         """A checkpoint table keyed by (slot, database name): key it by (source, slot) instead.

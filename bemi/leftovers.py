@@ -27,6 +27,8 @@ from typing import Any, Iterable
 
 from psycopg import sql
 
+from bemi.trust import untrusted_tables
+
 __all__ = ["Leftover", "find_leftovers", "DEFAULT_SLOT", "DEFAULT_PUBLICATION"]
 
 DEFAULT_SLOT = "bemi"
@@ -69,8 +71,8 @@ class Leftover:
 def _checkpointed_slots(cursor: Any) -> set[str]:
     cursor.execute("SELECT pg_catalog.to_regclass('public._bemi_worker_checkpoints') IS NOT NULL")
     row = cursor.fetchone()
-    if not row or not row[0]:
-        return set()
+    if not row or not row[0] or untrusted_tables(cursor, ["_bemi_worker_checkpoints"]):
+        return set()  # missing, or made by another role: not read (its code would run as us, bemi/trust.py)
     cursor.execute('SELECT DISTINCT slot FROM public._bemi_worker_checkpoints '
                    'WHERE "database" OPERATOR(pg_catalog.=) pg_catalog.current_database()::text')
     return {r[0] for r in cursor.fetchall()}

@@ -28,6 +28,7 @@ from psycopg import sql
 from psycopg.rows import dict_row, tuple_row
 
 from bemi.leftovers import find_leftovers
+from bemi.trust import BEMI_TABLES, untrusted_tables
 from bemi.worker import pgoutput as po
 from bemi.worker.source import LOCK_CLASS
 
@@ -207,8 +208,10 @@ def _function(conn: psycopg.Connection, name: str, argtypes: str) -> tuple[sql.C
 
 
 def _table_exists(conn: psycopg.Connection, name: str) -> bool:
+    """Is ``public.<name>`` there, and one of ours to read? (A table another role made first is
+    not read: a view or a rule there would run its owner's code as us; bemi/trust.py.)"""
     row = _one(conn, "SELECT to_regclass(%s::text) IS NOT NULL AS e", [f"public.{name}"])
-    return bool(row and row["e"])
+    return bool(row and row["e"]) and not untrusted_tables(conn, [name])
 
 
 # -- the parts ----------------------------------------------------------------------------
@@ -421,6 +424,10 @@ def collect(source: psycopg.Connection, destination: psycopg.Connection | None =
     pub = _publication(source, publication)
     tables = _tables(source, pub)
     unreadable = []
+    for table in untrusted_tables(destination, BEMI_TABLES):
+        warnings.append(f"{table.why} was not made by the worker's role nor a superuser: not read, and the worker "
+                        "refuses to write to it (docs/security.md); check it, then drop it or, if its owner is "
+                        f"trusted, ALTER TABLE public.{table.name} OWNER TO the worker's role")
     try:
         checkpoint = _checkpoint(destination, slot, database)
     except psycopg.errors.InsufficientPrivilege:
@@ -511,11 +518,11 @@ def collect(source: psycopg.Connection, destination: psycopg.Connection | None =
                           "cannot, see its log)")
     if tables.without_trigger:
         warnings.append("tracked tables without their bemi trigger: " + ", ".join(tables.without_trigger)
-                        + " (as their owner run: CALL _bemi_create_triggers();)")
+                        + " (as their owner run: CALL public._bemi_create_triggers();)")
     if tables.without_replica_identity_full:
         warnings.append("tracked tables without REPLICA IDENTITY FULL (their before values are incomplete): "
                         + ", ".join(tables.without_replica_identity_full)
-                        + " (as their owner run: CALL _bemi_set_replica_identity();)")
+                        + " (as their owner run: CALL public._bemi_set_replica_identity();)")
     if "not installed" in tables.rule:
         warnings.append("bemi's SQL functions are not installed in the source database "
                         "(python manage.py migrate bemi): no triggers, new tables not tracked at once")

@@ -186,3 +186,34 @@ def test_the_worker_refuses_bookkeeping_tables_another_role_created_first(scene)
     assert not scene.escalated(), "the worker's commit ran a trigger the hostile role put on its table"
     assert refused is not None and f"owned by role {scene.role!r}" in refused
     assert "public._bemi_worker_checkpoints" in refused
+
+
+SQUAT_VIEW = """
+CREATE FUNCTION public.squat_slot() RETURNS text LANGUAGE plpgsql AS $$
+BEGIN {escalate} RETURN 'bemi_x'; END $$;
+CREATE VIEW public._bemi_worker_checkpoints AS
+  SELECT public.squat_slot() AS slot, pg_catalog.current_database()::text AS database,
+         '0/1'::pg_lsn AS commit_lsn, '0/2'::pg_lsn AS end_lsn, NULL::timestamptz AS committed_at,
+         NULL::timestamptz AS updated_at, ''::text AS source;
+CREATE VIEW public._bemi_worker_failures AS SELECT public.squat_slot() AS slot;
+"""
+
+
+def test_bemi_status_and_the_leftover_check_do_not_read_bookkeeping_another_role_made(scene):
+    """A view under the name of bemi's checkpoint table runs its owner's function as whoever reads it:
+    bemi_status (often a superuser), `manage.py check` (W015) and the worker's start (leftovers)."""
+    from bemi import status
+    from bemi.leftovers import find_leftovers
+
+    scene.plant(SQUAT_VIEW)
+    with scene.su.cursor() as cursor:
+        find_leftovers(cursor)
+    assert not scene.escalated(), "looking for leftover slots read the hostile view"
+    conn = status.connect(scene.server.dsn(scene.database))
+    try:
+        result = status.collect(conn)
+    finally:
+        conn.close()
+    assert not scene.escalated(), "bemi_status read the hostile view"
+    assert result.checkpoint is None
+    assert any("_bemi_worker_checkpoints" in w and scene.role in w for w in result.warnings)

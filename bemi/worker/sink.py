@@ -21,6 +21,7 @@ from psycopg import errors, sql
 from psycopg.pq import TransactionStatus
 
 from bemi import sql as bemi_sql
+from bemi.trust import BEMI_TABLES, untrusted_tables
 from bemi.worker import pgoutput as po
 from bemi.worker.errors import WorkerError, one_row
 from bemi.worker.partitions import Partitions
@@ -55,10 +56,6 @@ def is_rejection(exc: BaseException) -> bool:
 def _copy_text(value: str) -> str:
     """A value in COPY's text format (backslash, tab, newline and carriage return escaped)."""
     return value.translate(_COPY_ESCAPES) if _NEEDS_ESCAPE.search(value) else value
-
-
-#: The worker's tables in schema public of the destination (created by changes.sql and worker.sql).
-BEMI_TABLES = ("changes", "_bemi_worker_checkpoints", "_bemi_worker_failures", "_bemi_pruned")
 
 
 class Checkpoint:
@@ -152,25 +149,13 @@ class Sink:
         that the worker would then run with its own privileges on every write.
         """
         conn = self.conn
-        rows = conn.execute(
-            "SELECT c.relname::text, r.rolname::text, c.relkind::text FROM pg_catalog.pg_class c "
-            "JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) c.relowner "
-            "CROSS JOIN (SELECT u.oid, u.rolsuper FROM pg_catalog.pg_roles u "
-            "            WHERE u.rolname OPERATOR(pg_catalog.=) CURRENT_USER) AS me "
-            "WHERE c.relnamespace OPERATOR(pg_catalog.=) 'public'::pg_catalog.regnamespace "
-            "AND c.relname OPERATOR(pg_catalog.=) ANY (%s::pg_catalog.name[]) "
-            "AND NOT (c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::pg_catalog.\"char\"[]) AND (r.rolsuper "
-            "     OR r.oid OPERATOR(pg_catalog.=) me.oid "
-            "     OR (NOT me.rolsuper AND pg_catalog.pg_has_role(me.oid, r.oid, 'MEMBER')))) "
-            "ORDER BY 1", [list(BEMI_TABLES)]).fetchall()
+        rows = untrusted_tables(conn, BEMI_TABLES)
         conn.rollback()
         if rows:
             me = conn.info.user
             owner_to = " ".join(sql.SQL("ALTER TABLE {} OWNER TO {};").format(
-                sql.Identifier("public", name), sql.Identifier(me)).as_string(conn) for name, _o, _k in rows)
-            listed = ", ".join(f"public.{name} (owned by role {owner!r}"
-                               + ("" if kind in ("r", "p") else f", relkind {kind!r}: not a table") + ")"
-                               for name, owner, kind in rows)
+                sql.Identifier("public", t.name), sql.Identifier(me)).as_string(conn) for t in rows)
+            listed = ", ".join(t.why for t in rows)
             raise WorkerError(
                 f"refusing to write to bemi's tables created by another role: {listed}. Their owner could run "
                 f"code with the worker's privileges (role {me!r}) through a trigger, rule or default on them. "

@@ -217,3 +217,34 @@ def test_bemi_status_and_the_leftover_check_do_not_read_bookkeeping_another_role
     assert not scene.escalated(), "bemi_status read the hostile view"
     assert result.checkpoint is None
     assert any("_bemi_worker_checkpoints" in w and scene.role in w for w in result.warnings)
+
+
+SQUAT_PRUNED = """
+CREATE FUNCTION public.squat_pruned() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN {escalate} RETURN NEW; END $$;
+CREATE TRIGGER squat BEFORE INSERT ON public._bemi_pruned FOR EACH ROW EXECUTE FUNCTION public.squat_pruned();
+"""
+
+
+def test_bemi_prune_refuses_bookkeeping_another_role_made(scene):
+    """bemi_prune (run by an administrator) records what it pruned in public._bemi_pruned."""
+    import os
+    import subprocess
+    import sys
+
+    from bemi import sql
+    from tests.test_security_sql import ROOT
+
+    scene.hostile.execute("SET search_path = pg_catalog, pg_temp")
+    scene.hostile.execute(sql.read("changes.sql"))  # partitioned changes, changes_default, _bemi_pruned
+    scene.hostile.execute("INSERT INTO public.changes (\"database\", \"schema\", \"table\", operation, committed_at, "
+                          "transaction_id, \"position\", commit_position, change_index) "
+                          "VALUES ('d', 'public', 't', 'CREATE', '2001-01-01', 1, 1, 1, 0)")
+    scene.plant(SQUAT_PRUNED)
+    result = subprocess.run(
+        [sys.executable, "-m", "django", "bemi_prune", "--before", "2020-01-01"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "BEMI_TEST_DB_NAME": scene.database},
+    )
+    assert not scene.escalated(), "bemi_prune ran a trigger the hostile role put on _bemi_pruned"
+    assert result.returncode != 0 and f"owned by role {scene.role!r}" in result.stderr, result.stderr

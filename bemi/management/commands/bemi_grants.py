@@ -30,7 +30,7 @@ class Command(BaseCommand):
         if options["app_role"] == options["worker_role"]:
             raise CommandError("--app-role and --worker-role must differ: the owner of a table can always rewrite it")
         alias = options["database"] or router.db_for_write(BemiChange) or "default"
-        with connect(alias) as conn:
+        with connect(alias, check_owners=False) as conn:  # only DDL: no code of the tables' owners runs
             tables = bemi_tables(conn.cursor())
             if "changes" not in tables:
                 raise CommandError("there is no table public.changes yet: start the worker once first")

@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import router
 
 from bemi.management.commands.bemi_worker import dsn_for_alias
+from bemi.trust import BEMI_TABLES, untrusted_tables
 from bemi.worker.partitions import Partitions, as_utc_date
 
 
@@ -25,13 +26,26 @@ def _parse_date(text: str) -> datetime:
     return as_utc_date(value)
 
 
-def connect(alias: str) -> psycopg.Connection:
-    """A connection to the database holding `changes`, search_path pinned (bemi's names are qualified)."""
+def connect(alias: str, check_owners: bool = True) -> psycopg.Connection:
+    """A connection to the database holding `changes`, search_path pinned (bemi's names are qualified).
+
+    ``check_owners``: refuse when one of bemi's tables was made by another role (bemi/trust.py):
+    its owner's trigger, rule or default would run with this command's privileges.
+    """
     try:
         conn = psycopg.connect(dsn_for_alias(alias), autocommit=True, application_name="bemi-manage")
     except psycopg.OperationalError as exc:
         raise CommandError(f"cannot connect to database {alias!r}: {exc}".strip()) from exc
     conn.execute("SET search_path = pg_catalog, pg_temp")
+    if check_owners:
+        untrusted = untrusted_tables(conn, BEMI_TABLES)
+        if untrusted:
+            conn.close()
+            raise CommandError(
+                "refusing to work on bemi's tables made by another role: " + ", ".join(t.why for t in untrusted)
+                + ". Their owner could run code with this command's privileges through them. Run this command as "
+                "their owner (the worker's role: docs/retention.md) if that role is trusted; otherwise check them "
+                "and drop them.")
     return conn
 
 

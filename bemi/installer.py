@@ -78,10 +78,12 @@ def store_tracking(connection: Any, by: str = "migrate bemi") -> bool:
                 return False
             if _changes_live_here(connection):  # bemi's own tables, by oid: never tracked, whatever their name
                 cursor.execute(
+                    # The application's search_path: operators qualified (a planted public.||(oid[], oid[])
+                    # would be an exact match, preferred to pg_catalog's polymorphic one).
                     "UPDATE public._bemi_tracking SET own_tables = ARRAY(SELECT DISTINCT u FROM pg_catalog.unnest("
-                    "own_tables || ARRAY[pg_catalog.to_regclass('public.changes')::oid, "
-                    "pg_catalog.to_regclass('public._bemi_worker_checkpoints')::oid, "
-                    "pg_catalog.to_regclass('public._bemi_worker_failures')::oid]) u WHERE u IS NOT NULL)")
+                    "own_tables OPERATOR(pg_catalog.||) ARRAY[pg_catalog.to_regclass('public.changes')::pg_catalog.oid, "
+                    "pg_catalog.to_regclass('public._bemi_worker_checkpoints')::pg_catalog.oid, "
+                    "pg_catalog.to_regclass('public._bemi_worker_failures')::pg_catalog.oid]) u WHERE u IS NOT NULL)")
             cursor.execute(
                 "UPDATE public._bemi_tracking SET rules = %s::jsonb, settings = %s::jsonb, "
                 "updated_at = pg_catalog.now(), updated_by = %s::text "

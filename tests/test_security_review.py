@@ -275,3 +275,29 @@ def test_installing_as_superuser_over_a_tracking_table_another_role_made_runs_no
     except psycopg.Error:
         pass  # refusing is a fine answer
     assert not scene.escalated(), "the install ran a trigger the hostile role put on its _bemi_tracking"
+
+
+PLANTED_ARRAY_CAT = """
+CREATE FUNCTION public.hostile_cat(oid[], oid[]) RETURNS oid[] LANGUAGE plpgsql AS $$
+BEGIN {escalate} RETURN pg_catalog.array_cat($1, $2); END $$;
+CREATE OPERATOR public.|| (LEFTARG = oid[], RIGHTARG = oid[], FUNCTION = public.hostile_cat);
+"""
+
+
+def test_migrate_bemi_storing_the_tracking_settings_does_not_pick_up_a_planted_operator(scene):
+    """migrate bemi registers bemi's own tables in _bemi_tracking through Django's connection (the
+    application's search_path, with public): oid[] || oid[] preferred a planted exact match."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_security_sql import ROOT
+
+    scene.plant(PLANTED_ARRAY_CAT)
+    result = subprocess.run(
+        [sys.executable, "-m", "django", "migrate", "bemi"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "BEMI_TEST_DB_NAME": scene.database},
+    )
+    assert result.returncode == 0, result.stderr
+    assert not scene.escalated(), "migrate bemi ran the planted operator as superuser"

@@ -263,18 +263,31 @@ CREATE TRIGGER squat BEFORE INSERT OR UPDATE ON public._bemi_tracking
 """
 
 
-@pytest.mark.xfail(strict=True, reason="open: tracking.sql keeps a public._bemi_tracking another role made first "
-                                       "(CREATE TABLE IF NOT EXISTS) and writes to it; bemi/sql/tracking.sql is "
-                                       "the tracking work's file, reported to it")
 def test_installing_as_superuser_over_a_tracking_table_another_role_made_runs_nothing_of_it(scene):
+    """tracking.sql (what migrate bemi runs first) kept a public._bemi_tracking another role made first
+    (CREATE TABLE IF NOT EXISTS) and inserted into it, running that role's trigger as the superuser."""
     from bemi import sql
 
     scene.plant(SQUAT_TRACKING)
-    try:
-        scene.su.execute(sql.read("tracking.sql"))  # what migrate bemi runs first
-    except psycopg.Error:
-        pass  # refusing is a fine answer
+    with pytest.raises(psycopg.Error, match=f"table public._bemi_tracking \\(owner {scene.role}\\)"):
+        scene.su.execute(sql.read("tracking.sql"))
     assert not scene.escalated(), "the install ran a trigger the hostile role put on its _bemi_tracking"
+
+
+def test_the_worker_refuses_a_tracking_table_another_role_made(scene):
+    """The worker writes its flags and masking key into public._bemi_tracking of the source."""
+    from bemi.worker.errors import WorkerError
+    from bemi.worker.session import connect
+    from bemi.worker.tracked import TrackedTables
+
+    scene.plant(SQUAT_TRACKING)
+    control = connect(scene.server.dsn(scene.database), "source")
+    try:
+        with pytest.raises(WorkerError, match=f"owned by role {scene.role!r}"):
+            TrackedTables(control, "postgres").ensure_rule()
+    finally:
+        control.close()
+    assert not scene.escalated(), "the worker ran a trigger the hostile role put on its _bemi_tracking"
 
 
 PLANTED_ARRAY_CAT = """

@@ -121,7 +121,7 @@ def test_installing_as_superuser_over_functions_the_app_role_owns_is_refused(sce
     with pytest.raises(psycopg.errors.RaiseException) as refused:
         scene.install_as_superuser()
     diagnostic = refused.value.diag
-    assert "refusing to install over functions owned by another role" in diagnostic.message_primary
+    assert "refusing to install over functions or tables owned by another role" in diagnostic.message_primary
     assert f'public._bemi_is_tracked(regclass) (owner {scene.role})' in diagnostic.message_primary
     assert "ALTER ROUTINE public._bemi_is_tracked(regclass) OWNER TO" in diagnostic.message_hint
     assert scene.su.execute("SELECT count(*) FROM pg_event_trigger").fetchone()[0] == 0

@@ -24,6 +24,8 @@ DECLARE
   owner_name name;
   owners text := '';
   fixes text := '';
+  table_owner name;
+  table_trusted boolean;
 BEGIN
   PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
   FOREACH routine IN ARRAY ARRAY[  -- all of bemi's: install.sql runs next, with the same check
@@ -43,11 +45,26 @@ BEGIN
       fixes := fixes || format('ALTER ROUTINE %s OWNER TO %I; ', routine, current_user);
     END IF;
   END LOOP;
+  -- The config table is written below and by the worker: one another role made first (CREATE TABLE
+  -- IF NOT EXISTS would keep it) could carry a trigger, rule or default that runs as us. Same rule
+  -- as bemi/trust.py: a table owned by a superuser, by us, or (we not being one) a role we belong to.
+  -- Changing its owner would keep its triggers: it is dropped (migrate bemi stores the settings again).
+  SELECT r.rolname, c.relkind IN ('r', 'p') AND (r.rolsuper OR r.oid = me.oid
+                                                 OR (NOT me.rolsuper AND pg_has_role(me.oid, r.oid, 'MEMBER')))
+    INTO table_owner, table_trusted
+  FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner
+  CROSS JOIN (SELECT u.oid, u.rolsuper FROM pg_roles u WHERE u.rolname = current_user) AS me
+  WHERE c.oid = to_regclass('public._bemi_tracking');
+  IF table_owner IS NOT NULL AND NOT table_trusted THEN
+    owners := owners || format('table public._bemi_tracking (owner %I) ', table_owner);
+    fixes := fixes || 'DROP TABLE public._bemi_tracking; ';
+  END IF;
   IF fixes <> '' THEN
-    RAISE EXCEPTION 'bemi: refusing to install over functions owned by another role than % (who runs this install): %', current_user, owners
+    RAISE EXCEPTION 'bemi: refusing to install over functions or tables owned by another role than % (who runs this install): %', current_user, owners
       USING DETAIL = 'A role that owns them can rewrite what bemi''s triggers run with the privileges of whoever fires them.',
             HINT = format('Check them, then as %I run: %sand install again (manage.py migrate bemi, or psql -f bemi/sql/tracking.sql -f bemi/sql/install.sql): it rewrites their bodies.', current_user, fixes);
   END IF;
+
   PERFORM pg_catalog.set_config('search_path', path, true);
 END;
 $bemi$;

@@ -27,6 +27,7 @@ from psycopg import errors
 
 from bemi import sql as bemi_sql
 from bemi import tracking as tr
+from bemi.trust import untrusted_tables
 from bemi.worker.errors import WorkerError
 
 __all__ = ["TrackedTables"]
@@ -53,6 +54,13 @@ class TrackedTables:
             "SELECT pg_catalog.to_regclass('public._bemi_tracking') IS NOT NULL AND "
             + " AND ".join("pg_catalog.to_regprocedure(%s) IS NOT NULL" for _ in _FUNCTIONS), list(_FUNCTIONS),
         ).fetchone()
+        untrusted = untrusted_tables(self.control, ["_bemi_tracking"])
+        if untrusted:
+            raise WorkerError(
+                f"refusing to use {untrusted[0].why}: its triggers, rules or defaults would run as role "
+                f"{self.user!r}. Check it, then DROP TABLE public._bemi_tracking; and run "
+                "`python manage.py migrate bemi` (or start the worker again: it installs the rule)."
+            )
         if present and present[0]:
             return
         try:

@@ -73,7 +73,23 @@ def test_bemi_redact_applies_the_settings_to_history_recorded_before(worker_env,
         assert "would mask auth_user.password in 2 change(s)" in out  # the create and the update
         assert "leakedsessionkey" in all_changes_text(env)  # dry run: nothing changed
 
-        call_command("bemi_redact", batch_size=1)
+        # Django's connection has the application's search_path: a `changes` earlier on it is not ours.
+        from django.db import connection
+
+        with connection.cursor() as cursor:
+            cursor.execute("CREATE SCHEMA redact_shadow")
+            cursor.execute("CREATE TABLE redact_shadow.changes AS SELECT * FROM public.changes")
+            cursor.execute("SET search_path = redact_shadow, public")
+        try:
+            call_command("bemi_redact", batch_size=1)
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("RESET search_path")
+                shadow = cursor.execute("SELECT count(*) FROM redact_shadow.changes c "
+                                        "WHERE c::text LIKE '%%leakedsessionkey%%'")
+                shadow = cursor.fetchone()[0]
+                cursor.execute("DROP SCHEMA redact_shadow CASCADE")
+        assert shadow == 1  # untouched: bemi_redact works on public.changes only
         text = all_changes_text(env)
         assert "leakedsessionkey" not in text and not any(h in text for h in hashes)
         key = tr.derive_key("bemi-tests")  # tests.settings.SECRET_KEY

@@ -24,6 +24,9 @@ from bemi import conf
 from bemi import tracking as tr
 from bemi.models import BemiChange
 
+#: Values held per batch at most (their stored size), whatever --batch-size says.
+MAX_BATCH_BYTES = 16 * 1024 * 1024
+
 NOT_MASKED = sql.SQL(
     "EXISTS (SELECT 1 FROM pg_catalog.jsonb_each({side}) e WHERE e.key OPERATOR(pg_catalog.~) %s "
     "AND pg_catalog.jsonb_typeof(e.value) OPERATOR(pg_catalog.<>) 'null' "
@@ -70,7 +73,8 @@ class Command(BaseCommand):
         if alias not in connections.settings:
             raise CommandError(f"no database alias {alias!r} in DATABASES")
         self.connection = connections[alias]
-        self.table = sql.Identifier(BemiChange._meta.db_table)
+        # Qualified: Django's connection has the application's search_path, which may find another `changes`.
+        self.table = sql.Identifier("public", BemiChange._meta.db_table)
         self.batch = max(1, options["batch_size"])
         self.progress = not options["no_progress"] and options["verbosity"] > 0
         key = tr.derive_key(conf.masking_secret())
@@ -118,19 +122,33 @@ class Command(BaseCommand):
     def _mask(self, patterns: list[tr.Pattern], key: bytes) -> int:
         condition, params = _masked_condition(patterns)
         total = self._count(condition, params)
-        select = sql.SQL('SELECT id, "schema", "table", before, after FROM {t} WHERE ({c}) AND id > %s '
-                         "ORDER BY id LIMIT %s FOR UPDATE").format(t=self.table, c=condition)
+        # A batch is bounded by rows and by the bytes its values take (as stored): first the ids and sizes.
+        sizes = sql.SQL("SELECT id, pg_catalog.pg_column_size(before) + pg_catalog.pg_column_size(after) "
+                        "FROM {t} WHERE ({c}) AND id > %s ORDER BY id LIMIT %s").format(t=self.table, c=condition)
+        select = sql.SQL('SELECT id, "schema", "table", before, after FROM {t} '
+                         "WHERE id = ANY (%s::pg_catalog.uuid[]) ORDER BY id FOR UPDATE").format(t=self.table)
         update = sql.SQL("UPDATE {t} SET before = %s::jsonb, after = %s::jsonb WHERE id = %s").format(t=self.table)
         conn = self.connection
         conn.ensure_connection()
+        sizes_text = sizes.as_string(conn.connection)
         select_text, update_text = select.as_string(conn.connection), update.as_string(conn.connection)
         done, last = 0, "00000000-0000-0000-0000-000000000000"
         while True:
             with transaction.atomic(using=conn.alias), conn.cursor() as cursor:
-                cursor.execute(select_text, [*params, last, self.batch])
-                rows = cursor.fetchall()
-                if not rows:
+                cursor.execute(sizes_text, [*params, last, self.batch])
+                ids, held = [], 0
+                for change_id, size in cursor.fetchall():
+                    if ids and held + (size or 0) > MAX_BATCH_BYTES:
+                        break
+                    ids.append(change_id)
+                    held += size or 0
+                if not ids:
                     break
+                cursor.execute(select_text, [ids])
+                rows = cursor.fetchall()
+                if not rows:  # deleted meanwhile: go on after them
+                    last = str(ids[-1])
+                    continue
                 for change_id, schema, table, before, after in rows:
                     columns = [p for p in patterns if p.matches_table(schema, table)]
                     before = _load(before)

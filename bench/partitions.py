@@ -38,27 +38,12 @@ sys.path.insert(0, ROOT)
 
 import psycopg  # noqa: E402
 
+from bemi_devtools.legacy import PREVIOUS_CHANGES  # noqa: E402
 from bemi_devtools.pgcluster import Cluster  # noqa: E402
 
 CONTEXT = ("SELECT pg_logical_emit_message(true, '_bemi', "
            "'{\"user_id\": 187234, \"endpoint\": \"/todo\", \"method\": \"POST\"}')")
-UNPARTITIONED = """
-CREATE TABLE changes (
-    "id" uuid PRIMARY KEY DEFAULT gen_random_uuid(), "database" varchar(255) NOT NULL,
-    "schema" varchar(255) NOT NULL, "table" varchar(255) NOT NULL, "primary_key" varchar(255),
-    "operation" text NOT NULL, "before" jsonb NOT NULL DEFAULT '{}'::jsonb, "after" jsonb NOT NULL DEFAULT '{}'::jsonb,
-    "context" jsonb NOT NULL DEFAULT '{}'::jsonb, "committed_at" timestamptz NOT NULL,
-    "queued_at" timestamptz NOT NULL DEFAULT now(), "created_at" timestamptz NOT NULL DEFAULT now(),
-    "transaction_id" bigint NOT NULL, "position" bigint NOT NULL, "commit_position" bigint NOT NULL,
-    "change_index" integer NOT NULL);
-CREATE INDEX changes_committed_at_index ON changes ("committed_at");
-CREATE INDEX changes_table_index ON changes ("table");
-CREATE INDEX changes_primary_key_index ON changes ("primary_key");
-CREATE INDEX changes_operation_index ON changes ("operation");
-CREATE INDEX changes_before_index ON changes USING gin ("before" jsonb_path_ops);
-CREATE INDEX changes_after_index ON changes USING gin ("after" jsonb_path_ops);
-CREATE INDEX changes_context_index ON changes USING gin ("context" jsonb_path_ops);
-CREATE UNIQUE INDEX changes_identity_index ON changes ("database", "commit_position", "change_index");
+UNPARTITIONED = PREVIOUS_CHANGES + """
 CREATE TABLE _bemi_pruned (pruned_before timestamptz NOT NULL, pruned_at timestamptz NOT NULL DEFAULT now(),
     partitions text[] NOT NULL DEFAULT '{}', changes bigint NOT NULL DEFAULT 0, pruned_by text NOT NULL DEFAULT '');
 """

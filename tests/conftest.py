@@ -16,6 +16,7 @@ from tests.db import db_dsn
 
 pytest_plugins = [
     "tests.queryapp.fixtures",  # recorder, tx_recorder: `changes` rows written like the worker writes them
+    "tests.scratch",  # scratch: a fresh database of the test's own
     "tests.workerapp.harness",  # worker_env: a slot and publication of the test's own, the worker in or out of process
 ]
 

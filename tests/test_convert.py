@@ -12,39 +12,7 @@ from django.core.management import call_command
 
 from bemi import sql as bemi_sql
 from bemi.worker.convert import convert
-
-# bemi/sql/changes.sql of the previous version (unpartitioned).
-PREVIOUS = """
-CREATE TABLE changes (
-    "id" uuid PRIMARY KEY DEFAULT gen_random_uuid(), "database" varchar(255) NOT NULL,
-    "schema" varchar(255) NOT NULL, "table" varchar(255) NOT NULL, "primary_key" varchar(255),
-    "operation" text NOT NULL, "before" jsonb NOT NULL DEFAULT '{}'::jsonb, "after" jsonb NOT NULL DEFAULT '{}'::jsonb,
-    "context" jsonb NOT NULL DEFAULT '{}'::jsonb, "committed_at" timestamptz NOT NULL,
-    "queued_at" timestamptz NOT NULL DEFAULT now(), "created_at" timestamptz NOT NULL DEFAULT now(),
-    "transaction_id" bigint NOT NULL, "position" bigint NOT NULL, "commit_position" bigint NOT NULL,
-    "change_index" integer NOT NULL);
-CREATE INDEX changes_committed_at_index ON changes ("committed_at");
-CREATE INDEX changes_table_index ON changes ("table");
-CREATE INDEX changes_primary_key_index ON changes ("primary_key");
-CREATE INDEX changes_operation_index ON changes ("operation");
-CREATE INDEX changes_before_index ON changes USING gin ("before" jsonb_path_ops);
-CREATE INDEX changes_after_index ON changes USING gin ("after" jsonb_path_ops);
-CREATE INDEX changes_context_index ON changes USING gin ("context" jsonb_path_ops);
-CREATE UNIQUE INDEX changes_identity_index ON changes ("database", "commit_position", "change_index");
-"""
-
-# The published worker's table: no commit_position / change_index, a unique key on position.
-PUBLISHED = """
-CREATE TABLE changes (
-    "id" uuid PRIMARY KEY DEFAULT gen_random_uuid(), "database" varchar(255) NOT NULL,
-    "schema" varchar(255) NOT NULL, "table" varchar(255) NOT NULL, "primary_key" varchar(255),
-    "operation" text NOT NULL, "before" jsonb NOT NULL DEFAULT '{}', "after" jsonb NOT NULL DEFAULT '{}',
-    "context" jsonb NOT NULL DEFAULT '{}', "committed_at" timestamptz NOT NULL,
-    "queued_at" timestamptz NOT NULL, "created_at" timestamptz NOT NULL DEFAULT now(),
-    "transaction_id" bigint NOT NULL, "position" bigint NOT NULL);
-CREATE UNIQUE INDEX changes_position_table_schema_database_operation_unique
-    ON changes ("position", "table", "schema", "database", "operation");
-"""
+from bemi_devtools.legacy import PREVIOUS_CHANGES, PUBLISHED_CHANGES
 
 
 def fill(env, rows: int, identity: bool = True) -> None:
@@ -68,12 +36,12 @@ def catalog(env, table: str) -> tuple:
     return columns, indexes
 
 
-@pytest.mark.parametrize("ddl", [PREVIOUS, PUBLISHED], ids=["previous", "published"])
+@pytest.mark.parametrize("ddl", [PREVIOUS_CHANGES, PUBLISHED_CHANGES], ids=["previous", "published"])
 def test_convert_while_the_worker_writes(worker_env, ddl):
     env = worker_env
     env.execute("DROP TABLE IF EXISTS changes")
     env.execute(ddl)
-    fill(env, 3000, identity=ddl is PREVIOUS)  # about 100 pages over 5 months
+    fill(env, 3000, identity=ddl is PREVIOUS_CHANGES)  # about 100 pages over 5 months
     env.execute("DROP TABLE IF EXISTS conv_t")
     env.execute("CREATE TABLE conv_t (id int PRIMARY KEY)")
     env.run_once()  # adopts the table as it is (a published one gets its identity columns)
@@ -132,7 +100,7 @@ def test_convert_while_the_worker_writes(worker_env, ddl):
     assert {"changes_p20240101", "changes_p20240201", "changes_p20240301", "changes_p20240401",
             "changes_p20240501", "changes_default"} <= partitions
     assert env.execute("SELECT count(*) FROM changes_default") == [(0,)]
-    if ddl is PREVIOUS:  # the same table as a fresh install's
+    if ddl is PREVIOUS_CHANGES:  # the same table as a fresh install's
         converted = catalog(env, "changes")
         env.execute("DROP TABLE changes, changes_unpartitioned")
         env.execute(bemi_sql.read("changes.sql"))

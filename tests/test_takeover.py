@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import re
-import uuid
 from collections import Counter
 
 import psycopg
@@ -21,34 +20,13 @@ import pytest
 from psycopg.rows import dict_row
 
 from bemi.worker.runner import Config, Worker
+from bemi_devtools.legacy import PUBLISHED_CHANGES
 from bemi.worker.errors import WorkerError
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-PUBLISHED_CHANGES = """CREATE TABLE changes (
-    "id" uuid PRIMARY KEY DEFAULT gen_random_uuid(), "database" varchar(255) NOT NULL,
-    "schema" varchar(255) NOT NULL, "table" varchar(255) NOT NULL, "primary_key" varchar(255),
-    "operation" text NOT NULL, "before" jsonb NOT NULL DEFAULT '{}', "after" jsonb NOT NULL DEFAULT '{}',
-    "context" jsonb NOT NULL DEFAULT '{}', "committed_at" timestamptz NOT NULL,
-    "queued_at" timestamptz NOT NULL, "created_at" timestamptz NOT NULL DEFAULT now(),
-    "transaction_id" bigint NOT NULL, "position" bigint NOT NULL);
-CREATE UNIQUE INDEX changes_position_table_schema_database_operation_unique
-    ON changes ("position", "table", "schema", "database", "operation")"""
-
 _CHANGE = re.compile(r"table (\w+)\.(\w+): (INSERT|UPDATE|DELETE): (old-key: (.*?) new-tuple: )?(.*)\Z", re.S)
 _ID = re.compile(r"\bid\[integer\]:(\d+)")
-
-
-@pytest.fixture
-def database(pg_server):
-    name = f"takeover_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield name
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
-                     [name])
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def lsn_int(lsn: str) -> int:
@@ -123,13 +101,13 @@ def stored(conn: psycopg.Connection) -> list[dict]:
 
 
 @pytest.mark.parametrize("mode", ["takeover", "interrupted", "new-slot", "without-takeover"])
-def test_taking_over_the_published_workers_slot(pg_server, database, mode, caplog):
+def test_taking_over_the_published_workers_slot(pg_server, scratch, mode, caplog):
     """Modes: --takeover on bemi_local; the same, killed halfway and restarted; procedure A of
     docs/upgrading.md (slot `bemi` created while the container runs, after its 5th transaction);
     the control, without --takeover."""
     takeover = mode != "without-takeover"
     slot = "bemi" if mode == "new-slot" else "bemi_local"
-    dsn = pg_server.dsn(database)
+    dsn = pg_server.dsn(scratch)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(PUBLISHED_CHANGES)
         conn.execute("CREATE TABLE todo (id int PRIMARY KEY, task text)")
@@ -147,7 +125,7 @@ def test_taking_over_the_published_workers_slot(pg_server, database, mode, caplo
         assert len(transactions) == 26
         seen = [t for t in transactions if t[-1]["commit"] <= lsn_int(str(before_last))]
         assert len(seen) == 16
-        store_as_published(conn, database, seen)
+        store_as_published(conn, scratch, seen)
         # Debezium confirmed only the first 5 transactions to the slot (its offsets are ahead).
         conn.execute("SELECT pg_replication_slot_advance('bemi_local', '0/0'::pg_lsn + %s::numeric)",
                      [seen[4][-1]["commit"] + 1])

@@ -22,6 +22,7 @@ from psycopg.rows import dict_row
 
 from bemi import sql
 from bemi.worker.runner import Config, Worker
+from bemi_devtools.legacy import PUBLISHED_CHANGES
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHED = "bemi-django==0.1.3"
@@ -58,19 +59,6 @@ def published_python(tmp_path_factory) -> Path:
         raise AssertionError(f"pip install {PUBLISHED} failed:\n{output}")
     marker.touch()
     return python
-
-
-@pytest.fixture
-def scratch(pg_server):
-    """A fresh database; dropped afterwards with any replication slot on it."""
-    name = f"upgrade_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    yield name
-    with psycopg.connect(pg_server.dsn(), autocommit=True) as conn:
-        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = %s",
-                     [name])
-        conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 def published_migrate(python: Path, pg_server, database: str, tmp_path: Path) -> subprocess.CompletedProcess:
@@ -121,15 +109,6 @@ def replica_identity(conn, table: str) -> str:
 
 def event_triggers(conn) -> set[str]:
     return {r[0] for r in conn.execute("SELECT evtname FROM pg_event_trigger WHERE evtname LIKE '\\_bemi%'")}
-
-
-PUBLISHED_CHANGES = """CREATE TABLE changes (
-    "id" uuid PRIMARY KEY DEFAULT gen_random_uuid(), "database" varchar(255) NOT NULL,
-    "schema" varchar(255) NOT NULL, "table" varchar(255) NOT NULL, "primary_key" varchar(255),
-    "operation" text NOT NULL, "before" jsonb NOT NULL DEFAULT '{}', "after" jsonb NOT NULL DEFAULT '{}',
-    "context" jsonb NOT NULL DEFAULT '{}', "committed_at" timestamptz NOT NULL,
-    "queued_at" timestamptz NOT NULL, "created_at" timestamptz NOT NULL DEFAULT now(),
-    "transaction_id" bigint NOT NULL, "position" bigint NOT NULL)"""
 
 
 def test_a_database_of_the_published_package_switches_to_ours(published_python, pg_server, scratch, tmp_path):

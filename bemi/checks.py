@@ -35,7 +35,7 @@ server whose settings you cannot change. ``manage.py bemi_status`` shows both, a
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
@@ -45,6 +45,7 @@ from django.db.migrations.recorder import MigrationRecorder
 from django.utils.module_loading import import_string
 
 from bemi import conf
+from bemi.leftovers import find_leftovers
 from bemi.middleware import BemiMiddleware
 
 MIN_SERVER_VERSION = 140000
@@ -95,13 +96,18 @@ def check_middleware(app_configs: Any = None, **kwargs: Any) -> list[CheckMessag
     )]
 
 
+def _postgresql(databases: Any) -> Iterator[tuple[str, Any]]:
+    """(alias, connection) of the PostgreSQL ones among the aliases Django's database checks were given."""
+    for alias in databases or []:
+        connection = connections[alias]
+        if connection.vendor == "postgresql":
+            yield alias, connection
+
+
 @register(Tags.database)
 def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list[CheckMessage]:
     messages: list[CheckMessage] = []
-    for alias in databases or []:
-        connection = connections[alias]
-        if connection.vendor != "postgresql":
-            continue
+    for alias, connection in _postgresql(databases):
         with connection.cursor() as cursor:
             cursor.execute(SERVER_FACTS)
             wal_level, version, role, emit_functions, public_creates = cursor.fetchone()
@@ -217,13 +223,8 @@ SERVER_FACTS = """
 @register(Tags.database)
 def check_leftovers(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """Slots and publications an earlier Bemi worker left (bemi/leftovers.py): a slot nobody reads keeps WAL."""
-    from bemi.leftovers import find_leftovers
-
     messages: list[CheckMessage] = []
-    for alias in databases or []:
-        connection = connections[alias]
-        if connection.vendor != "postgresql":
-            continue
+    for alias, connection in _postgresql(databases):
         with connection.cursor() as cursor:
             leftovers = find_leftovers(cursor.cursor)
         for leftover in leftovers:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
-from django.db import connections
 
 from bemi import status
-from bemi.management.commands.bemi_worker import dsn_for_alias
+from bemi.management.commands.bemi_worker import source_and_destination
 
 
 class Command(BaseCommand):
@@ -21,11 +20,7 @@ class Command(BaseCommand):
         status.add_status_arguments(parser)
 
     def handle(self, *args, **options) -> None:
-        alias = options["database"]
-        if alias not in connections.settings:
-            raise CommandError(f"no database alias {alias!r} in DATABASES")
-        source = dsn_for_alias(alias)
-        destination = dsn_for_alias("bemi") if "bemi" in connections.settings and alias != "bemi" else None
+        source, destination = source_and_destination(options["database"])
 
         class Opts:
             pass

@@ -35,6 +35,15 @@ def dsn_for_alias(alias: str) -> str:
     return make_conninfo(**{k: v for k, v in params.items() if v is not None})
 
 
+def source_and_destination(alias: str) -> tuple[str, str | None]:
+    """The DSNs of the tracked database ``alias`` and of where ``changes`` is written: the alias
+    ``bemi`` when DATABASES has one (BemiDatabaseRouter), else None (the source itself)."""
+    if alias not in connections.settings:
+        raise CommandError(f"no database alias {alias!r} in DATABASES")
+    destination = dsn_for_alias("bemi") if "bemi" in connections.settings and alias != "bemi" else None
+    return dsn_for_alias(alias), destination
+
+
 class Command(BaseCommand):
     help = DESCRIPTION.split("\n\n")[0].replace("\n", " ") + (
         " Source: the --database alias (default 'default'). Destination: the alias 'bemi' when "
@@ -47,11 +56,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options) -> None:
         configure_logging(options["verbosity"])
-        alias = options["database"]
-        if alias not in connections.settings:
-            raise CommandError(f"no database alias {alias!r} in DATABASES")
-        source = dsn_for_alias(alias)
-        destination = dsn_for_alias("bemi") if "bemi" in connections.settings and alias != "bemi" else None
+        source, destination = source_and_destination(options["database"])
 
         class Opts:
             partition_interval: str

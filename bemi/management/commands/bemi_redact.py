@@ -136,7 +136,8 @@ class Command(BaseCommand):
         while True:
             with transaction.atomic(using=conn.alias), conn.cursor() as cursor:
                 cursor.execute(sizes_text, [*params, last, self.batch])
-                ids, held = [], 0
+                ids: list[Any] = []
+                held = 0
                 for change_id, size in cursor.fetchall():
                     if ids and held + (size or 0) > MAX_BATCH_BYTES:
                         break

@@ -30,7 +30,8 @@ def test_a_walsender_reads_the_slot_and_changes_arrive_without_polling(worker_en
     env.execute("CREATE TABLE stream_w (id int PRIMARY KEY, v text)")
     env.run_once()
     proc = env.spawn("--poll-interval", "5")  # a poll interval does not delay anything any more
-    assert wait_for(lambda: walsender_of(env), timeout=30)
+    # A walsender reports 'catchup' until it has sent what was in the WAL at its start, then 'streaming'.
+    assert wait_for(lambda: [w[2] for w in walsender_of(env)] == ["streaming"], timeout=30)
     (pid, app, state), = walsender_of(env)
     assert app == "bemi-worker" and state == "streaming"
     started = time.monotonic()

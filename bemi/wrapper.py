@@ -33,7 +33,7 @@ from django.db.backends.signals import connection_created
 
 from bemi.conf import MAX_CONTEXT_BYTES, max_sql_bytes
 from bemi.appcontext import ContextError, Frame, current_frame
-from bemi.statements import is_tracked_write
+from bemi.statements import is_tracked_write, may_write
 
 __all__ = ["bemi_execute_wrapper", "install_execute_wrapper", "uninstall_execute_wrapper", "build_payload"]
 
@@ -140,7 +140,8 @@ def _without_context(execute: Callable[..., Any], sql: Any, params: Any, many: b
         if _transaction_status(raw) != _INTRANS:
             db.__dict__.pop(LABELLED, None)  # that transaction ended: nothing to undo
             return execute(sql, params, many, context)
-        if type(sql) is not str or not is_tracked_write(sql) or _must_skip(db, raw) or not _connection_facts(db)[0]:
+        # Any statement that may run code that writes (SELECT f(), CALL, COPY...): when unsure, reset.
+        if type(sql) is not str or not may_write(sql) or _must_skip(db, raw) or not _connection_facts(db)[0]:
             return execute(sql, params, many, context)
     except Exception as exc:  # never break the application
         _warn_once("internal", f"{type(exc).__name__}: {exc}")

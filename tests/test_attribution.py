@@ -66,3 +66,42 @@ def test_the_empty_context_is_sent_once_and_only_where_needed(wal):
         ("b", {}), ("c", {}), ("d", {}),
     ]
     assert "_bemi_labelled" not in connection.__dict__
+
+
+# Issue 18, row 12: statements that write without starting with INSERT/UPDATE/DELETE/MERGE. Each of
+# these was labelled with the context that had ended (the first-keyword rule let them through).
+HIDDEN_WRITES = [
+    ("SELECT pg_temp.bemi_test_insert('via select')", "via select"),
+    ("EXPLAIN ANALYZE UPDATE ctxapp_item SET name = 'via explain' WHERE name = 'labelled'", "via explain"),
+    ("/* /* */ SELECT */ UPDATE ctxapp_item SET name = 'via nested comment' WHERE name = 'labelled'",
+     "via nested comment"),
+]
+
+
+@pytest.mark.parametrize("sql, name", HIDDEN_WRITES, ids=["select-function", "explain-analyze", "nested-comment"])
+def test_a_write_hidden_from_the_first_keyword_after_the_context_ended_is_not_labelled_with_it(wal, sql, name):
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "CREATE FUNCTION pg_temp.bemi_test_insert(n text) RETURNS void LANGUAGE sql AS "
+                "$$ INSERT INTO public.ctxapp_item (name, qty, note) VALUES (n, 0, '') $$")
+        with bemi.context(user_id=42):
+            Item.objects.create(name="labelled")
+        with connection.cursor() as cursor:
+            cursor.execute(sql)
+    assert labels(wal.read()) == [("labelled", {"user_id": 42}), (name, {})]
+
+
+def test_after_the_context_ended_the_reset_is_sent_once_also_for_reads(wal):
+    with transaction.atomic():
+        with bemi.context(user_id=42):
+            Item.objects.create(name="a")
+        with connection.cursor() as cursor:
+            cursor.execute("SET LOCAL statement_timeout = 0")  # cannot write: nothing sent
+        list(Item.objects.all())  # may (a function in a SELECT): {} sent
+        list(Item.objects.all())  # and not again
+        Item.objects.create(name="b")
+    records = wal.read()
+    messages = [r.json for r in records if r.kind == "MESSAGE"]
+    assert [{k: v for k, v in m.items() if k != "SQL"} for m in messages] == [{"user_id": 42}, {}]
+    assert labels(records) == [("a", {"user_id": 42}), ("b", {})]

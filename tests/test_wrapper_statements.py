@@ -2,7 +2,7 @@
 
 import pytest
 
-from bemi.statements import is_tracked_write
+from bemi.statements import is_tracked_write, may_write
 
 WRITES = [
     'INSERT INTO "t" ("a") VALUES (%s) RETURNING "t"."id"',
@@ -21,6 +21,18 @@ WRITES = [
     "WITH x AS (SELECT 1) MERGE INTO t USING x ON true WHEN MATCHED THEN DELETE",
     "SELECT 1; INSERT INTO t VALUES (1)",
     "INSERT INTO t SELECT * FROM s ON CONFLICT (id) DO UPDATE SET a = EXCLUDED.a",
+    # Issue 18, row 12: what hid a write from the first-keyword rule.
+    "EXPLAIN ANALYZE UPDATE t SET a = 1",
+    "EXPLAIN (ANALYZE, BUFFERS) DELETE FROM t",
+    "explain analyse verbose insert into t values (1)",
+    "/* /* */ SELECT */ UPDATE t SET a = 1",
+    "/* /* /* */ */ INSERT */ DELETE FROM t",
+    "/* /* */ ; */ UPDATE t SET a = 1",
+    "SELECT E'\\''; UPDATE t SET a = 1 -- '",
+    "SELECT $$;$$; UPDATE t SET a = 1",
+    "SELECT $x$ $$ ; $x$; DELETE FROM t",
+    'SELECT 1 AS "a;b"; DELETE FROM t',
+    "WITH x AS (SELECT 1) /* FOR */ UPDATE t SET a = 1",
 ]
 
 NOT_WRITES = [
@@ -50,6 +62,48 @@ NOT_WRITES = [
     "-- only a comment",
     "/* unterminated",
     "SELECT pg_logical_emit_message(true, '_bemi', 'x')",
+    "SELECT 'a''; UPDATE t SET a = 1 --'",
+    "SELECT $$; UPDATE t SET a = 1$$",
+    "/* UPDATE t */ SELECT 1",
+    "/* /* */ UPDATE t */ SELECT 1",
+    "SELECT \"update\" FROM t",
+]
+
+# Statements after which a context that ended must be reset (they may run code that writes).
+MAY_WRITE = WRITES + [
+    "SELECT f()",
+    "select * from t where f(a)",
+    "VALUES (f())",
+    "CALL p()",
+    "DO $$BEGIN INSERT INTO t VALUES (1); END$$",
+    "COPY t FROM STDIN",
+    "TRUNCATE t",
+    "ALTER TABLE t ADD COLUMN b int DEFAULT f()",
+    "CREATE TABLE u AS SELECT f()",
+    "EXPLAIN ANALYZE SELECT f()",
+    "/* SET */ SELECT f()",
+    "/* /* */ SET */ SELECT f()",
+    "SET a = 1; SELECT f()",
+    "SAVEPOINT s; SELECT f()",
+    "(SELECT f())",
+    "$$x$$",
+]
+
+NEVER_WRITES = [
+    "SET search_path = public",
+    "set local statement_timeout = 0",
+    "RESET ALL",
+    "SHOW search_path",
+    "SAVEPOINT s1",
+    "RELEASE SAVEPOINT s1",
+    "ROLLBACK TO SAVEPOINT s1",
+    "COMMIT",
+    "BEGIN",
+    "-- x\n SET a = 1",
+    "/* /* */ SELECT */ SET a = 1",
+    "SET a = 1; SET b = 2;",
+    "",
+    "  ",
 ]
 
 
@@ -61,6 +115,16 @@ def test_writes(sql):
 @pytest.mark.parametrize("sql", NOT_WRITES)
 def test_not_writes(sql):
     assert is_tracked_write(sql) is False
+
+
+@pytest.mark.parametrize("sql", MAY_WRITE)
+def test_may_write(sql):
+    assert may_write(sql) is True
+
+
+@pytest.mark.parametrize("sql", NEVER_WRITES)
+def test_never_writes(sql):
+    assert may_write(sql) is False
 
 
 def test_long_sql_is_classified_without_cache():

@@ -1,6 +1,6 @@
 """Write-path overhead of the execute wrapper: the same operations with and without tracking.
 
-    python bench/write_path.py [--rounds 5] [--no-migration]
+    python bench/write_path.py [--rounds 5] [--no-migration] [--one-string-only]
 
 Starts its own PostgreSQL (bemi_devtools.pgcluster, autovacuum off), configures
 Django itself, runs ``migrate`` (so the ``bemi`` statement triggers are
@@ -12,6 +12,11 @@ variants see the same (noisy) machine:
   plain    the wrapper removed, triggers in place: the baseline ("without tracking")
   idle     the wrapper installed, no context set
   tracked  the wrapper installed and a context set: one message per write statement
+
+A last table times one query string of many INSERTs (5,000 and 20,000, with
+and without a ``/*Bemi ... Bemi*/`` marker) sent by psycopg, with bemi's
+statement trigger enabled and disabled, interleaved (issue 20: the trigger
+used to read the whole string from every statement of it).
 
 Ratios are the median, over all units of all rounds, of the unit's time
 under a variant divided by the same unit's time under ``plain`` (robust to
@@ -115,6 +120,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-migration", action="store_true", help="without the bemi triggers")
+    parser.add_argument("--one-string-only", action="store_true",
+                        help="only the table of one query string of many INSERTs")
     args = parser.parse_args()
 
     from bemi_devtools.pgcluster import Cluster
@@ -197,6 +204,10 @@ def main() -> None:
         "save() x1000": ([saves(save_objs[i:i + 100]) for i in range(0, 1000, 100)], 10, 1.10,
                          "10 units of 100 save()", None),
     }
+
+    if args.one_string_only:
+        one_query_string(monitor, args.rounds, bool(triggers))
+        return
 
     connection.ensure_connection()
     assert connection.execute_wrappers == [bemi_execute_wrapper]
@@ -332,6 +343,46 @@ def main() -> None:
     print("msg record B: mean size of the LogicalMessage WAL records (pg_walinspect, 8-byte aligned);")
     print("WAL+/stmt: (WAL tracked - WAL plain) / statements, noisy for single big statements;")
     print("limit: context JSON bytes + 150 (target: msg record B and WAL+/stmt <= limit).")
+    print()
+    one_query_string(monitor, args.rounds, bool(triggers))
+
+
+def one_query_string(monitor, rounds: int, triggers: bool) -> None:
+    """N INSERTs in one query string, bemi's statement trigger on and off (interleaved), N = 5,000 and 20,000."""
+    if not triggers:
+        print("one query string: no bemi statement trigger installed (--no-migration), nothing to compare")
+        return
+    monitor.execute("CREATE TABLE IF NOT EXISTS bench_one_string (id serial PRIMARY KEY, a int)")
+    monitor.execute("CALL public._bemi_create_triggers()")
+    marker = ' /*Bemi {"user_id": 187234, "path": "/import"} Bemi*/'
+    cases = [(n, m) for n in (5_000, 20_000) for m in ("", marker)]
+    times: dict[tuple[int, str, bool], list[float]] = defaultdict(list)
+    ratios: dict[tuple[int, str], list[float]] = defaultdict(list)
+    rng = random.Random(7)
+    for _ in range(rounds):
+        for n, m in cases:
+            text = "".join(f"INSERT INTO bench_one_string (a) VALUES ({i}){m};" for i in range(n))
+            run = {}
+            for enabled in rng.sample([True, False], 2):
+                monitor.execute(f"ALTER TABLE bench_one_string {'ENABLE' if enabled else 'DISABLE'} TRIGGER USER")
+                start = time.perf_counter()
+                monitor.execute(text)
+                run[enabled] = time.perf_counter() - start
+                times[(n, m, enabled)].append(run[enabled])
+                monitor.execute("TRUNCATE bench_one_string")
+            ratios[(n, m)].append(run[True] / run[False])
+    monitor.execute("ALTER TABLE bench_one_string ENABLE TRIGGER USER")
+    print(f"one query string of N INSERTs (psycopg, autocommit: one implicit transaction), {rounds} rounds, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    header = f"{'N':>7}  {'marker':8}{'no trigger s':>13}{'trigger s':>11}{'ratio':>8}{'us/stmt added':>15}"
+    print(header)
+    print("-" * len(header))
+    for n, m in cases:
+        off, on = statistics.median(times[(n, m, False)]), statistics.median(times[(n, m, True)])
+        print(f"{n:7,d}  {'yes' if m else 'no':8}{off:13.3f}{on:11.3f}{statistics.median(ratios[(n, m)]):8.2f}"
+              f"{(on - off) / n * 1e6:15.1f}")
+    print("ratio: median of the per-round ratios, trigger / no trigger (target <= 2 without a marker);")
+    print("with a marker every statement also writes its message to the WAL (that is the point of the marker).")
 
 
 if __name__ == "__main__":

@@ -149,22 +149,60 @@ BEGIN
 END;
 $bemi$;
 
+-- The statement trigger. Two rules of docs/database.md live here:
+--
+-- * Once per query string. A string of N statements fires it N times and
+--   current_query() copies the whole string each time (N x its length). The
+--   answer depends on the string only, and statement_timestamp() is the time
+--   the server received the client message holding the string: the same for
+--   every statement of it, different for the next message, which the backend
+--   reads only after this one ran (the trigger alone takes longer than the
+--   timestamp's microsecond). So the answer is kept in the custom setting
+--   bemi.statement_context, transaction-local, as '<statement_timestamp> <context>'.
+--   A role that sets it by hand gains nothing: it only decides which context
+--   its own writes get, which it may do with a marker, and the privilege
+--   below is checked every time, never remembered.
+-- * Whose marker counts. current_user is not who wrote the query text: a
+--   foreign key's ON DELETE CASCADE runs as the owner of the referencing
+--   table, a SECURITY DEFINER function as its owner, and both fire this
+--   trigger with the caller's current_query(). The marker counts when the
+--   role the session acts as (SET ROLE's, else the login role: the one whose
+--   privileges the query text was written with) may execute
+--   pg_logical_emit_message, and current_user too (else the call would fail
+--   the write).
 CREATE OR REPLACE FUNCTION public._bemi_row_trigger_func()
 RETURNS trigger
 LANGUAGE plpgsql AS $bemi$
 DECLARE
-  context pg_catalog.text := public._bemi_context_from_query(pg_catalog.current_query());
+  stamp pg_catalog.text := pg_catalog.statement_timestamp()::pg_catalog.text OPERATOR(pg_catalog.||) ' ';
+  cached pg_catalog.text := pg_catalog.current_setting('bemi.statement_context', true);
+  context pg_catalog.text;
+  actor pg_catalog.text;
+  emit pg_catalog.regprocedure;
 BEGIN
-  IF context IS NOT NULL THEN
+  IF cached IS NOT NULL AND pg_catalog.starts_with(cached, stamp) THEN
+    context := pg_catalog.substr(cached, pg_catalog.length(stamp) OPERATOR(pg_catalog.+) 1);
+  ELSE
+    context := COALESCE(public._bemi_context_from_query(pg_catalog.current_query()), '');
+    PERFORM pg_catalog.set_config('bemi.statement_context', stamp OPERATOR(pg_catalog.||) context, true);
+  END IF;
+  IF context OPERATOR(pg_catalog.<>) '' THEN
+    actor := pg_catalog.current_setting('role');
+    IF actor OPERATOR(pg_catalog.=) 'none' THEN
+      actor := session_user;
+    END IF;
+    emit := COALESCE(
+      pg_catalog.to_regprocedure('pg_catalog.pg_logical_emit_message(boolean,text,text,boolean)'),
+      pg_catalog.to_regprocedure('pg_catalog.pg_logical_emit_message(boolean,text,text)'));
     -- EXECUTE revoked (docs/security.md): never fail the write. Asked, not caught: an
     -- EXCEPTION block is a subtransaction, and logical decoding then hands out the
     -- message after the statement's rows, which would get the previous context.
-    IF pg_catalog.has_function_privilege(COALESCE(
-         pg_catalog.to_regprocedure('pg_catalog.pg_logical_emit_message(boolean,text,text,boolean)'),
-         pg_catalog.to_regprocedure('pg_catalog.pg_logical_emit_message(boolean,text,text)')), 'EXECUTE') THEN
+    IF pg_catalog.has_function_privilege(actor, emit, 'EXECUTE')
+       AND pg_catalog.has_function_privilege(emit, 'EXECUTE') THEN
       PERFORM pg_catalog.pg_logical_emit_message(true, '_bemi'::pg_catalog.text, context);
     ELSE
-      RAISE WARNING 'bemi: role % may not execute pg_logical_emit_message: the /*Bemi ... Bemi*/ context is ignored', current_user;
+      RAISE WARNING 'bemi: role % may not execute pg_logical_emit_message: the /*Bemi ... Bemi*/ context is ignored',
+        CASE WHEN pg_catalog.has_function_privilege(actor, emit, 'EXECUTE') THEN current_user ELSE actor END;
     END IF;
   END IF;
   IF TG_LEVEL OPERATOR(pg_catalog.=) 'ROW' THEN

@@ -264,10 +264,12 @@ def check_append_only(app_configs: Any = None, databases: Any = None, **kwargs: 
     )]
 # -- what is tracked (bemi/tracking.py, docs/tracking.md) --------------------------------------
 
-_BUILTIN_WHY = {
-    "django_session": "its primary key is the session key, a bearer credential: whoever reads it can act as the user",
-    "auth_user.password": "every login copies the password hash into before and after",
-}
+def _builtin_why(name: str) -> str:
+    from bemi.tracking import BUILTIN_CREDENTIALS
+
+    if name == "django_session":
+        return "its primary key is the session key, a bearer credential: whoever reads it can act as the user"
+    return BUILTIN_CREDENTIALS.get(name, "it is the password column of AUTH_USER_MODEL")
 
 
 @register()
@@ -282,7 +284,7 @@ def check_tracking(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]
     for name in tracking.unsafe_track_builtins:
         messages.append(Warning(
             f"BEMI_UNSAFE_TRACK_BUILTINS tracks {name!r} in full: "
-            f"{_BUILTIN_WHY.get(name, 'it is the password column of AUTH_USER_MODEL')}. Anyone who may read "
+            f"{_builtin_why(name)}. Anyone who may read "
             "`changes` (bemi.view_bemichange in the admin) sees it.",
             hint=f"Remove {name!r} from BEMI_UNSAFE_TRACK_BUILTINS unless you really mean it.", id="bemi.W011"))
     messages += _unknown_names(tracking)

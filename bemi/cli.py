@@ -116,9 +116,10 @@ _TRACKING_FLAGS = (  # (option, environment variable, help)
     ("--ignored-columns", "BEMI_IGNORED_COLUMNS",
      "table.column patterns: an UPDATE that changed only these is not recorded"),
     ("--masked-columns", "BEMI_MASKED_COLUMNS",
-     "table.column patterns whose values are stored as a keyed digest, added to the built-in auth_user.password"),
+     "table.column patterns whose values are stored as a keyed digest, added to the built-ins "
+     "(auth_user.password, the tokens of popular packages: docs/tracking.md)"),
     ("--unsafe-track-builtins", "BEMI_UNSAFE_TRACK_BUILTINS",
-     "built-ins to track anyway (django_session, auth_user.password): they hold credentials"),
+     "built-ins to track anyway (django_session, auth_user.password, authtoken_token.key...): they hold credentials"),
 )
 
 

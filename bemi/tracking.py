@@ -24,21 +24,49 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = [
-    "BUILTIN_IGNORED_TABLES", "BUILTIN_MASKED_COLUMNS", "MASK_PREFIX", "SETTING_NAMES", "Pattern",
+    "BUILTIN_CREDENTIALS", "BUILTIN_IGNORED_TABLES", "BUILTIN_MASKED_COLUMNS", "MASK_PREFIX", "SETTING_NAMES", "Pattern",
     "Tracking", "TrackingError", "derive_key", "mask_text", "mask_json_value", "parse_list",
 ]
 
 #: Tables whose rows are credentials: never tracked unless opted out by name.
 #: ``django_session``: its primary key *is* the session key, a bearer credential.
 BUILTIN_IGNORED_TABLES: tuple[str, ...] = ("django_session",)
-#: Columns whose values are never stored. ``auth_user.password``: the password
-#: hash, copied into before/after by every login's ``last_login`` update.
-#: (The Django side adds the ``password`` column of a custom ``AUTH_USER_MODEL``.)
-BUILTIN_MASKED_COLUMNS: tuple[str, ...] = ("auth_user.password",)
+#: Columns whose values are credentials, with why; never stored. ``auth_user.password``: the password
+#: hash, copied into before/after by every login's ``last_login`` update. The others are the
+#: tokens, keys and secrets of popular Django packages, under their default table names
+#: (docs/tracking.md lists them). (The Django side adds the ``password`` column of a custom
+#: ``AUTH_USER_MODEL``.)
+BUILTIN_CREDENTIALS: dict[str, str] = {
+    "auth_user.password": "every login copies the password hash into before and after",
+    "authtoken_token.key": "Django REST framework's token: a bearer credential, also the primary key",
+    "knox_authtoken.digest": "django-rest-knox's token digest (the primary key)",
+    "knox_authtoken.token_key": "django-rest-knox's token prefix, part of the bearer credential",
+    "oauth2_provider_accesstoken.token": "django-oauth-toolkit's access token, a bearer credential",
+    "oauth2_provider_refreshtoken.token": "django-oauth-toolkit's refresh token",
+    "oauth2_provider_grant.code": "django-oauth-toolkit's authorization code",
+    "oauth2_provider_application.client_secret": "django-oauth-toolkit's client secret",
+    "oauth2_provider_device.device_code": "django-oauth-toolkit's device code",
+    "oauth2_provider_device.user_code": "django-oauth-toolkit's device user code",
+    "token_blacklist_outstandingtoken.token": "djangorestframework-simplejwt's refresh token",
+    "socialaccount_socialtoken.token": "django-allauth's OAuth token of a social account",
+    "socialaccount_socialtoken.token_secret": "django-allauth's OAuth token secret or refresh token",
+    "socialaccount_socialapp.secret": "django-allauth's OAuth client secret",
+    "account_emailconfirmation.key": "django-allauth's e-mail confirmation key",
+    "mfa_authenticator.data": "django-allauth's TOTP secret and recovery codes seed",
+    "otp_totp_totpdevice.key": "django-otp's TOTP secret",
+    "otp_hotp_hotpdevice.key": "django-otp's HOTP secret",
+    "otp_static_statictoken.token": "django-otp's backup (static) token",
+    "otp_email_emaildevice.token": "django-otp's e-mailed token",
+    "two_factor_phonedevice.key": "django-two-factor-auth's phone OTP secret",
+}
+BUILTIN_MASKED_COLUMNS: tuple[str, ...] = tuple(BUILTIN_CREDENTIALS)
 
-#: The marker that replaces a masked value: ``bemi-masked:`` + a keyed digest.
+#: The marker that replaces a masked value: ``bemi-masked:`` + a digest keyed per column.
 MASK_PREFIX = "bemi-masked:"
-_DIGEST_HEX = 24  # 96 bits: equal values give equal markers, a change a different one
+_DIGEST_HEX = 32  # 128 bits: equal values of one column give equal markers, a change a different one
+#: Markers of versions before per-column keys: 24 hex digits, one key for every column.
+LEGACY_MARKER = re.compile(r"bemi-masked:[0-9a-f]{24}\Z")
+MARKER = re.compile(r"bemi-masked:[0-9a-f]{32}\Z")
 
 SETTING_NAMES = {
     "schemas": "BEMI_SCHEMAS",
@@ -309,14 +337,21 @@ class Tracking:
 # -- masking ----------------------------------------------------------------------------------
 
 def derive_key(secret: str | bytes) -> bytes:
-    """The masking key derived from a secret (``BEMI_MASKING_KEY`` or ``SECRET_KEY``)."""
+    """The master masking key derived from a secret (``BEMI_MASKING_KEY`` or ``SECRET_KEY``)."""
     if isinstance(secret, str):
         secret = secret.encode("utf-8")
     return hmac.new(secret, b"bemi-masked-columns", hashlib.sha256).digest()
 
 
+def column_key(key: bytes, schema: str, table: str, column: str) -> bytes:
+    """The key of one column's markers, from the master key: equal values in two columns give unrelated
+    markers, so nobody who reads ``changes`` can tell that a token equals a password, a key a secret."""
+    label = json.dumps(["bemi-column", schema, table, column]).encode("ascii")  # one name, one label
+    return hmac.digest(key, label, "sha256")
+
+
 def mask_text(key: bytes, value: bytes) -> str:
-    """The marker of a value (its canonical bytes), as JSON text."""
+    """The marker of a value (its canonical bytes) under a column's key, as JSON text."""
     digest = hmac.digest(key, value, "sha256").hex()[:_DIGEST_HEX]  # one-shot: the fast C path
     return '"' + MASK_PREFIX + digest + '"'
 
@@ -330,10 +365,40 @@ def canonical(json_text: str) -> bytes:
     return json_text.encode("utf-8")
 
 
+def canonical_value(value: Any) -> bytes:
+    """``canonical`` of a value read back from JSON (``bemi_redact``)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def is_marker(value: Any) -> bool:
+    """A marker of this version (per-column key)."""
+    return isinstance(value, str) and MARKER.match(value) is not None
+
+
 def mask_json_value(key: bytes, value: Any) -> Any:
-    """Mask a value read back from ``changes`` (``bemi_redact``); markers and NULLs stay as they are."""
-    if value is None or (isinstance(value, str) and value.startswith(MASK_PREFIX)):
+    """Mask a value read back from ``changes`` under a column's key; markers and NULLs stay as they are.
+
+    A marker of an earlier version (one key for every column) is re-keyed: see ``rekey_legacy``.
+    """
+    if value is None or is_marker(value):
         return value
-    raw = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else json.dumps(
-        value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return json.loads(mask_text(key, raw))
+    if isinstance(value, str) and LEGACY_MARKER.match(value):
+        return rekey_legacy(key, value)
+    return json.loads(mask_text(key, canonical_value(value)))
+
+
+def legacy_marker(master_key: bytes, value: bytes) -> str:
+    """The marker earlier versions wrote (the master key for every column, 96 bits): to recognise them."""
+    return MASK_PREFIX + hmac.digest(master_key, value, "sha256").hex()[:24]
+
+
+def rekey_legacy(key: bytes, marker: str) -> str:
+    """A marker of an earlier version, digested again under the column's key.
+
+    The value behind it is unknown, so it cannot become the value's new marker; digesting the old
+    marker keeps what it told within its column (equal values, equal markers) and removes the
+    equality across columns that one key for all columns gave.
+    """
+    return MASK_PREFIX + hmac.digest(key, b"bemi-masked-legacy:" + marker.encode("ascii"), "sha256").hex()[:_DIGEST_HEX]

@@ -27,7 +27,8 @@ def test_defaults_have_the_builtins():
     t = tr.Tracking.build()
     assert [p.text for p in t.schemas] == ["public"]
     assert [p.text for p in t.ignored_tables] == ["django_session"]
-    assert [p.text for p in t.masked_columns] == ["auth_user.password"]
+    assert [p.text for p in t.masked_columns] == list(tr.BUILTIN_MASKED_COLUMNS)
+    assert "auth_user.password" in tr.BUILTIN_MASKED_COLUMNS and "authtoken_token.key" in tr.BUILTIN_MASKED_COLUMNS
     assert not t.tracks("public", "django_session") and t.tracks("public", "todo")
     assert not t.tracks("sales", "todo") and not t.skip_unchanged_updates
 
@@ -81,14 +82,36 @@ def test_masked_column_is_a_keyed_digest_equal_for_equal_values():
     (row,), _ = stitch("insert_with_context", tr.Tracking.build(masked_columns=["todo.task"]))
     after = json.loads(row.after)
     assert after["task"].startswith(tr.MASK_PREFIX) and "Sleep" not in row.after
-    assert after["task"] == json.loads(tr.mask_text(KEY, b"Sleep")) == tr.mask_json_value(KEY, "Sleep")
-    assert after["task"] != tr.mask_json_value(tr.derive_key("other"), "Sleep")  # keyed
+    column_key = tr.column_key(KEY, "public", "todo", "task")
+    assert after["task"] == json.loads(tr.mask_text(column_key, b"Sleep")) == tr.mask_json_value(column_key, "Sleep")
+    assert tr.MARKER.match(after["task"])  # 32 hex digits
+    other = tr.column_key(tr.derive_key("other"), "public", "todo", "task")
+    assert after["task"] != tr.mask_json_value(other, "Sleep")  # keyed
     assert after["id"] == 1 and row.primary_key == "1"
 
 
 def test_masked_primary_key_is_masked_too():
     (row,), _ = stitch("insert_with_context", tr.Tracking.build(masked_columns=["todo.id"]))
     assert row.primary_key.startswith(tr.MASK_PREFIX) and json.loads(row.after)["id"] == row.primary_key
+
+
+def test_equal_values_in_two_columns_give_unrelated_markers():
+    """Issue 18: one key for every column told anyone who reads `changes` that a token equals a secret."""
+    tracking = tr.Tracking.build(masked_columns=["todo.task", "todo.note", "other.task"])
+    (row,), _ = stitch("insert_with_context", tracking)
+    assert json.loads(row.after)["task"] != tr.mask_json_value(tr.column_key(KEY, "public", "todo", "note"), "Sleep")
+    assert json.loads(row.after)["task"] != tr.mask_json_value(tr.column_key(KEY, "public", "other", "task"), "Sleep")
+    assert len({tr.column_key(KEY, *names) for names in [("a", "b", "c"), ("a", "b\0c", ""), ("a\0b", "c", "")]}) == 3
+
+
+def test_a_marker_of_an_earlier_version_is_rekeyed_per_column_once():
+    legacy = tr.legacy_marker(KEY, b"Sleep")
+    assert tr.LEGACY_MARKER.match(legacy) and not tr.is_marker(legacy)
+    task, note = tr.column_key(KEY, "public", "todo", "task"), tr.column_key(KEY, "public", "todo", "note")
+    rekeyed = tr.mask_json_value(task, legacy)
+    assert tr.is_marker(rekeyed) and rekeyed == tr.mask_json_value(task, legacy)  # equal stays equal
+    assert rekeyed != tr.mask_json_value(note, legacy)  # across columns: unrelated
+    assert tr.mask_json_value(task, rekeyed) == rekeyed  # never masked twice
 
 
 def test_update_of_ignored_columns_only_is_not_recorded():

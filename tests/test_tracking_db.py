@@ -215,7 +215,7 @@ def test_masked_columns_store_a_keyed_digest(env):
     rows = env.changes()
     text = json.dumps([[r["before"], r["after"]] for r in rows])
     assert "4111111111111111" not in text and "5500000000000004" not in text
-    key = tr.derive_key("k1")
+    key = tr.column_key(tr.derive_key("k1"), "public", card, "number")
     first, second = tr.mask_json_value(key, "4111111111111111"), tr.mask_json_value(key, "5500000000000004")
     assert rows[0]["after"]["number"] == first
     assert rows[1]["before"]["number"] == rows[1]["after"]["number"] == first  # equal value, equal marker
@@ -246,3 +246,16 @@ def test_renaming_a_table_to_changes_or_bemi_does_not_hide_its_writes(env):
         assert not env.execute("SELECT public._bemi_is_tracked(%s::regclass)", [part])[0][0], part
     assert not {("public", "changes"), ("public", "_bemi_worker_checkpoints"),
                 ("public", "_bemi_worker_failures")} & published(env)
+
+
+def test_the_tokens_of_popular_packages_are_masked_by_default(env):
+    """Issue 18: DRF's authtoken_token.key is a bearer token and the primary key; nothing set, never stored."""
+    env.execute("CREATE TABLE public.authtoken_token (key varchar(40) PRIMARY KEY, user_id int, created timestamptz)")
+    env.made.append("DROP TABLE public.authtoken_token")
+    env.run_once()
+    env.execute("INSERT INTO public.authtoken_token VALUES ('9944b09199c62bcf9418ad846dd0e4bbdfc6ee4b', 1, now())")
+    env.run_once()
+    (row,) = env.changes("\"table\" = 'authtoken_token'")
+    assert "9944b09199c62bcf9418ad846dd0e4bbdfc6ee4b" not in json.dumps(row, default=str)
+    assert tr.is_marker(row["primary_key"]) and row["after"]["key"] == row["primary_key"]
+    assert row["after"]["user_id"] == 1

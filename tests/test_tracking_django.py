@@ -50,7 +50,7 @@ def test_login_and_password_change_leave_no_session_key_and_no_hash(worker_env, 
     assert len(password_changes) == 1
     before, after = password_changes[0].diff()["password"]
     assert before.startswith(tr.MASK_PREFIX) and after.startswith(tr.MASK_PREFIX) and before != after
-    key = tr.derive_key(settings.SECRET_KEY)
+    key = tr.column_key(tr.derive_key(settings.SECRET_KEY), "public", "auth_user", "password")
     assert (before, after) == (tr.mask_json_value(key, hashes[0]), tr.mask_json_value(key, hashes[1]))
     assert any("last_login" in c.diff() and "password" not in c.diff() for c in changes)
 
@@ -92,7 +92,7 @@ def test_bemi_redact_applies_the_settings_to_history_recorded_before(worker_env,
         assert shadow == 1  # untouched: bemi_redact works on public.changes only
         text = all_changes_text(env)
         assert "leakedsessionkey" not in text and not any(h in text for h in hashes)
-        key = tr.derive_key("bemi-tests")  # tests.settings.SECRET_KEY
+        key = tr.column_key(tr.derive_key("bemi-tests"), "public", "auth_user", "password")  # tests.settings.SECRET_KEY
         stored = [h for (h,) in env.execute(
             "SELECT after->>'password' FROM changes WHERE \"table\" = 'auth_user' ORDER BY commit_position")]
         assert stored[-1] == tr.mask_json_value(key, User.objects.get(pk=user.pk).password)  # as the worker would
@@ -101,3 +101,36 @@ def test_bemi_redact_applies_the_settings_to_history_recorded_before(worker_env,
         assert "deleted 0 change(s) of ignored tables, masked values in 0 change(s)" in capsys.readouterr().out
     finally:
         env.execute("DELETE FROM django_session WHERE session_key = 'leakedsessionkey'")
+
+
+def test_bemi_redact_masks_a_masked_primary_key_in_primary_key_too(worker_env, capsys):
+    """Issue 18, row 10: bemi_redact masked before/after and left the token raw in changes.primary_key."""
+    env = worker_env
+    table = f"api_token_{env.slot[-6:]}"
+    env.execute(f"CREATE TABLE public.{table} (key text PRIMARY KEY, owner text)")
+    try:
+        run_worker(env)  # publishes the new table
+        env.execute(f"INSERT INTO public.{table} VALUES ('tok-secret-1', 'ann'), ('tok-secret-2', 'bob')")
+        env.execute(f"UPDATE public.{table} SET owner = 'carl' WHERE key = 'tok-secret-2'")
+        env.execute(f"DELETE FROM public.{table} WHERE key = 'tok-secret-1'")
+        run_worker(env)
+        where = f"\"table\" = '{table}'"
+        assert env.execute(f"SELECT count(*) FROM changes WHERE {where} AND primary_key LIKE 'tok-secret-%%'")[0][0] == 4
+        # As an earlier bemi_redact left a change: before/after masked with the one key, primary_key raw.
+        legacy = tr.legacy_marker(tr.derive_key("bemi-tests"), b"tok-secret-2")
+        env.execute(f"UPDATE changes SET after = jsonb_set(after, '{{key}}', to_jsonb(%s::text)), "
+                    f"before = jsonb_set(before, '{{key}}', to_jsonb(%s::text)) "
+                    f"WHERE {where} AND operation = 'UPDATE'", [legacy, legacy])
+        with override_settings(BEMI_MASKED_COLUMNS=[f"{table}.key"]):
+            call_command("bemi_redact", no_progress=True)
+            rows = env.execute(f"SELECT operation, primary_key, before->>'key', after->>'key' FROM changes "
+                               f"WHERE {where} ORDER BY commit_position, change_index")
+            assert "tok-secret" not in all_changes_text(env)
+            key = tr.column_key(tr.derive_key("bemi-tests"), "public", table, "key")
+            one, two = tr.mask_json_value(key, "tok-secret-1"), tr.mask_json_value(key, "tok-secret-2")
+            assert rows == [("CREATE", one, None, one), ("CREATE", two, None, two),
+                            ("UPDATE", two, two, two), ("DELETE", one, one, None)]  # as the worker writes them
+            call_command("bemi_redact", no_progress=True)  # nothing left to do
+            assert "masked values in 0 change(s)" in capsys.readouterr().out
+    finally:
+        env.execute(f"DROP TABLE IF EXISTS public.{table}")

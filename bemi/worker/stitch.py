@@ -12,8 +12,8 @@ Pure (no I/O). Rules:
 * a relation is skipped when it is one of bemi's own tables (by oid, never by
   name: a table renamed ``changes`` is still tracked) or when the tracking
   settings (``bemi.tracking``) leave it out;
-* per changed row (``bemi.tracking``): masked columns are replaced by a keyed
-  digest; an UPDATE that changed only ignored columns, or (optionally) nothing,
+* per changed row (``bemi.tracking``): masked columns are replaced by a digest
+  keyed per column (in ``primary_key`` too); an UPDATE that changed only ignored columns, or (optionally) nothing,
   is not recorded.
 """
 
@@ -257,8 +257,8 @@ class Stitcher:
         masked, ignored = (tracking.columns(rel.namespace, rel.name, names) if tracking is not None
                            else (frozenset(), frozenset()))
         formats = [self.values.format(c.type_oid) for c in rel.columns]
-        for i in masked:  # a masked column's value is formatted straight into its marker
-            formats[i] = self._masker(formats[i])
+        for i in masked:  # a masked column's value is formatted straight into its marker (a key per column)
+            formats[i] = self._masker(formats[i], tr.column_key(self.masking_key, rel.namespace, rel.name, names[i]))
         self.relations[rel.relid] = _Rel(
             relation=rel,
             keys=[json.dumps(n, ensure_ascii=False) + ":" for n in names],
@@ -270,8 +270,8 @@ class Stitcher:
             ignored=ignored,
         )
 
-    def _masker(self, fmt: Callable[[bytes], str]) -> Callable[[bytes], str]:
-        key, mask, canonical = self.masking_key, tr.mask_text, tr.canonical
+    def _masker(self, fmt: Callable[[bytes], str], key: bytes) -> Callable[[bytes], str]:
+        mask, canonical = tr.mask_text, tr.canonical
 
         def masked(value: bytes) -> str:
             return mask(key, canonical(fmt(value)))

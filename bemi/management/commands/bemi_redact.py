@@ -23,15 +23,19 @@ from psycopg import sql
 from bemi import conf
 from bemi import tracking as tr
 from bemi.models import BemiChange
+from bemi.worker.stitch import PRIMARY_KEY_MAX
 
 #: Values held per batch at most (their stored size), whatever --batch-size says.
 MAX_BATCH_BYTES = 16 * 1024 * 1024
 
+# A value that is not NULL and not a marker of this version (a raw value, or a marker of an earlier
+# version, keyed alike for every column: re-keyed per column).
 NOT_MASKED = sql.SQL(
     "EXISTS (SELECT 1 FROM pg_catalog.jsonb_each({side}) e WHERE e.key OPERATOR(pg_catalog.~) %s "
     "AND pg_catalog.jsonb_typeof(e.value) OPERATOR(pg_catalog.<>) 'null' "
-    "AND NOT pg_catalog.starts_with(e.value OPERATOR(pg_catalog.#>>) '{{}}', %s))"
+    "AND (e.value OPERATOR(pg_catalog.#>>) '{{}}') OPERATOR(pg_catalog.!~) %s)"
 )
+MARKER_REGEX = "^" + tr.MARKER.pattern.replace("\\Z", "$")
 
 
 def _table_condition(patterns: list[tr.Pattern]) -> tuple[sql.Composable, list[Any]]:
@@ -48,7 +52,7 @@ def _masked_condition(patterns: list[tr.Pattern]) -> tuple[sql.Composable, list[
         parts.append(sql.SQL('("schema" OPERATOR(pg_catalog.~) %s AND "table" OPERATOR(pg_catalog.~) %s AND ({} OR {}))')
                      .format(NOT_MASKED.format(side=sql.Identifier("before")),
                              NOT_MASKED.format(side=sql.Identifier("after"))))
-        params += [p.schema, p.table, p.column, tr.MASK_PREFIX, p.column, tr.MASK_PREFIX]
+        params += [p.schema, p.table, p.column, MARKER_REGEX, p.column, MARKER_REGEX]
     return (sql.SQL(" OR ").join(parts) if parts else sql.SQL("false")), params
 
 
@@ -125,9 +129,10 @@ class Command(BaseCommand):
         # A batch is bounded by rows and by the bytes its values take (as stored): first the ids and sizes.
         sizes = sql.SQL("SELECT id, pg_catalog.pg_column_size(before) + pg_catalog.pg_column_size(after) "
                         "FROM {t} WHERE ({c}) AND id > %s ORDER BY id LIMIT %s").format(t=self.table, c=condition)
-        select = sql.SQL('SELECT id, "schema", "table", before, after FROM {t} '
+        select = sql.SQL('SELECT id, "schema", "table", primary_key, before, after FROM {t} '
                          "WHERE id = ANY (%s::pg_catalog.uuid[]) ORDER BY id FOR UPDATE").format(t=self.table)
-        update = sql.SQL("UPDATE {t} SET before = %s::jsonb, after = %s::jsonb WHERE id = %s").format(t=self.table)
+        update = sql.SQL("UPDATE {t} SET primary_key = %s, before = %s::jsonb, after = %s::jsonb "
+                         "WHERE id = %s").format(t=self.table)
         conn = self.connection
         conn.ensure_connection()
         sizes_text = sizes.as_string(conn.connection)
@@ -150,13 +155,13 @@ class Command(BaseCommand):
                 if not rows:  # deleted meanwhile: go on after them
                     last = str(ids[-1])
                     continue
-                for change_id, schema, table, before, after in rows:
+                for change_id, schema, table, primary_key, before, after in rows:
                     columns = [p for p in patterns if p.matches_table(schema, table)]
-                    before = _load(before)
-                    after = _load(after)
-                    new_before = _mask_object(before, columns, key)
-                    new_after = _mask_object(after, columns, key)
-                    cursor.execute(update_text, [json.dumps(new_before), json.dumps(new_after), change_id])
+                    masker = _RowMasker(key, schema, table, columns, primary_key)
+                    new_before = masker.mask(_load(before))
+                    new_after = masker.mask(_load(after))
+                    cursor.execute(update_text, [masker.primary_key, json.dumps(new_before), json.dumps(new_after),
+                                                 change_id])
                     last = str(change_id)
                 done += len(rows)
             self._bar("masking values", done, total)
@@ -182,8 +187,73 @@ def _load(value: Any) -> Any:
     return json.loads(value) if isinstance(value, (str, bytes)) else value
 
 
-def _mask_object(values: Any, patterns: list[tr.Pattern], key: bytes) -> Any:
-    if not isinstance(values, dict):
-        return values
-    return {column: (tr.mask_json_value(key, value) if any(p.matches_column(column) for p in patterns) else value)
-            for column, value in values.items()}
+class _RowMasker:
+    """Masks the masked columns of one change, and its ``primary_key`` where a masked column is (part of) it.
+
+    The primary key is stored as the column's text (one column) or a JSON array (several): the part
+    equal to a masked column's value becomes that value's marker, as the worker writes it.
+    """
+
+    def __init__(self, key: bytes, schema: str, table: str, patterns: list[tr.Pattern], primary_key: str | None):
+        self.key, self.schema, self.table, self.patterns = key, schema, table, patterns
+        self.primary_key = primary_key
+        self.composite = False
+        self.parts: list[Any] = [] if primary_key is None else [primary_key]
+        if primary_key is not None and primary_key.startswith("["):
+            try:
+                parts = json.loads(primary_key)
+            except ValueError:
+                parts = None
+            if isinstance(parts, list):
+                self.parts, self.composite = parts, True
+        self._keys: dict[str, bytes] = {}
+        self._legacy: dict[tuple[str, str], str] = {}  # (column, earlier marker) -> its marker now
+
+    def mask(self, values: Any) -> Any:
+        if not isinstance(values, dict):
+            return values
+        return {column: (self._mask(column, value) if any(p.matches_column(column) for p in self.patterns)
+                         else value)
+                for column, value in values.items()}
+
+    def _mask(self, column: str, value: Any) -> Any:
+        if value is None or tr.is_marker(value):
+            return value
+        key = self._keys.get(column)
+        if key is None:
+            key = self._keys[column] = tr.column_key(self.key, self.schema, self.table, column)
+        if isinstance(value, str) and tr.LEGACY_MARKER.match(value):
+            # An earlier version's marker: the primary key may hold it (the worker masked it), or the raw
+            # value whose legacy marker it is (an earlier bemi_redact left it): then the value's own marker.
+            resolved = self._legacy.get((column, value))
+            if resolved is not None:  # seen in before, now in after
+                return resolved
+            resolved = tr.rekey_legacy(key, value)
+            for i, part in enumerate(self.parts):
+                text = part if isinstance(part, str) else json.dumps(part)
+                if text == value:
+                    self._set_part(i, resolved)
+                elif tr.legacy_marker(self.key, text.encode("utf-8", "surrogatepass")) == value:
+                    resolved = tr.mask_json_value(key, part)
+                    self._set_part(i, resolved)
+                    break
+            self._legacy[(column, value)] = resolved
+            return resolved
+        marker = tr.mask_json_value(key, value)
+        for i, part in enumerate(self.parts):
+            if part == value or (not self.composite and part == _text(value)[:PRIMARY_KEY_MAX]):
+                self._set_part(i, marker)
+        return marker
+
+    def _set_part(self, i: int, marker: str) -> None:
+        self.parts[i] = marker
+        if self.composite:
+            text = "[" + ",".join(json.dumps(p, ensure_ascii=False) for p in self.parts) + "]"
+        else:
+            text = marker
+        self.primary_key = text[:PRIMARY_KEY_MAX]
+
+
+def _text(value: Any) -> str:
+    """A value as the worker stores a one-column primary key: a string's own text, other values' JSON."""
+    return value if isinstance(value, str) else json.dumps(value)

@@ -13,9 +13,9 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
-from bemi.limits import DEFAULT_MAX_SQL_BYTES, MAX_CONTEXT_BYTES
+from bemi.limits import DEFAULT_MAX_CONTEXT_BYTES, DEFAULT_MAX_SQL_BYTES, MAX_CONTEXT_BYTES
 
-__all__ = ["MAX_CONTEXT_BYTES", "max_sql_bytes", "context_function_path", "context_function"]
+__all__ = ["MAX_CONTEXT_BYTES", "max_context_bytes", "max_sql_bytes", "context_function_path", "context_function"]
 
 _resolved: dict[str, Callable[[Any], Any]] = {}
 
@@ -28,7 +28,7 @@ def max_sql_bytes() -> int:
 
     Default 4096 (``bemi.limits.DEFAULT_MAX_SQL_BYTES``); longer SQL is cut
     and ends with ``... [truncated by bemi]``. The whole context stays under
-    ``MAX_CONTEXT_BYTES`` whatever this says. Read once, again after
+    ``max_context_bytes()`` whatever this says. Read once, again after
     ``override_settings`` changes it.
     """
     if _max_sql_bytes:
@@ -40,9 +40,33 @@ def max_sql_bytes() -> int:
     return value
 
 
+_max_context_bytes: list[int] = []
+
+
+def max_context_bytes() -> int:
+    """``BEMI_MAX_CONTEXT_BYTES``: the largest context JSON (the dict and its ``"SQL"``) the wrapper sends.
+
+    Default 16,384 (``bemi.limits.DEFAULT_MAX_CONTEXT_BYTES``); at most
+    ``MAX_CONTEXT_BYTES`` (1,000,000), what the worker accepts. The SQL is cut
+    to fit; a dict larger on its own is not sent (a warning). Read once, again
+    after ``override_settings`` changes it.
+    """
+    if _max_context_bytes:
+        return _max_context_bytes[0]
+    value = getattr(settings, "BEMI_MAX_CONTEXT_BYTES", DEFAULT_MAX_CONTEXT_BYTES)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= MAX_CONTEXT_BYTES:
+        raise ImproperlyConfigured(
+            f"BEMI_MAX_CONTEXT_BYTES must be an int from 1 to {MAX_CONTEXT_BYTES} (what the worker accepts), "
+            f"not {value!r}.")
+    _max_context_bytes.append(value)
+    return value
+
+
 def _setting_changed(setting: str, **kwargs: Any) -> None:
     if setting == "BEMI_MAX_SQL_BYTES":
         _max_sql_bytes.clear()
+    if setting == "BEMI_MAX_CONTEXT_BYTES":
+        _max_context_bytes.clear()
 
 
 setting_changed.connect(_setting_changed, dispatch_uid="bemi.conf.max_sql_bytes")

@@ -31,7 +31,7 @@ from django.core.serializers.json import DjangoJSONEncoder
 from django.db import connections, transaction
 from django.db.backends.signals import connection_created
 
-from bemi.conf import MAX_CONTEXT_BYTES, max_sql_bytes
+from bemi.conf import max_context_bytes, max_sql_bytes
 from bemi.appcontext import ContextError, Frame, current_frame
 from bemi.statements import is_tracked_write, may_write
 
@@ -336,11 +336,13 @@ _PAYLOAD_CACHE_MAX_LEN = 16384
 def _splice(prefix: str, prefix_bytes: int, sql: str, utf8: bool) -> str:
     sql_json = _sql_json(sql, utf8)
     size = _nbytes(sql_json)
-    room = MAX_CONTEXT_BYTES - prefix_bytes - 1
+    total = max_context_bytes()
+    room = total - prefix_bytes - 1
     limit = max_sql_bytes()
     if size > limit or size > room:
         if room < limit:  # the context itself is large: worth a warning (BEMI_MAX_SQL_BYTES cuts silently)
-            _warn_once("sql-truncated", f"the SQL in the context was cut to keep it under {MAX_CONTEXT_BYTES} bytes")
+            _warn_once("sql-truncated", f"the SQL in the context was cut to keep it under {total} bytes "
+                       "(BEMI_MAX_CONTEXT_BYTES)")
         sql_json = _truncated_sql_json(sql, min(limit, room), utf8)
     return prefix + sql_json + "}"
 
@@ -365,8 +367,10 @@ def _serialise_head(frame: Frame, utf8: bool) -> tuple[str | None, int, bool]:
         size = _nbytes(prefix)
     except UnicodeEncodeError:  # lone surrogates: only valid as \u escapes
         return _serialise_head(frame, False) if utf8 else (None, 0, utf8)
-    if size + len('""}') > MAX_CONTEXT_BYTES:
-        _warn_once("too-large", f"the context is {size} bytes of JSON, over the {MAX_CONTEXT_BYTES} bytes limit")
+    total = max_context_bytes()
+    if size + len('""}') > total:
+        _warn_once("too-large", f"the context is {size} bytes of JSON, over the {total} bytes limit "
+                   "(BEMI_MAX_CONTEXT_BYTES)")
         return None, 0, utf8
     return prefix, size, utf8
 

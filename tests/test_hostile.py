@@ -43,6 +43,13 @@ HOSTILE_STRINGS = {
 
 
 @pytest.fixture(autouse=True)
+def largest_contexts(settings):
+    """Hostile values of up to 1 MB: BEMI_MAX_CONTEXT_BYTES raised to what the worker accepts (the
+    default, 16 KB, is tested at the end)."""
+    settings.BEMI_MAX_CONTEXT_BYTES = MAX_CONTEXT_BYTES
+
+
+@pytest.fixture(autouse=True)
 def fresh_warnings():
     wrapper._warned.clear()
     yield
@@ -301,3 +308,36 @@ def test_non_utf8_server_gets_ascii_escaped_json(pg_server):
         other.close()
         with psycopg.connect(pg_server.dsn(), autocommit=True) as admin:
             admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+def test_the_whole_context_is_bounded_by_default(wal, caplog, settings):
+    """Issue 18: BEMI_MAX_SQL_BYTES bounded only the SQL; a dict of up to 1 MB was stored on every row."""
+    from bemi.limits import DEFAULT_MAX_CONTEXT_BYTES
+
+    del settings.BEMI_MAX_CONTEXT_BYTES  # the default
+    caplog.set_level(logging.WARNING, logger="bemi")
+    sql = "INSERT INTO ctxapp_item (name, qty, note) VALUES " + ", ".join(f"('bulk{i}', {i}, '')" for i in range(300))
+    with bemi.context(note="n" * (DEFAULT_MAX_CONTEXT_BYTES - 1000)), connection.cursor() as cursor:
+        cursor.execute(sql)  # 6 KB of SQL, room for 1 KB
+    with bemi.context(note="n" * DEFAULT_MAX_CONTEXT_BYTES):  # alone over the limit: not sent
+        Item.objects.create(name="too big")
+    messages = [m for m, _ in tracked(wal.read())]
+    assert len(messages) == 1
+    assert DEFAULT_MAX_CONTEXT_BYTES - 1000 < len(messages[0].content.encode()) <= DEFAULT_MAX_CONTEXT_BYTES
+    assert messages[0].json["SQL"].endswith(wrapper.TRUNCATED)
+    assert Item.objects.filter(name="too big").exists()
+    causes = sorted(r.getMessage().split("(", 1)[1].split(")", 1)[0] for r in caplog.records if r.name == "bemi")
+    assert causes == ["sql-truncated", "too-large"]
+
+
+def test_the_context_limit_is_a_checked_setting(settings):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from bemi.conf import max_context_bytes
+
+    settings.BEMI_MAX_CONTEXT_BYTES = 2048
+    assert max_context_bytes() == 2048
+    for bad in (0, MAX_CONTEXT_BYTES + 1, "4096", True):
+        settings.BEMI_MAX_CONTEXT_BYTES = bad
+        with pytest.raises(ImproperlyConfigured, match="BEMI_MAX_CONTEXT_BYTES"):
+            max_context_bytes()

@@ -259,3 +259,24 @@ def test_the_tokens_of_popular_packages_are_masked_by_default(env):
     assert "9944b09199c62bcf9418ad846dd0e4bbdfc6ee4b" not in json.dumps(row, default=str)
     assert tr.is_marker(row["primary_key"]) and row["after"]["key"] == row["primary_key"]
     assert row["after"]["user_id"] == 1
+
+
+def test_a_table_named_with_a_newline_cannot_forge_a_log_line(env, caplog):
+    """Issue 18: table names went into the worker's log as they are; any role that may create a table
+    could start a line of its own ("... ERROR ...") in what operators read after an incident."""
+    import logging
+
+    forged = "evil\n2026-12-02 04:00:00,000 ERROR bemi.worker: forged\x1b[2K"
+    env.execute('CREATE TABLE public."%s" (a int)' % forged)  # no primary key: the worker says so
+    env.execute('ALTER TABLE public."%s" REPLICA IDENTITY DEFAULT' % forged)
+    env.made.append('DROP TABLE public."%s"' % forged)
+    if env.execute("SELECT 1 FROM pg_publication_tables WHERE pubname = %s AND tablename = %s",
+                   [env.publication, forged]):  # published by the event trigger: let the worker find it anew
+        env.execute('ALTER PUBLICATION "%s" DROP TABLE public."%s"' % (env.publication, forged))
+    caplog.set_level(logging.INFO, logger="bemi.worker")
+    env.run_once()
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("bemi")]
+    about = [m for m in messages if "evil" in m]
+    assert about, messages
+    assert all("\n" not in m and "\x1b" not in m for m in messages)
+    assert any(repr(forged) in m for m in about)

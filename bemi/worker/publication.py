@@ -14,6 +14,7 @@ import psycopg
 from psycopg import errors, sql
 
 from bemi.worker.errors import WorkerError
+from bemi.worker.shown import qualified, shown
 
 __all__ = ["Publication", "MANAGED_PUBLICATION_COMMENT"]
 
@@ -130,15 +131,15 @@ class Publication:
                 try:
                     self.control.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
                         pub, sql.Identifier(schema, name)))
-                    log.info("not tracked any more (tracking settings): removed %s.%s from publication %s",
-                             schema, name, self.publication)
+                    log.info("not tracked any more (tracking settings): removed %s from publication %s",
+                             qualified(schema, name), shown(self.publication))
                 except (errors.UndefinedObject, errors.UndefinedTable, errors.LockNotAvailable) as exc:
-                    log.info("will retry removing %s.%s from the publication: %s", schema, name, exc)
+                    log.info("will retry removing %s from the publication: %s", qualified(schema, name), shown(exc))
         added = []
         for _oid, schema, name, ident, has_pk, has_ident_index, owned, published in rows:
             usable = ident == "f" or (ident == "d" and has_pk) or (ident == "i" and has_ident_index)
             table = sql.Identifier(schema, name)
-            label = f"{schema}.{name}"
+            label = qualified(schema, name)  # for the log: a name can hold a newline
             if not usable:
                 if owned or self.superuser:
                     try:
@@ -147,7 +148,7 @@ class Publication:
                                     "published without a replica identity its UPDATE/DELETE would fail", label)
                         usable = True
                     except psycopg.Error as exc:
-                        log.warning("could not set REPLICA IDENTITY FULL on %s: %s", label, exc)
+                        log.warning("could not set REPLICA IDENTITY FULL on %s: %s", label, shown(exc))
                 if not usable:
                     if published:
                         self.control.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(pub, table))
@@ -155,7 +156,7 @@ class Publication:
                         self._missing_identity_logged.add(label)
                         log.warning("not tracking %s: it has no primary key or replica identity and we "
                                     "may not set one (run ALTER TABLE %s REPLICA IDENTITY FULL; as its owner)",
-                                    label, table.as_string(self.control))
+                                    label, shown(table.as_string(self.control)))
                     continue
             if not published:
                 try:
@@ -164,11 +165,11 @@ class Publication:
                     if label not in self._missing_identity_logged:
                         self._missing_identity_logged.add(label)
                         log.warning("not tracking %s: %s (the table's owner must run the worker, or "
-                                    "ALTER PUBLICATION %s ADD TABLE %s;)", label, exc, self.publication,
-                                    table.as_string(self.control))
+                                    "ALTER PUBLICATION %s ADD TABLE %s;)", label, shown(exc), shown(self.publication),
+                                    shown(table.as_string(self.control)))
                     continue
                 except (errors.DuplicateObject, errors.LockNotAvailable, errors.UndefinedTable) as exc:
-                    log.info("will retry adding %s to the publication: %s", label, exc)
+                    log.info("will retry adding %s to the publication: %s", label, shown(exc))
                     continue
                 added.append(label)
         if added:

@@ -35,6 +35,7 @@ from bemi.worker.partitions import DEFAULT_INTERVAL, Partitions
 from bemi.worker.errors import WorkerError, check_slot
 from bemi.worker.sink import Checkpoint, Sink, is_rejection
 from bemi.worker.source import KEEPALIVE, MIN_PSYCOPG, ConnectionLost, Source, Stream
+from bemi.worker.shown import shown
 from bemi.worker.stats import WorkerStats
 from bemi.worker.stitch import ChangeRow, Stitcher
 from bemi.worker.tracked import TrackedTables
@@ -472,8 +473,8 @@ class Worker:
             for row, error in failed:
                 log.error("dead letter: change %d of the transaction committed at %s (%s.%s %s, primary key %s) "
                           "was rejected by the destination: %s; stored in _bemi_worker_failures",
-                          row.change_index, po.int_to_lsn(row.commit_position), row.schema, row.table,
-                          row.operation, row.primary_key, _one_line(error))
+                          row.change_index, po.int_to_lsn(row.commit_position), shown(row.schema), shown(row.table),
+                          row.operation, shown(row.primary_key), _one_line(error))
         else:
             try:
                 sink.write(rows, queued_at)
@@ -545,7 +546,7 @@ class _Stopped(Exception):
 
 
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    return shown(" ".join(str(exc).split()) or type(exc).__name__)
 
 
 def _is_connection_error(exc: BaseException) -> bool:

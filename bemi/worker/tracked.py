@@ -29,6 +29,7 @@ from bemi import sql as bemi_sql
 from bemi import tracking as tr
 from bemi.trust import untrusted_tables
 from bemi.worker.errors import WorkerError
+from bemi.worker.shown import shown
 
 __all__ = ["TrackedTables"]
 
@@ -134,7 +135,7 @@ class TrackedTables:
         finally:
             self.control.remove_notice_handler(on_notice)
         for notice in notices:
-            log.info("%s", notice)
+            log.info("%s", shown(notice))  # names the tables: any role may name one with a newline
         log.info("triggers%s brought in line with the tracking settings", " and replica identity" if identity else "")
 
     def rules(self) -> str:

@@ -6,6 +6,7 @@
     todo.bemi_changes('is_completed')   # the changes that changed one field
     todo.bemi_as_of(when)               # the row as it was then (unsaved), or None
     Todo.bemi_history(todo.pk)          # every version, oldest first
+    Todo.bemi_table_as_of(when, is_completed=True)  # every row as it was then (a filter of their values then)
 
 The mixin adds no field and no database column.
 """
@@ -47,6 +48,13 @@ class BemiRecordMixin:
     def bemi_as_of(self, when: dt.datetime) -> Any:
         """This row as it was at ``when`` (an unsaved instance), or None if it did not exist."""
         return _changes().as_of(type(self), self.pk, when)
+
+    @classmethod
+    def bemi_table_as_of(
+        cls, when: dt.datetime, filter: Any = None, *, using: str | None = None, masked: str = "raise", **lookups: Any
+    ) -> list[Any]:
+        """The model's rows as they were at ``when`` (unsaved instances), filtered by their values then."""
+        return _changes().table_as_of(cls, when, filter, using=using, masked=masked, **lookups)
 
     @classmethod
     def bemi_history(cls, primary_key: Any) -> Iterator["BemiVersion"]:

@@ -19,6 +19,7 @@ from django.db.models import BooleanField, Func, Q
 from django.db.models.fields.json import KeyTransform
 
 from bemi import timetravel
+from bemi.table_as_of import table_as_of
 from bemi.revert import RevertAction, revert as revert_changes
 
 #: Oldest-first order of changes: commit time, then the commit's WAL position
@@ -132,6 +133,17 @@ class BemiChangeQuerySet(models.QuerySet):
     def as_of(self, model_or_table: Any, primary_key: Any, when: datetime) -> Any:
         """The row as it was at ``when``: a model instance (unsaved) or a dict, or None."""
         return timetravel.as_of(self, model_or_table, primary_key, when)
+
+    def table_as_of(
+        self, model_or_table: Any, when: datetime, filter: Any = None, *, using: str | None = None,
+        masked: str = "raise", **lookups: Any,
+    ) -> list[Any]:
+        """Every row of a table as it was at ``when`` (unsaved instances, or dicts for a table name).
+
+        ``filter`` (a ``Q``, a dict of lookups or a queryset of the model) and ``lookups`` select
+        rows by their values at ``when``; see ``bemi.table_as_of``.
+        """
+        return table_as_of(self, model_or_table, when, filter, using=using, masked=masked, **lookups)
 
     def revert(self, *, force: bool = False, using: str | None = None) -> list[RevertAction]:
         """Undo these changes, newest first, in one transaction (see ``bemi.revert``)."""

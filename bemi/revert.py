@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from django.apps import apps
 from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, router, transaction
@@ -26,6 +26,8 @@ from django.db.models import Q
 from psycopg import sql
 
 from bemi.appcontext import context as bemi_context
+from bemi.sourcetable import SourceTable, SourceTableError
+from bemi.tracking import MASK_PREFIX
 
 if TYPE_CHECKING:  # pragma: no cover
     from bemi.models import BemiChange
@@ -96,13 +98,16 @@ def revert(
     connection = connections[using]
     actions = []
     checked: set[tuple[str, str, str | None]] = set()
-    tables: dict[tuple[str, str], _Table] = {}
+    tables: dict[tuple[str, str], SourceTable] = {}
     with transaction.atomic(using=using), connection.cursor() as cursor:
         for change in selected:
             row = (change.schema, change.table, change.primary_key)
             table = tables.get(row[:2])
             if table is None:
-                table = tables[row[:2]] = _Table(cursor, connection, change.schema, change.table)
+                try:
+                    table = tables[row[:2]] = SourceTable(cursor, connection, change.schema, change.table)
+                except SourceTableError as error:
+                    raise RevertError(str(error)) from error
             if row not in checked:  # the newest change of this row: is the row still as it left it?
                 checked.add(row)
                 if _check_current_row(cursor, table, change, force):
@@ -130,6 +135,20 @@ def _source_alias(changes: Iterable["BemiChange"]) -> str:
 
 def _check_later_changes(changes: "BemiChangeQuerySet", selected: list["BemiChange"]) -> None:
     """Refuse if a change outside the set touched a row after a change in the set."""
+    for first, later in _later_changes(changes, selected):
+        raise RevertConflict(
+            f"Cannot revert {_describe(first)}: {_describe(later)} changed the row after it. "
+            "Revert that change too (add it to the set; newer changes are undone first), "
+            "or pass revert(force=True) to overwrite it.",
+            first,
+            later,
+        )
+
+
+def _later_changes(
+    changes: "BemiChangeQuerySet", selected: list["BemiChange"]
+) -> Iterator[tuple["BemiChange", "BemiChange"]]:
+    """``(oldest change of a row in the set, a change outside the set after it)``, for each such change."""
     oldest: dict[tuple[str, str, str | None], "BemiChange"] = {}
     for change in selected:  # newest first: the last one seen per row is its oldest
         oldest[(change.schema, change.table, change.primary_key)] = change
@@ -144,84 +163,10 @@ def _check_later_changes(changes: "BemiChangeQuerySet", selected: list["BemiChan
         for later in manager.filter(condition).asc():
             first = oldest.get((later.schema, later.table, later.primary_key))
             if later.id not in ids and first is not None and _key(later) > _key(first):
-                raise RevertConflict(
-                    f"Cannot revert {_describe(first)}: {_describe(later)} changed the row after it. "
-                    "Revert that change too (add it to the set; newer changes are undone first), "
-                    "or pass revert(force=True) to overwrite it.",
-                    first,
-                    later,
-                )
+                yield first, later
 
 
-class _Table:
-    """A source table as the catalog names it: quoted name, primary key column, writable columns.
-
-    Every identifier is quoted by ``psycopg.sql.Identifier`` (Django's
-    ``quote_name`` does not double an embedded ``"``: a column named
-    ``x") = (SELECT 1); DELETE FROM victim; --`` would run the ``DELETE``), and
-    the names are the catalog's, not the recorded change's. ``%`` in a name is
-    doubled: the composed text goes through Django's cursor with parameters.
-    """
-
-    def __init__(self, cursor: Any, connection: Any, schema: str, name: str) -> None:
-        self.name = name
-        self._raw = connection.connection  # the psycopg connection (for quoting)
-        self.qualified = self.ident(schema, name)  # for messages until the catalog answers
-        cursor.execute(
-            "SELECT c.oid, n.nspname, c.relname FROM pg_catalog.pg_class c "
-            "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
-            "WHERE n.nspname OPERATOR(pg_catalog.=) %s::name AND c.relname OPERATOR(pg_catalog.=) %s::name "
-            "AND c.relkind IN ('r', 'p')",
-            [schema, name],
-        )
-        found = cursor.fetchone()
-        if found is None:
-            raise RevertError(f"Table {self.qualified} does not exist on this database: pass revert(using=<alias of the source database>).")
-        oid, schema, name = found
-        self.qualified = self.ident(schema, name)
-        cursor.execute(
-            "SELECT a.attname, a.attgenerated OPERATOR(pg_catalog.<>) '' FROM pg_catalog.pg_attribute a "
-            "WHERE a.attrelid OPERATOR(pg_catalog.=) %s::oid AND a.attnum OPERATOR(pg_catalog.>) 0 "
-            "AND NOT a.attisdropped ORDER BY a.attnum",
-            [oid],
-        )
-        self.columns = [column for column, generated in cursor.fetchall() if not generated]
-        cursor.execute(
-            "SELECT a.attname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_attribute a "
-            "ON a.attrelid OPERATOR(pg_catalog.=) i.indrelid AND a.attnum OPERATOR(pg_catalog.=) ANY(i.indkey) "
-            "WHERE i.indrelid OPERATOR(pg_catalog.=) %s::oid AND i.indisprimary",
-            [oid],
-        )
-        keys = [r[0] for r in cursor.fetchall()]
-        if len(keys) != 1:
-            raise RevertError(f"Table {self.qualified} has no single-column primary key; revert works row by row and needs one.")
-        self.pk = keys[0]
-
-    def ident(self, *names: str) -> str:
-        """``"schema"."name"`` or ``"column"``, quoted by psycopg, ready for a query with parameters."""
-        return sql.Identifier(*names).as_string(self._raw).replace("%", "%%")
-
-    def query(self, template: str, columns: Sequence[str] = ()) -> str:
-        """``template`` with ``{table}``, ``{where_pk}``, ``{columns}`` and ``{r_columns}`` filled in."""
-        return sql.SQL(template).format(
-            table=sql.SQL(self.qualified),
-            where_pk=self.where_pk(),
-            columns=sql.SQL(", ").join(sql.SQL(self.ident(c)) for c in columns),
-            r_columns=sql.SQL(", ").join(sql.SQL("r.{}").format(sql.SQL(self.ident(c))) for c in columns),
-        ).as_string(self._raw)
-
-    def where_pk(self) -> sql.Composable:
-        """``pk = <the text primary key converted to the column's type>`` (keeps the index usable)."""
-        return sql.SQL(
-            "{pk} = (SELECT r.{pk} FROM pg_catalog.jsonb_populate_record(NULL::{table}, "
-            "pg_catalog.jsonb_build_object(%s::text, %s::text)) r)"
-        ).format(pk=sql.SQL(self.ident(self.pk)), table=sql.SQL(self.qualified))
-
-    def known(self, values: dict) -> list[str]:
-        return [c for c in self.columns if c in values]
-
-
-def _check_current_row(cursor: Any, table: _Table, change: "BemiChange", force: bool) -> bool:
+def _check_current_row(cursor: Any, table: SourceTable, change: "BemiChange", force: bool) -> bool:
     """Lock the row and check it is as ``change`` left it; True means nothing is left to undo."""
     cursor.execute(
         table.query("SELECT pg_catalog.to_jsonb(t) @> %s::jsonb FROM {table} t WHERE {where_pk} FOR UPDATE"),
@@ -254,7 +199,23 @@ def _check_current_row(cursor: Any, table: _Table, change: "BemiChange", force: 
     return False
 
 
-def _undo(cursor: Any, table: _Table, change: "BemiChange") -> RevertAction:
+def _masked(change: "BemiChange", columns: Iterable[str]) -> list[str]:
+    """The columns among ``columns`` whose ``before`` is a masked value's digest (never its value)."""
+    before = change.before or {}
+    return [c for c in columns if isinstance(before.get(c), str) and before[c].startswith(MASK_PREFIX)]
+
+
+def _refuse_masked(table: SourceTable, change: "BemiChange", columns: Iterable[str]) -> None:
+    masked = _masked(change, columns)
+    if masked:
+        raise RevertError(
+            f"Cannot revert {_describe(change)}: the value of {', '.join(masked)} before it is masked "
+            "(BEMI_MASKED_COLUMNS): the history holds a digest, not the value, and writing the digest "
+            f"would corrupt {table.qualified}. Set the column yourself, or exclude this change."
+        )
+
+
+def _undo(cursor: Any, table: SourceTable, change: "BemiChange") -> RevertAction:
     action = INVERSE[change.operation]
     pk_args = [table.pk, change.primary_key]
     if change.operation == "CREATE":
@@ -270,6 +231,7 @@ def _undo(cursor: Any, table: _Table, change: "BemiChange") -> RevertAction:
         columns = [c for c in table.known(change.before) if c in changed]
         if not columns:
             return RevertAction(change.id, change.table, change.primary_key, change.operation, "NOTHING")
+        _refuse_masked(table, change, columns)
         cursor.execute(
             table.query(
                 "UPDATE {table} SET ({columns}) = (SELECT {r_columns} FROM "
@@ -280,6 +242,7 @@ def _undo(cursor: Any, table: _Table, change: "BemiChange") -> RevertAction:
         )
     else:
         columns = table.known(change.before)
+        _refuse_masked(table, change, columns)
         try:
             with transaction.atomic(using=cursor.db.alias):
                 cursor.execute(
@@ -306,3 +269,94 @@ def _json(values: dict) -> str:
 def _revert_context(change: "BemiChange") -> Any:
     """Label the revert's own writes with the change they undo (``bemi.context``, added to the current one)."""
     return bemi_context(bemi_revert=str(change.id))
+
+
+@dataclass(frozen=True)
+class RevertStep:
+    """What ``revert()`` would do for one change, and what stops it, read without writing anything.
+
+    ``values``: the columns it would write and their recorded values (UPDATE: the columns the
+    change modified, back to ``before``; INSERT: the row as it was deleted; DELETE: none).
+    ``current``: the row now, as ``to_jsonb`` shows it (None: absent). ``problems``: why
+    ``revert()`` would refuse (conflicts first; ``force=True`` overrides those that say so).
+    """
+
+    change: "BemiChange"
+    action: str
+    values: dict
+    current: dict | None
+    problems: tuple[str, ...]
+
+
+def preview(changes: "BemiChangeQuerySet", *, using: str | None = None) -> list[RevertStep]:
+    """What ``revert(changes)`` would do, newest first, with every problem it would stop at; writes nothing."""
+    selected = list(changes.desc())
+    if not selected:
+        return []
+    problems: dict[Any, list[str]] = {c.id: [] for c in selected}
+    for change in selected:
+        if change.operation not in REVERSIBLE:
+            problems[change.id].append(f"only CREATE, UPDATE and DELETE can be undone, not {change.operation}")
+    reversible = [c for c in selected if c.operation in REVERSIBLE]
+    for first, later in _later_changes(changes, reversible):
+        problems[first.id].append(f"conflict: {_describe(later)} changed the row after it (force overrides)")
+    if not reversible:
+        return [RevertStep(c, "NOTHING", {}, None, tuple(problems[c.id])) for c in selected]
+    using = using or _source_alias(reversible)
+    connection = connections[using]
+    steps = []
+    seen: set[tuple[str, str, str | None]] = set()
+    tables: dict[tuple[str, str], SourceTable | None] = {}
+    with connection.cursor() as cursor:
+        for change in selected:
+            found = problems[change.id]
+            key = (change.schema, change.table)
+            if key not in tables:
+                try:
+                    tables[key] = SourceTable(cursor, connection, change.schema, change.table)
+                except SourceTableError as error:
+                    tables[key] = None
+                    found.append(str(error))
+            table = tables[key]
+            if change.operation not in REVERSIBLE or table is None:
+                steps.append(RevertStep(change, "NOTHING", {}, None, tuple(found)))
+                continue
+            cursor.execute(
+                table.query("SELECT pg_catalog.to_jsonb(t)::pg_catalog.text, pg_catalog.to_jsonb(t) OPERATOR(pg_catalog.@>) %s::pg_catalog.jsonb "
+                            "FROM {table} t WHERE {where_pk}"),
+                [_json(change.after), table.pk, change.primary_key])
+            row = cursor.fetchone()
+            current = json.loads(row[0]) if row else None
+            if (change.schema, change.table, change.primary_key) not in seen:  # the row's newest change
+                seen.add((change.schema, change.table, change.primary_key))
+                found.extend(_current_row_problems(change, current, bool(row and row[1])))
+            values = _values_written(table, change)
+            if change.operation == "UPDATE" and not change.before:
+                found.append("its 'before' values were not recorded (no REPLICA IDENTITY FULL)")
+            masked = _masked(change, values)
+            if masked:
+                found.append(f"the value of {', '.join(masked)} before it is masked: the history holds a digest, "
+                             "not the value")
+            steps.append(RevertStep(change, INVERSE[change.operation], values, current, tuple(found)))
+    return steps
+
+
+def _values_written(table: SourceTable, change: "BemiChange") -> dict:
+    if change.operation == "UPDATE":
+        changed = set(change.diff())
+        return {c: change.before[c] for c in table.known(change.before or {}) if c in changed}
+    if change.operation == "DELETE":
+        return {c: change.before[c] for c in table.known(change.before or {})}
+    return {}
+
+
+def _current_row_problems(change: "BemiChange", current: dict | None, as_left: bool) -> list[str]:
+    """What ``_check_current_row`` would refuse, from the row as it is now."""
+    if change.operation == "DELETE":
+        return [] if current is None else ["a row with that primary key exists again"]
+    if current is None:
+        return ["conflict: the row no longer exists (deleted by a change not recorded yet; force overrides)"]
+    if not as_left:
+        return ["conflict: the row's current values differ from what the change left (force overrides)"]
+    return []
+

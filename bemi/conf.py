@@ -168,3 +168,14 @@ def tracking() -> Any:
 def masking_secret() -> str:
     """``BEMI_MASKING_KEY``, else ``SECRET_KEY``: what masked values are digested with."""
     return getattr(settings, "BEMI_MASKING_KEY", None) or settings.SECRET_KEY
+
+
+DEFAULT_ACTIVITY_CONTEXT_KEYS = ["user_id", "path", "job"]
+
+
+def activity_context_keys() -> list[str]:
+    """``BEMI_ACTIVITY_CONTEXT_KEYS``: the context keys the admin's activity page filters on and shows as columns."""
+    value = getattr(settings, "BEMI_ACTIVITY_CONTEXT_KEYS", DEFAULT_ACTIVITY_CONTEXT_KEYS)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(k, str) and k for k in value):
+        raise ImproperlyConfigured(f"BEMI_ACTIVITY_CONTEXT_KEYS must be a list of context keys, not {value!r}.")
+    return list(value)

@@ -50,6 +50,7 @@ class BemiChange(models.Model):
         ordering = list(CHRONOLOGICAL)
         verbose_name = "change"
         verbose_name_plural = "changes"
+        permissions = [("revert_change", "Can revert changes and restore deleted rows")]
 
     def __str__(self) -> str:
         when = self.committed_at.isoformat(sep=" ") if self.committed_at else "?"

@@ -220,7 +220,7 @@ def recoverable(model: type, after: tuple | None, size: int) -> tuple[list[BemiC
         page = deletes
         if after is not None:
             at, position, index = after
-            page = page.filter(Q(committed_at__lt=at) | Q(committed_at=at, commit_position__lt=position)
+            page = page.filter(committed_at__lte=at).filter(Q(committed_at__lt=at) | Q(committed_at=at, commit_position__lt=position)
                                | Q(committed_at=at, commit_position=position, change_index__lt=index))
         batch = list(page.desc()[: size + 1])
         if not batch:

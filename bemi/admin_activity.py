@@ -10,7 +10,6 @@ page costs what the first does.
 from __future__ import annotations
 
 import datetime as dt
-import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,23 +87,11 @@ class Filters:
             return None
 
 
-def context_condition(key: str, raw: str) -> Q:
-    """``context @> {key: value}``, matching the text and, when it parses as JSON (``42``, ``true``), that value."""
-    condition = Q(context__contains={key: raw})
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        return condition
-    if value != raw and not isinstance(value, (dict, list)):
-        condition |= Q(context__contains={key: value})
-    return condition
-
-
 def activity(filters: Filters, page_size: int | None = None) -> QuerySet:
     """The changes the filters select, newest first, from the page's keyset on, ``page_size + 1`` of them."""
     changes = BemiChange.objects.all()
     for key, raw in filters.context.items():
-        changes = changes.filter(context_condition(key, raw))
+        changes = changes.context_value(key, raw)
     if filters.table:
         schema, dot, table = filters.table.rpartition(".")
         changes = changes.filter(table=table, **({"schema": schema} if dot else {}))
@@ -116,7 +103,7 @@ def activity(filters: Filters, page_size: int | None = None) -> QuerySet:
         changes = changes.filter(committed_at__lt=filters.until)
     if filters.after:
         at, position, index = filters.after
-        changes = changes.filter(
+        changes = changes.filter(committed_at__lte=at).filter(  # the first bound lets the index start there
             Q(committed_at__lt=at)
             | Q(committed_at=at, commit_position__lt=position)
             | Q(committed_at=at, commit_position=position, change_index__lt=index)

@@ -11,6 +11,7 @@ time (they reach ``BemiChange`` through the queryset they are given).
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -65,6 +66,18 @@ class BemiChangeQuerySet(models.QuerySet):
     def context(self, values: dict) -> "BemiChangeQuerySet":
         """Changes made under a context containing these values."""
         return self.filter(context__contains=_require_dict("context", values))
+
+    def context_value(self, key: str, raw: str) -> "BemiChangeQuerySet":
+        """Changes whose context has ``key`` = ``raw`` as typed by a person: the text, or the JSON value it
+        reads as (``'42'`` matches ``{"user_id": 42}`` and ``{"user_id": "42"}``), both by containment."""
+        condition = Q(context__contains={key: raw})
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            return self.filter(condition)
+        if value != raw and not isinstance(value, (dict, list)):
+            condition |= Q(context__contains={key: value})
+        return self.filter(condition)
 
     def context_not(self, values: dict) -> "BemiChangeQuerySet":
         """Changes made under a context not containing these values."""

@@ -24,7 +24,7 @@ from django.contrib import admin
 from django.contrib.admin.utils import unquote
 from django.core.exceptions import PermissionDenied
 from django.core.paginator import Paginator
-from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.db.models import Exists, Model, OuterRef, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
 from django.urls import NoReverseMatch, path, reverse
@@ -201,7 +201,7 @@ class BemiHistoryAdminMixin:
         return TemplateResponse(request, self.bemi_history_template, context)
 
 
-def recoverable(model: type, after: tuple | None, size: int) -> tuple[list[BemiChange], bool]:
+def recoverable(model: type[Model], after: tuple | None, size: int) -> tuple[list[BemiChange], bool]:
     """The latest DELETE of each row of ``model`` not created again since (no later change, no row now).
 
     Newest first, one keyset page: ``NOT EXISTS`` a later change of the row (the primary_key index),

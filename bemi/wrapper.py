@@ -140,8 +140,9 @@ def _without_context(execute: Callable[..., Any], sql: Any, params: Any, many: b
         if _transaction_status(raw) != _INTRANS:
             db.__dict__.pop(LABELLED, None)  # that transaction ended: nothing to undo
             return execute(sql, params, many, context)
-        # Any statement that may run code that writes (SELECT f(), CALL, COPY...): when unsure, reset.
-        if type(sql) is not str or not may_write(sql) or _must_skip(db, raw) or not _connection_facts(db)[0]:
+        # Any statement that may run code that writes (SELECT f(), CALL, COPY, SQL given as psycopg.sql
+        # objects, which cannot be read here...): when unsure, reset.
+        if (type(sql) is str and not may_write(sql)) or _must_skip(db, raw) or not _connection_facts(db)[0]:
             return execute(sql, params, many, context)
     except Exception as exc:  # never break the application
         _warn_once("internal", f"{type(exc).__name__}: {exc}")
@@ -154,7 +155,7 @@ def _send(
     execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict, db: Any, raw: Any, payload: str
 ) -> Any:
     """Run ``sql`` after the message ``payload``, in one query string when the cursor allows it."""
-    if many or not _one_string_holds_two(raw):
+    if many or type(sql) is not str or not _one_string_holds_two(raw):
         return _execute_after_message(execute, sql, params, many, context, db, raw, payload)
 
     if params is None:  # psycopg will now interpolate: keep literal % signs literal

@@ -105,3 +105,16 @@ def test_after_the_context_ended_the_reset_is_sent_once_also_for_reads(wal):
     messages = [r.json for r in records if r.kind == "MESSAGE"]
     assert [{k: v for k, v in m.items() if k != "SQL"} for m in messages] == [{"user_id": 42}, {}]
     assert labels(records) == [("a", {"user_id": 42}), ("b", {})]
+
+
+def test_sql_given_as_psycopg_sql_objects_is_reset_too(wal):
+    """The wrapper cannot read a psycopg.sql.Composed: unsure whether it writes, it resets."""
+    from psycopg import sql
+
+    with transaction.atomic():
+        with bemi.context(user_id=42):
+            Item.objects.create(name="labelled")
+        with connection.cursor() as cursor:
+            cursor.execute(sql.SQL("INSERT INTO {} (name, qty, note) VALUES (%s, 0, '')").format(
+                sql.Identifier("ctxapp_item")), ["composed"])
+    assert labels(wal.read()) == [("labelled", {"user_id": 42}), ("composed", {})]

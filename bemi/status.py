@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -30,7 +29,6 @@ from psycopg.rows import dict_row, tuple_row
 from bemi.leftovers import find_leftovers
 from bemi.trust import BEMI_TABLES, untrusted_tables
 from bemi.worker import pgoutput as po
-from bemi.worker.source import LOCK_CLASS
 
 __all__ = ["Status", "collect", "connect", "render_text", "parse_bytes", "DEFAULT_MAX_LAG_SECONDS",
            "DEFAULT_MAX_RETAINED_BYTES", "EXIT_HEALTHY", "EXIT_UNHEALTHY", "EXIT_ERROR"]
@@ -86,7 +84,7 @@ def format_bytes(n: int | None) -> str:
 @dataclass
 class Worker:
     pid: int
-    via: str  # "replication connection" or "worker lock"
+    via: str  # "replication connection" or "slot held by a session"
     application_name: str | None = None
     client_addr: str | None = None
     backend_start: str | None = None
@@ -175,11 +173,6 @@ class Status:
         return json.dumps(self.as_dict(), indent=2, default=str)
 
 
-def lock_key(database: str, slot: str) -> int:
-    """The advisory lock a running worker holds (bemi/worker/source.py, Source.lock)."""
-    return zlib.crc32(f"{database}/{slot}".encode()) & 0x7FFFFFFF
-
-
 def _one(conn: psycopg.Connection, query: Any, params: Any = None) -> dict[str, Any] | None:
     with conn.cursor(row_factory=dict_row) as cur:
         cur.execute(query, params)
@@ -241,7 +234,10 @@ def _slot(conn: psycopg.Connection, name: str) -> tuple[Slot, int]:
 
 
 def _worker(conn: psycopg.Connection, slot: Slot, database: str) -> Worker | None:
-    """Who reads the slot: a replication connection holding it, or a worker holding its lock."""
+    """Who reads the slot: the replication connection holding it, or another session holding it.
+
+    Only the slot tells (only a role with REPLICATION can hold one); a worker that is starting or
+    reconnecting, not holding the slot at that moment, is not seen."""
     if slot.active and slot.active_pid:
         row = _one(conn, """
             SELECT a.application_name, a.client_addr::text AS client_addr, a.backend_start::text AS backend_start,
@@ -250,16 +246,6 @@ def _worker(conn: psycopg.Connection, slot: Slot, database: str) -> Worker | Non
             WHERE a.pid = %s::int4""", [slot.active_pid]) or {}
         if row.get("state") is not None:
             return Worker(pid=slot.active_pid, via="replication connection", **row)
-    holder = _one(conn, """
-        SELECT l.pid, a.application_name, a.client_addr::text AS client_addr,
-               a.backend_start::text AS backend_start
-        FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid
-        WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s::oid AND l.objid = %s::oid
-          AND l.objsubid = 2 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-          AND a.application_name IS DISTINCT FROM 'bemi-status'
-        LIMIT 1""", [LOCK_CLASS, lock_key(database, slot.name)])
-    if holder:
-        return Worker(via="worker lock", **holder)
     if slot.active and slot.active_pid:  # someone else holds the slot (not a bemi worker)
         row = _one(conn, "SELECT application_name, client_addr::text AS client_addr, "
                          "backend_start::text AS backend_start FROM pg_stat_activity WHERE pid = %s::int4",
@@ -365,36 +351,35 @@ def _first_waiting(conn: psycopg.Connection, slot: str, database: str, publicati
                    after_commit_lsn: int) -> tuple[datetime | None, str]:
     """Commit time of the first transaction the slot holds with changes for us (None: nothing waits).
 
-    Only called when no worker runs, holding the worker's lock for the moment of the peek (at
-    most ``PEEK_TIMEOUT``): a worker starting in that moment exits with status 3 and is
-    restarted by its supervisor, instead of both reading the slot at once.
+    Only called when no worker runs. The peek holds the slot for its moment (at most
+    ``PEEK_TIMEOUT``): a worker starting then waits for it (its application_name is
+    ``bemi-status``); a worker that took the slot first makes the peek fail (``_Busy``).
     """
     with conn.transaction():
-        got = _one(conn, "SELECT pg_try_advisory_xact_lock(%s::int4, %s::int4) AS got",
-                   [LOCK_CLASS, lock_key(database, slot)])
-        if not (got and got["got"]):
-            raise _Busy
         conn.execute("SELECT set_config('statement_timeout', %s::text, true)", [PEEK_TIMEOUT])
         # The server decodes a whole transaction at its commit record, whatever upto_nchanges says:
         # only the first 21 bytes of each message (a Begin's header; the kind of the others) are
         # sent, through a server-side cursor read in batches, so the status holds the same few
         # kilobytes whether the waiting transaction is one row or millions of large ones.
-        with conn.cursor(name="bemi_status_peek", binary=True) as cur:
-            cur.execute(
-                "SELECT pg_catalog.substr(data, 1, 21) FROM pg_catalog.pg_logical_slot_peek_binary_changes("
-                "%s::name, NULL::pg_lsn, %s::int4, 'proto_version', '1', 'publication_names', %s::text)",
-                [slot, 64, '"' + publication.replace('"', '""') + '"'])
-            begin: po.Begin | None = None
-            while rows := cur.fetchmany(1000):
-                for (data,) in rows:
-                    kind = bytes(data[:1])
-                    if kind == b"B":
-                        begin = po.decode(bytes(data))
-                    elif kind in (b"I", b"U", b"D", b"T") and begin is not None \
-                            and begin.final_lsn > after_commit_lsn:
-                        return begin.commit_time, "the first waiting transaction"
-                    elif kind == b"C":
-                        begin = None
+        try:
+            with conn.cursor(name="bemi_status_peek", binary=True) as cur:
+                cur.execute(
+                    "SELECT pg_catalog.substr(data, 1, 21) FROM pg_catalog.pg_logical_slot_peek_binary_changes("
+                    "%s::name, NULL::pg_lsn, %s::int4, 'proto_version', '1', 'publication_names', %s::text)",
+                    [slot, 64, '"' + publication.replace('"', '""') + '"'])
+                begin: po.Begin | None = None
+                while rows := cur.fetchmany(1000):
+                    for (data,) in rows:
+                        kind = bytes(data[:1])
+                        if kind == b"B":
+                            begin = po.decode(bytes(data))
+                        elif kind in (b"I", b"U", b"D", b"T") and begin is not None \
+                                and begin.final_lsn > after_commit_lsn:
+                            return begin.commit_time, "the first waiting transaction"
+                        elif kind == b"C":
+                            begin = None
+        except psycopg.errors.ObjectInUse:
+            raise _Busy from None
     return None, "nothing waiting"
 
 
@@ -467,7 +452,7 @@ def collect(source: psycopg.Connection, destination: psycopg.Connection | None =
                                                    _lsn(checkpoint.commit_lsn) if checkpoint else 0)
                 lag_seconds = 0.0 if first is None else round(max((now - first).total_seconds(), 0.0), 3)
             except (_Busy, psycopg.Error) as exc:
-                why = "a worker is starting" if isinstance(exc, _Busy) else str(exc).strip().splitlines()[0]
+                why = "a worker took the slot" if isinstance(exc, _Busy) else str(exc).strip().splitlines()[0]
                 if checkpoint and checkpoint.age_seconds is not None:
                     lag_seconds = checkpoint.age_seconds
                     lag_source = f"upper bound, the age of the last stored commit (could not peek: {why})"

@@ -118,7 +118,7 @@ def test_a_running_worker_is_named(worker_env):
     assert data["worker_running"] is True
     worker = data["worker"]
     assert worker["application_name"] == "bemi-worker"
-    assert worker["via"] in ("worker lock", "replication connection")  # SQL-function reader / streaming
+    assert worker["via"] == "replication connection"
     assert env.execute("SELECT application_name FROM pg_stat_activity WHERE pid = %s", [worker["pid"]]) == [
         ("bemi-worker",)]
     # With a worker running, waiting changes are its business: healthy even with a zero threshold.
@@ -127,23 +127,23 @@ def test_a_running_worker_is_named(worker_env):
 
 
 def test_a_worker_starting_while_status_peeks_waits_for_it(worker_env):
-    """The status holds the worker's lock while it peeks at a stopped worker's slot: a worker starting
-    then waits for it instead of exiting with status 3 (another worker)."""
-    from bemi.status import lock_key
-    from bemi.worker.source import LOCK_CLASS
-
+    """The status holds the slot while it peeks at a stopped worker's slot: a worker starting then
+    waits for it instead of exiting with status 3 (another worker)."""
     env = worker_env
     env.execute("CREATE TABLE st_race (id int PRIMARY KEY)")
     env.run_once()
     env.execute("INSERT INTO st_race VALUES (1)")
-    database = env.execute("SELECT current_database()")[0][0]
-    with psycopg.connect(env.dsn, application_name="bemi-status") as peeking:
-        peeking.execute("SELECT pg_advisory_xact_lock(%s, %s)", [LOCK_CLASS, lock_key(database, env.slot)])
+    # What the peek does, held for longer: a session named bemi-status holding the slot.
+    peeking = psycopg.connect(env.dsn, application_name="bemi-status", replication="database", autocommit=True)
+    try:
+        peeking.execute(f'START_REPLICATION SLOT "{env.slot}" LOGICAL 0/0 '
+                        f"(proto_version '1', publication_names '\"{env.publication}\"')")
         started = time.monotonic()
         proc = env.spawn("--once")
         time.sleep(1.5)
         assert proc.poll() is None  # waiting
-        peeking.rollback()
+    finally:
+        peeking.close()
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert time.monotonic() - started >= 1.5

@@ -13,7 +13,8 @@ import time
 import psycopg
 import pytest
 
-from bemi.worker.errors import SlotState, WorkerError, check_slot
+from bemi.worker.errors import WorkerError
+from bemi.worker.slot import SlotState, check_slot
 from tests.db import db_dsn
 from tests.workerapp.harness import ROOT, WorkerEnv
 

@@ -95,6 +95,10 @@ class _StatsCollector:
                                   "_bemi_worker_failures instead", value=s.dead_letters)
         yield CounterMetricFamily("bemi_dropped_contexts", "_bemi context messages ignored as invalid or too "
                                   "large (their changes are stored with {})", value=s.dropped_contexts)
+        yield CounterMetricFamily("bemi_skipped_messages", "Logical messages too malformed to read, skipped",
+                                  value=s.skipped_messages)
+        yield CounterMetricFamily("bemi_values_as_text", "Values their type's format could not read, stored as "
+                                  "their text instead", value=s.values_as_text)
         yield CounterMetricFamily("bemi_reconnects", "Reconnections after a lost source or destination connection",
                                   value=s.reconnects)
         behind, seconds = lag(s)

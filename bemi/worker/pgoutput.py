@@ -15,7 +15,7 @@ from datetime import datetime, timedelta, timezone
 __all__ = [
     "Begin", "Commit", "Relation", "Column", "TypeMsg", "Origin", "Insert", "Update",
     "Delete", "Truncate", "Message", "Tuple", "decode", "DecodeError", "lsn_to_int",
-    "int_to_lsn", "pg_timestamp", "decode_insert", "message_header",
+    "int_to_lsn", "pg_timestamp", "decode_insert", "message_header", "MAX_PREFIX_BYTES",
 ]
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)
@@ -248,17 +248,27 @@ def _message(data: bytes) -> Message:
     return Message(bool(flags & 1), lsn, prefix, bytes(data[pos:pos + length]))
 
 
-def message_header(data) -> tuple[bool, int, str, int, int]:
+#: Longest logical message prefix whose text ``message_header`` reads; longer ones are nobody's we read.
+MAX_PREFIX_BYTES = 1024
+
+
+def message_header(data) -> tuple[bool, int, str | None, int, int]:
     """A logical message's (transactional, lsn, prefix, content offset, content length), without
-    copying its content (``data`` may be a ``memoryview`` of a large message)."""
+    copying its content (``data`` may be a ``memoryview`` of a large message).
+
+    Any role may emit a message with any prefix (``pg_logical_emit_message`` is PUBLIC's): a prefix
+    longer than ``MAX_PREFIX_BYTES`` is not read at all and comes back as ``None`` (with offset and
+    length 0), so no prefix, however long, makes this fail or copy much."""
     try:
         flags = data[1]
         (lsn,) = _U64.unpack_from(data, 2)
         end = 10
-        limit = min(len(data), 10 + 1024)
+        limit = min(len(data), 10 + MAX_PREFIX_BYTES + 1)
         while end < limit and data[end] != 0:
             end += 1
         if end >= limit:
+            if limit < len(data):  # longer than we read: not ours, whatever it is
+                return bool(flags & 1), lsn, None, 0, 0
             raise DecodeError("logical message prefix without its terminating NUL")
         prefix = bytes(data[10:end]).decode("utf-8", "replace")
         (length,) = _I32.unpack_from(data, end + 1)

@@ -32,10 +32,11 @@ from psycopg.pq import TransactionStatus
 from bemi.worker import pgoutput as po
 from bemi.worker import takeover as takeover_mod
 from bemi.worker.partitions import DEFAULT_INTERVAL, Partitions
-from bemi.worker.errors import WorkerError, check_slot
+from bemi.worker.errors import WorkerError
 from bemi.worker.sink import Checkpoint, Sink, is_rejection
-from bemi.worker.source import KEEPALIVE, MIN_PSYCOPG, ConnectionLost, Source, Stream
 from bemi.worker.shown import shown
+from bemi.worker.slot import check_slot
+from bemi.worker.source import KEEPALIVE, MIN_PSYCOPG, STATUS_PEEK_WAIT, ConnectionLost, SlotInUse, Source, Stream
 from bemi.worker.stats import WorkerStats
 from bemi.worker.stitch import ChangeRow, Stitcher
 from bemi.worker.tracked import TrackedTables
@@ -53,7 +54,7 @@ class Config:
     slot: str = "bemi"
     publication: str = "bemi"
     once: bool = False
-    standby: bool = False  # wait while another worker holds the slot, then take over
+    standby: bool = False  # wait while another process holds the slot, then take over
     batch_rows: int = 10_000  # commit the destination after this many changes (at a transaction end)
     batch_seconds: float = 1.0  # ... or when the batch is this old (at a transaction end)
     copy_rows: int = 2_000  # rows per COPY write
@@ -119,6 +120,7 @@ class Worker:
         self.source_identity = ""
         self._careful_through = 0  # rows at or before this LSN are written with dead-letter fallback
         self._started_once = False
+        self._walsenders: set[int] = set()  # backend pids of this worker's replication connections
         self._commits = 0  # destination commits since start
         self._log_changes = 0  # changes written since the last log line
         self._log_started = self._log_at = 0.0
@@ -137,13 +139,14 @@ class Worker:
         check_psycopg()
         self.source = source = Source(cfg.source_dsn, cfg.slot, cfg.publication)
         source.check_privileges()
-        self._lock(source)
+        self._wait_for_slot(source)
         # What is tracked (bemi/tracking.py): the same rule as the triggers and the event trigger.
         self.tracked = tracked = TrackedTables(source.control, source.user)
         tracked.ensure_rule()
         tracked.load(cfg.tracking)
         source.ensure_publication()
         stream = source.open_stream(self.stats)
+        self._walsenders.add(stream.conn.info.backend_pid)
         self.source_identity = source.identity
         self.sink = sink = Sink(cfg.destination_dsn or cfg.source_dsn, cfg.slot, source.database, source.identity)
         sink.ensure_tables()
@@ -167,6 +170,8 @@ class Worker:
                                  tracking=tracked.tracking, own_tables=tracked.own_tables, masking_key=key,
                                  is_own=tracked.is_own)
         self.stitcher.bad_contexts = self.stats.dropped_contexts
+        self.stitcher.skipped_messages = self.stats.skipped_messages
+        self.stitcher.bad_values = self.stats.values_as_text
         start = max(state.confirmed_flush, checkpoint.end_lsn if checkpoint else 0)
         stream.start(start)
         self.stream = stream
@@ -183,20 +188,37 @@ class Worker:
                  "writing changes to database %s", cfg.slot, cfg.publication, source.database,
                  po.int_to_lsn(start), sink.conn.info.dbname)
 
-    def _lock(self, source: Source) -> None:
-        if not self.config.standby:
-            source.lock()
-            return
+    def _wait_for_slot(self, source: Source) -> None:
+        """Start only when no other process holds the slot (the only thing two workers cannot share).
+
+        Held by ``bemi-worker status`` peeking at it, or by this worker's own walsender not released
+        yet: wait for it. Held by anything else: exit with status 3, or, with ``--standby``, wait until
+        it is free. Only a role with REPLICATION can hold a slot, so nothing another role does can make
+        a worker exit or wait here. START_REPLICATION settles a race (``SlotInUse``)."""
+        cfg = self.config
+        deadline = time.monotonic() + STATUS_PEEK_WAIT
         waiting = False
-        while not source.try_lock():
-            if not waiting:
-                log.info("standby: another worker holds slot %s of database %s%s; waiting to take over",
-                         self.config.slot, source.database, source.lock_holder())
+        while True:
+            holder = source.slot_holder()
+            if holder is None:
+                break
+            passing = holder.application_name == "bemi-status" or holder.pid in self._walsenders
+            if passing and time.monotonic() < deadline:
+                pass
+            elif not cfg.standby:
+                raise WorkerError(
+                    f"another bemi worker is already reading slot {cfg.slot!r} of database {source.database!r} "
+                    f"(it holds the slot: {holder.describe()}); only one worker may run per slot. Stop it "
+                    "first, use another --slot, or start this one with --standby to take over when the other "
+                    "stops.", exit_code=3)
+            elif not waiting:
+                log.info("standby: another worker holds slot %s of database %s (%s); waiting to take over",
+                         cfg.slot, source.database, holder.describe())
                 waiting = True
-            if self.stopping.wait(self.config.standby_interval):
+            if self.stopping.wait(0.1 if passing else cfg.standby_interval):
                 raise _Stopped
         if waiting:
-            log.info("standby: the other worker is gone; taking over slot %s", self.config.slot)
+            log.info("standby: the other worker is gone; taking over slot %s", cfg.slot)
 
     def _ready(self) -> tuple[Source, Sink, Stream]:
         if self.source is None or self.sink is None or self.stream is None:
@@ -235,6 +257,15 @@ class Worker:
                     return 0
                 except _Stopped:
                     return 0
+                except SlotInUse as exc:
+                    # Taken between the look at the slot and START_REPLICATION: look again (exit 3, wait
+                    # with --standby, or wait for a status peek), without counting a fault.
+                    log.info("replication slot %s was taken just before this worker started reading it (%s)",
+                             cfg.slot, _one_line(exc))
+                    self.close()
+                    if self.stopping.wait(cfg.standby_interval):
+                        return 0
+                    continue
                 except _Poison as exc:
                     if self._commits > commits_before or exc.through > self._careful_through:
                         # Not a fault: read again from the checkpoint, with a dead-letter fallback this time.
@@ -456,7 +487,14 @@ class Worker:
             self._last_stats = now
             self.stats.slot_retained_wal_bytes = source.retained_wal_bytes()
         self._maintain_partitions()
-        self.stats.dropped_contexts = self.stitcher.bad_contexts
+        self._count_skips()
+
+    def _count_skips(self) -> None:
+        """What the stitcher skipped or stored as text, for the metrics (it counts across reconnects)."""
+        stats, stitcher = self.stats, self.stitcher
+        stats.dropped_contexts = stitcher.bad_contexts
+        stats.skipped_messages = stitcher.skipped_messages
+        stats.values_as_text = stitcher.bad_values
 
     def _flush_rows(self, batch: _Batch) -> None:
         """COPY the decoded rows into the open destination transaction."""
@@ -516,7 +554,7 @@ class Worker:
             self._careful_through = 0
         self._log_commit = commit
         stats = self.stats
-        stats.dropped_contexts = self.stitcher.bad_contexts
+        self._count_skips()
         stats.last_commit_lsn = commit.end_lsn
         stats.last_commit_time = commit.commit_time
         stream.confirm(commit.end_lsn)

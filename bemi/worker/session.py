@@ -1,4 +1,4 @@
-"""How every worker connection starts (source, replication stream, destination).
+"""How every worker connection starts (source, replication stream, destination), and ``one_row``.
 
 Pins ``search_path = pg_catalog, pg_temp`` before anything else (with ``SET``,
 so not even a function is looked up first): no function or operator planted in
@@ -8,12 +8,14 @@ bemi's own tables (``public.changes``) and cast their parameters.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import psycopg
 from psycopg import sql
 
 from bemi.worker.errors import WorkerError
 
-__all__ = ["SESSION_SETTINGS", "CLIENT_KEEPALIVES", "connect"]
+__all__ = ["SESSION_SETTINGS", "CLIENT_KEEPALIVES", "connect", "one_row"]
 
 #: Type output as in a UTC session with default styles (what to_jsonb shows; on the
 #: stream the type output functions run in the walsender, so it gets them too).
@@ -24,7 +26,7 @@ SESSION_SETTINGS = {
     "extra_float_digits": "1",
     "bytea_output": "hex",
     "lock_timeout": "5s",
-    # A worker whose host vanished releases the slot's lock soon (standby takeover).
+    # A worker whose host vanished releases the slot soon (standby takeover).
     "tcp_keepalives_idle": "5",
     "tcp_keepalives_interval": "2",
     "tcp_keepalives_count": "3",
@@ -49,3 +51,14 @@ def connect(dsn: str, what: str, **kwargs: str) -> psycopg.Connection:
         conn.close()
         raise
     return conn
+
+
+R = TypeVar("R")
+
+
+def one_row(cur: psycopg.Cursor[R]) -> R:
+    """The row of a query that always returns one (psycopg types ``fetchone()`` as optional)."""
+    row = cur.fetchone()
+    if row is None:
+        raise RuntimeError("a query that always returns a row returned none")
+    return row

@@ -21,14 +21,15 @@ from psycopg import errors, sql
 from psycopg.pq import TransactionStatus
 
 from bemi import sql as bemi_sql
+from bemi import tables
 from bemi.trust import BEMI_TABLES, untrusted_tables
 from bemi.worker import pgoutput as po
-from bemi.worker.errors import WorkerError, one_row
+from bemi.worker.errors import WorkerError
 from bemi.worker.partitions import Partitions
-from bemi.worker.session import connect
+from bemi.worker.session import connect, one_row
 from bemi.worker.stitch import ChangeRow
 
-__all__ = ["Sink", "Checkpoint", "is_rejection"]
+__all__ = ["Sink", "Checkpoint", "CheckpointMoved", "is_rejection"]
 
 log = logging.getLogger("bemi.worker")
 
@@ -51,6 +52,11 @@ REJECTION_CLASSES = ("22", "23", "54")
 def is_rejection(exc: BaseException) -> bool:
     state = getattr(exc, "sqlstate", None)
     return isinstance(exc, psycopg.Error) and isinstance(state, str) and state[:2] in REJECTION_CLASSES
+
+
+class CheckpointMoved(psycopg.OperationalError):
+    """Another worker stored changes from the slot since this one read the checkpoint: a fault
+    (roll back, reconnect, read the checkpoint again), never a reason to store anything twice."""
 
 
 def _copy_text(value: str) -> str:
@@ -79,6 +85,7 @@ class Sink:
         self._prefix = _copy_text(database)
         self.pending: Counter[tuple[str, str]] = Counter()  # rows written, not committed, by (table, op)
         self.pending_dead = 0  # dead letters written, not committed
+        self._stored: int | None = None  # end_lsn of the checkpoint as last read or written (None: no row)
         #: Set by the runner when `changes` is partitioned (bemi/worker/partitions.py).
         self.partitions: Partitions | None = None
 
@@ -236,6 +243,7 @@ class Sink:
                 row = self.conn.execute(query + "source OPERATOR(pg_catalog.=) %s::text",
                                         [self.slot, self.source]).fetchone()
         self.conn.commit()
+        self._stored = row[1] if row else None
         return Checkpoint(*row) if row else None
 
     def write(self, rows: list[ChangeRow], queued_at: datetime) -> None:
@@ -313,21 +321,37 @@ class Sink:
 
     def commit(self, last: po.Commit, xid: int | None, changes: int) -> Counter[tuple[str, str]]:
         """Store the checkpoint and commit it with the rows written since the last commit;
-        returns the rows committed by (table, operation)."""
+        returns the rows committed by (table, operation).
+
+        The checkpoint moves only from where this worker last read or wrote it: if another worker
+        stored anything meanwhile (it took the slot while this one had lost it), ``CheckpointMoved``
+        is raised and nothing is committed, so the two never both store a transaction."""
         self._end_copy()
-        self.conn.execute(
-            "INSERT INTO public._bemi_worker_checkpoints AS c "
-            "(source, slot, database, commit_lsn, end_lsn, transaction_id, committed_at, changes, updated_at) "
-            "VALUES (%s::text, %s::text, %s::text, %s::pg_catalog.pg_lsn, %s::pg_catalog.pg_lsn, %s::int8, "
-            "%s::timestamptz, %s::int8, pg_catalog.now()) "
-            "ON CONFLICT (source, slot) DO UPDATE SET database = EXCLUDED.database, "
-            "commit_lsn = EXCLUDED.commit_lsn, end_lsn = EXCLUDED.end_lsn, "
-            "transaction_id = EXCLUDED.transaction_id, committed_at = EXCLUDED.committed_at, "
-            "changes = c.changes OPERATOR(pg_catalog.+) EXCLUDED.changes, updated_at = pg_catalog.now()",
-            [self.source, self.slot, self.database, po.int_to_lsn(last.commit_lsn), po.int_to_lsn(last.end_lsn),
-             xid, last.commit_time, changes],
-        )
+        values = [self.database, po.int_to_lsn(last.commit_lsn), po.int_to_lsn(last.end_lsn), xid,
+                  last.commit_time]
+        if self._stored is None:
+            stored = self.conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (source, slot, database, commit_lsn, end_lsn, transaction_id, committed_at, "
+                    "changes, updated_at) VALUES (%s::text, %s::text, %s::text, %s::pg_catalog.pg_lsn, "
+                    "%s::pg_catalog.pg_lsn, %s::int8, %s::timestamptz, %s::int8, pg_catalog.now()) "
+                    "ON CONFLICT (source, slot) DO NOTHING").format(tables.CHECKPOINTS),
+                [self.source, self.slot, *values, changes]).rowcount
+        else:
+            stored = self.conn.execute(
+                sql.SQL(
+                    "UPDATE {} SET database = %s::text, commit_lsn = %s::pg_catalog.pg_lsn, "
+                    "end_lsn = %s::pg_catalog.pg_lsn, transaction_id = %s::int8, committed_at = %s::timestamptz, "
+                    "changes = changes OPERATOR(pg_catalog.+) %s::int8, updated_at = pg_catalog.now() "
+                    "WHERE source OPERATOR(pg_catalog.=) %s::text AND slot OPERATOR(pg_catalog.=) %s::text "
+                    "AND end_lsn OPERATOR(pg_catalog.=) %s::pg_catalog.pg_lsn").format(tables.CHECKPOINTS),
+                [*values, changes, self.source, self.slot, po.int_to_lsn(self._stored)]).rowcount
+        if stored != 1:
+            raise CheckpointMoved(
+                f"the checkpoint of slot {self.slot!r} moved since this worker read it (another worker stored "
+                "changes from the slot meanwhile); nothing of this batch was stored")
         self.conn.commit()
+        self._stored = last.end_lsn
         self.in_transaction = False
         written, self.pending = self.pending, Counter()
         self.pending_dead = 0

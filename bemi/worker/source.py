@@ -2,7 +2,7 @@
 
 Two connections to the source database:
 
-* ``control``, an ordinary session: privileges, the advisory lock of the slot,
+* ``control``, an ordinary session: privileges, who holds the slot,
   the publication, slot state, primary keys and types from the catalog;
 * the stream, a ``replication=database`` connection (a walsender): it creates
   the slot (``CREATE_REPLICATION_SLOT ... LOGICAL pgoutput``) and reads it with
@@ -24,7 +24,6 @@ import re
 import select
 import struct
 import time
-import zlib
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
@@ -32,22 +31,22 @@ import psycopg
 from psycopg import errors, pq
 
 from bemi.worker import pgoutput as po
-from bemi.worker.errors import SlotState, WorkerError, check_slot, one_row
+from bemi.worker.errors import WorkerError
 from bemi.worker.publication import MANAGED_PUBLICATION_COMMENT, Publication
-from bemi.worker.session import SESSION_SETTINGS, connect
+from bemi.worker.session import SESSION_SETTINGS, connect, one_row
+from bemi.worker.slot import SlotHolder, SlotState, check_slot
 from bemi.worker.stats import WorkerStats
 from bemi.worker.values import BUILTIN_TYPES, TypeSpec
 
-__all__ = ["Source", "Stream", "SlotState", "WorkerError", "SESSION_SETTINGS", "check_slot", "one_row",
-           "MANAGED_PUBLICATION_COMMENT", "ConnectionLost", "KEEPALIVE", "MIN_PSYCOPG", "connect"]
+__all__ = ["Source", "Stream", "SlotInUse", "WorkerError", "SESSION_SETTINGS", "MANAGED_PUBLICATION_COMMENT",
+           "ConnectionLost", "KEEPALIVE", "MIN_PSYCOPG", "STATUS_PEEK_WAIT", "connect"]
 
 log = logging.getLogger("bemi.worker")
 
 #: The psycopg release whose ``execute()`` accepts START_REPLICATION (COPY_BOTH).
 MIN_PSYCOPG = (3, 3)
 
-LOCK_CLASS = 0x62656D69  # 'bemi'
-#: Seconds a starting worker waits for ``bemi-worker status`` to release the slot's lock.
+#: Seconds a starting worker waits for ``bemi-worker status`` to release the slot it peeks at.
 STATUS_PEEK_WAIT = 15.0
 SLOT_NAME = re.compile(r"[a-z0-9_]{1,63}\Z")  # what PostgreSQL accepts as a slot name
 
@@ -62,6 +61,10 @@ KEEPALIVE = object()
 
 class ConnectionLost(psycopg.OperationalError):
     """The replication stream ended or broke: reconnect and resume from the checkpoint."""
+
+
+class SlotInUse(Exception):
+    """START_REPLICATION found the slot held by another process (another worker, a status peek)."""
 
 
 def _now_pg() -> int:
@@ -135,57 +138,20 @@ class Source:
 
     # -- one worker per slot ---------------------------------------------------------------
 
-    @property
-    def _lock_key(self) -> int:
-        return zlib.crc32(f"{self.database}/{self.slot}".encode()) & 0x7FFFFFFF
+    def slot_holder(self) -> SlotHolder | None:
+        """Who holds the slot now (an active walsender, or a session decoding it), or None.
 
-    def try_lock(self) -> bool:
-        return bool(one_row(self.control.execute(
-            "SELECT pg_catalog.pg_try_advisory_lock(%s::int4, %s::int4)", [LOCK_CLASS, self._lock_key]))[0])
-
-    def _held_by_status(self) -> bool:
-        """Is the slot's lock held by ``bemi-worker status`` (or released meanwhile)?"""
+        Only a role with REPLICATION (or a superuser) can hold a slot: this, not a lock any role
+        could take, is what keeps two workers from reading one slot."""
         row = self.control.execute(
-            "SELECT a.application_name FROM pg_catalog.pg_locks l "
-            "LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) l.pid "
-            "WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.classid OPERATOR(pg_catalog.=) %s::oid "
-            "AND l.objid OPERATOR(pg_catalog.=) %s::oid AND l.objsubid OPERATOR(pg_catalog.=) 2 AND l.granted",
-            [LOCK_CLASS, self._lock_key],
+            "SELECT s.active_pid, a.application_name::text, a.backend_start "
+            "FROM pg_catalog.pg_replication_slots s "
+            "LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) s.active_pid "
+            "WHERE s.slot_name OPERATOR(pg_catalog.=) %s::name AND s.active", [self.slot],
         ).fetchone()
-        return row is None or row[0] == "bemi-status"
-
-    def lock_holder(self) -> str:
-        holder = self.control.execute(
-            "SELECT l.pid, a.backend_start FROM pg_catalog.pg_locks l "
-            "LEFT JOIN pg_catalog.pg_stat_activity a ON a.pid OPERATOR(pg_catalog.=) l.pid "
-            "WHERE l.locktype OPERATOR(pg_catalog.=) 'advisory' AND l.classid OPERATOR(pg_catalog.=) %s::oid "
-            "AND l.objid OPERATOR(pg_catalog.=) %s::oid AND l.objsubid OPERATOR(pg_catalog.=) 2 AND l.granted",
-            [LOCK_CLASS, self._lock_key],
-        ).fetchone()
-        if not holder:
-            return ""
-        since = f", since {holder[1]:%Y-%m-%d %H:%M:%S}" if holder[1] else ""
-        return f" (its connection is backend pid {holder[0]}{since})"
-
-    def lock(self) -> None:
-        """Take the advisory lock of this slot, or explain who holds it.
-
-        ``bemi-worker status`` holds it for the moment it peeks at the slot of a stopped worker
-        (bemi/status.py): wait for that (at most its statement timeout) instead of giving up.
-        """
-        deadline = time.monotonic() + STATUS_PEEK_WAIT
-        while not self.try_lock():
-            if not self._held_by_status() or time.monotonic() >= deadline:
-                break
-            time.sleep(0.1)
-        else:
-            return
-        raise WorkerError(
-            f"another bemi worker is already reading slot {self.slot!r} of database {self.database!r}"
-            f"{self.lock_holder()}; only one worker may run per slot. Stop it first, use another --slot, "
-            "or start this one with --standby to take over when the other stops.",
-            exit_code=3,
-        )
+        if row is None or row[0] is None:
+            return None
+        return SlotHolder(int(row[0]), row[1] or "", row[2])
 
     # -- privileges, publication, slot ------------------------------------------------------
 
@@ -242,6 +208,14 @@ class Source:
                 raise RuntimeError("open_stream() first")
             try:
                 self.stream.conn.execute(f'CREATE_REPLICATION_SLOT "{self.slot}" LOGICAL pgoutput NOEXPORT_SNAPSHOT')
+            except errors.DuplicateObject:  # another worker, starting at the same moment, made it first
+                self.stream.conn.rollback()
+                state = self.slot_state()
+                if state is None:
+                    raise WorkerError(f"replication slot {self.slot!r} was dropped right after another worker "
+                                      "created it") from None
+                check_slot(state, self.slot, self.database)
+                return state
             except errors.InsufficientPrivilege as exc:
                 raise WorkerError(
                     f"cannot create replication slot {self.slot!r}: role {self.user!r} needs the REPLICATION "
@@ -344,6 +318,8 @@ class Stream:
         except errors.UndefinedObject as exc:
             raise WorkerError(f"replication slot {self.slot!r} was dropped; the worker will not recreate it "
                               f"({exc})".strip()) from exc
+        except errors.ObjectInUse as exc:
+            raise SlotInUse(str(exc).strip()) from exc
         if cur.pgresult is None or cur.pgresult.status != pq.ExecStatus.COPY_BOTH:
             raise ConnectionLost("START_REPLICATION did not start a COPY_BOTH stream")
         self.stats.streaming = True

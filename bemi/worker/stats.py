@@ -23,6 +23,10 @@ class WorkerStats:
     dead_letters: int = 0
     #: ``_bemi`` messages dropped as invalid or oversized (the change is stored with ``{}``).
     dropped_contexts: int = 0
+    #: Logical messages too malformed to read (skipped; nothing of theirs is stored).
+    skipped_messages: int = 0
+    #: Values their type's format could not read, stored as their text (a JSON string) instead.
+    values_as_text: int = 0
     #: Reconnections after a lost source or destination connection.
     reconnects: int = 0
     #: True while the replication stream is open and being read.

@@ -163,6 +163,8 @@ class Stitcher:
         self.skipped_updates = 0  # updates not recorded (ignored columns only, or no change)
         self.relations: dict[int, _Rel] = {}
         self.bad_contexts = 0
+        self.skipped_messages = 0  # logical messages too malformed to read (skipped)
+        self.bad_values = 0  # values a formatter failed on (stored as their text)
         self._begin: po.Begin | None = None
         self._skip = False
         self._context = "{}"
@@ -224,13 +226,26 @@ class Stitcher:
     def _message(self, data) -> None:
         """A ``_bemi`` context sets the context of the changes after it; other prefixes, non-transactional
         messages and messages outside a transaction being stored are skipped without reading their content;
-        an oversized or invalid context is dropped (``{}``), counted and logged."""
-        transactional, lsn, prefix, start, length = po.message_header(data)
-        if not transactional or prefix != CONTEXT_PREFIX or self._skip or self._begin is None:
+        an oversized or invalid context is dropped (``{}``), counted and logged.
+
+        Any role may emit a message (``pg_logical_emit_message`` is PUBLIC's), with any prefix and content:
+        nothing here raises on one. One that cannot even be read is skipped and counted."""
+        if self._skip or self._begin is None or len(data) < 2 or not data[1] & 1:
+            return  # outside a transaction being stored, or non-transactional: never ours
+        try:
+            _transactional, lsn, prefix, start, length = po.message_header(data)
+        except po.DecodeError as exc:
+            self.skipped_messages += 1
+            log.warning("skipping an unreadable logical message in transaction %s: %s (%d so far)",
+                        self._begin.xid, exc, self.skipped_messages)
+            return
+        if prefix != CONTEXT_PREFIX:
             return
         problem: str | None
         if length > MAX_CONTEXT_BYTES:
             self._context, problem = "{}", f"context of {length} bytes is larger than 1 MB"
+        elif length < 0 or start + length > len(data):
+            self._context, problem = "{}", "context runs past the end of its message"
         else:
             self._context, problem = parse_context(bytes(data[start:start + length]))
         if problem:
@@ -279,13 +294,41 @@ class Stitcher:
         return masked
 
     def _object(self, rel: _Rel, values: list, key_only: bool = False, fallback: list | None = None) -> str:
-        if not key_only and po.UNCHANGED not in values:  # the common case, kept fast
-            return "{" + ",".join([
-                key + ("null" if value is None else fmt(value))
-                for key, fmt, value in zip(rel.keys, rel.formats, values)
-            ]) + "}"
+        try:
+            if not key_only and po.UNCHANGED not in values:  # the common case, kept fast
+                return "{" + ",".join([
+                    key + ("null" if value is None else fmt(value))
+                    for key, fmt, value in zip(rel.keys, rel.formats, values)
+                ]) + "}"
+            return self._object_parts(rel, rel.formats, values, key_only, fallback)
+        except Exception:
+            # A value its type's format cannot read (a type shaped in a way we do not know): the row is
+            # still stored, that value as its text, and counted. Nothing in a row stops the worker.
+            return self._object_parts(rel, [self._safe(rel, i) for i in range(len(rel.formats))], values,
+                                      key_only, fallback)
+
+    def _safe(self, rel: _Rel, i: int) -> Callable[[bytes], str]:
+        fmt = rel.formats[i]
+
+        def safe(value: bytes) -> str:
+            try:
+                return fmt(value)
+            except Exception as exc:
+                self.bad_values += 1
+                column = rel.relation.columns[i]
+                if self.bad_values <= 100 or self.bad_values % 10_000 == 0:
+                    log.warning("storing a value of %s.%s.%s (type oid %d) as its text: %s (%d so far)",
+                                rel.relation.namespace, rel.relation.name, column.name, column.type_oid,
+                                " ".join(str(exc).split()) or type(exc).__name__, self.bad_values)
+                if i in rel.masked:
+                    return tr.mask_text(self.masking_key, bytes(value))
+                return dump_string(bytes(value).decode("utf-8", "replace"))
+
+        return safe
+
+    def _object_parts(self, rel: _Rel, formats: list, values: list, key_only: bool, fallback: list | None) -> str:
         parts = []
-        keys, formats = rel.keys, rel.formats
+        keys = rel.keys
         for i, value in enumerate(values):
             if key_only and not rel.key_flags[i]:
                 continue
@@ -313,10 +356,10 @@ class Stitcher:
             if value is None:
                 return None
             if i in rel.masked:  # the column's marker (its formatter masks), without the JSON quotes
-                return rel.formats[i](value)[1:-1]
+                return self._safe(rel, i)(value)[1:-1]
             text = value.decode("utf-8", "replace")
         else:
-            text = "[" + ",".join("null" if v is None else rel.formats[i](v) for i, v in raw) + "]"
+            text = "[" + ",".join("null" if v is None else self._safe(rel, i)(v) for i, v in raw) + "]"
         return text[:PRIMARY_KEY_MAX]
 
     def _row(self, out: list, lsn: int, relid: int, op: str, old: list | None, old_is_key: bool, new: list | None) -> None:

@@ -51,8 +51,8 @@ Format = Callable[[bytes], Fragment]
 class TypeSpec:
     """How ``to_jsonb`` shapes values of one type."""
 
-    category: str  # bool, number, json, jsonb, date, timestamp, timestamptz, array, composite, string
-    elem_oid: int = 0  # arrays: element type
+    category: str  # bool, number, json, jsonb, date, timestamp, timestamptz, array, vector, composite, string
+    elem_oid: int = 0  # arrays and vectors: element type
     delimiter: str = ","  # arrays: element delimiter (';' for box)
     fields: tuple[tuple[str, int], ...] = ()  # composites: (name, type oid) of each field
 
@@ -82,6 +82,11 @@ def _builtin_types() -> dict[int, TypeSpec]:
             info = pg_types[name]
             specs[info.oid] = TypeSpec(category)
             specs[info.array_oid] = TypeSpec("array", info.oid, info.delimiter)  # box[]: ';'
+    # int2vector and oidvector are arrays to to_jsonb, but their text is "1 2 3" (no braces, spaces).
+    for name, elem in (("int2vector", "int2"), ("oidvector", "oid")):
+        info = pg_types[name]
+        specs[info.oid] = TypeSpec("vector", pg_types[elem].oid)
+        specs[info.array_oid] = TypeSpec("array", info.oid, info.delimiter)
     return specs
 
 
@@ -224,6 +229,8 @@ class JsonValues:
         spec = self.spec(oid)
         if spec.category == "composite" and spec.fields:
             return self._composite(spec)
+        if spec.category == "vector":
+            return self._vector(self.format(spec.elem_oid))
         if spec.category != "array":
             return self._formats.get(spec.category, self._formats["string"])
         element = self.format(spec.elem_oid)
@@ -240,6 +247,13 @@ class JsonValues:
             return _dump_nested(load(data))
 
         return array
+
+    @staticmethod
+    def _vector(element: Format) -> Format:
+        def vector(data: bytes) -> Fragment:
+            return "[" + ",".join([element(item) for item in data.split()]) + "]"
+
+        return vector
 
     def _composite(self, spec: TypeSpec) -> Format:
         keys = [encode_basestring(name) + ":" for name, _oid in spec.fields]

@@ -33,6 +33,14 @@ def login_role(worker_env):
     worker_env.execute(f'DROP OWNED BY "{name}" CASCADE; DROP ROLE "{name}"')
 
 
+@pytest.fixture(autouse=True)
+def _drop_tables(worker_env):
+    """The tables a test made (the database is shared with the rest of the suite)."""
+    yield
+    worker_env.execute("DROP TABLE IF EXISTS integrity_msg, integrity_lock, integrity_lock_r, integrity_after_vec, "
+                       "integrity_fence")
+
+
 def _wait_for(predicate, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -70,20 +78,20 @@ MESSAGES = {
 def test_no_message_a_login_role_emits_stops_the_worker(worker_env, login_role, emit):
     env = worker_env
     _role, hostile = login_role
-    env.execute("DROP TABLE IF EXISTS msg_w; CREATE TABLE msg_w (id int PRIMARY KEY)")
+    env.execute("DROP TABLE IF EXISTS integrity_msg; CREATE TABLE integrity_msg (id int PRIMARY KEY)")
     assert _once(env).returncode == 0
     hostile.execute(emit)
     with hostile.transaction():  # also inside a transaction of its own, around a write of the table owner
         hostile.execute(emit)
-    env.execute(f"BEGIN; {emit}; INSERT INTO msg_w VALUES (1); {emit}; INSERT INTO msg_w VALUES (2); COMMIT")
-    env.execute("INSERT INTO msg_w VALUES (3)")
+    env.execute(f"BEGIN; {emit}; INSERT INTO integrity_msg VALUES (1); {emit}; INSERT INTO integrity_msg VALUES (2); COMMIT")
+    env.execute("INSERT INTO integrity_msg VALUES (3)")
     result = _once(env)
     assert result.returncode == 0, result.stderr
-    assert [r["primary_key"] for r in env.changes("\"table\" = 'msg_w'")] == ["1", "2", "3"]
+    assert [r["primary_key"] for r in env.changes("\"table\" = 'integrity_msg'")] == ["1", "2", "3"]
     assert env.slot_state()["confirmed_flush_lsn"] is not None
     again = _once(env)  # the slot moved past the message: nothing is read twice, nothing stops there
     assert again.returncode == 0, again.stderr
-    assert len(env.changes("\"table\" = 'msg_w'")) == 3
+    assert len(env.changes("\"table\" = 'integrity_msg'")) == 3
 
 
 # -- row 7: exclusivity that a LOGIN role cannot take --------------------------------------
@@ -97,13 +105,13 @@ def _take_the_old_advisory_lock(env: WorkerEnv, conn: psycopg.Connection) -> Non
 def test_a_login_role_holding_the_old_advisory_lock_does_not_stop_a_starting_worker(worker_env, login_role):
     env = worker_env
     _role, hostile = login_role
-    env.execute("DROP TABLE IF EXISTS lock_w; CREATE TABLE lock_w (id int PRIMARY KEY)")
+    env.execute("DROP TABLE IF EXISTS integrity_lock; CREATE TABLE integrity_lock (id int PRIMARY KEY)")
     assert _once(env).returncode == 0
     _take_the_old_advisory_lock(env, hostile)
-    env.execute("INSERT INTO lock_w VALUES (1)")
+    env.execute("INSERT INTO integrity_lock VALUES (1)")
     result = _once(env)
     assert result.returncode == 0, result.stderr  # was: exit 3, "another bemi worker is already reading"
-    assert len(env.changes("\"table\" = 'lock_w'")) == 1
+    assert len(env.changes("\"table\" = 'integrity_lock'")) == 1
     standby = _once(env, "--standby", timeout=60)  # was: waited forever
     assert standby.returncode == 0, standby.stderr
 
@@ -112,19 +120,19 @@ def test_a_login_role_holding_the_old_advisory_lock_does_not_stop_a_running_work
         worker_env, login_role):
     env = worker_env
     _role, hostile = login_role
-    env.execute("DROP TABLE IF EXISTS lock_r; CREATE TABLE lock_r (id int PRIMARY KEY)")
+    env.execute("DROP TABLE IF EXISTS integrity_lock_r; CREATE TABLE integrity_lock_r (id int PRIMARY KEY)")
     assert _once(env).returncode == 0
     proc = env.spawn("--poll-interval", "0.05")
-    env.execute("INSERT INTO lock_r VALUES (1)")
-    assert _wait_for(lambda: len(env.changes("\"table\" = 'lock_r'")) == 1)
+    env.execute("INSERT INTO integrity_lock_r VALUES (1)")
+    assert _wait_for(lambda: len(env.changes("\"table\" = 'integrity_lock_r'")) == 1)
     _take_the_old_advisory_lock(env, hostile)
     # A fault: its walsender is terminated; the worker reconnects.
     assert env.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = %s",
                        [env.slot]) == [(True,)]
-    env.execute("INSERT INTO lock_r VALUES (2)")
-    assert _wait_for(lambda: len(env.changes("\"table\" = 'lock_r'")) == 2 or proc.poll() is not None)
+    env.execute("INSERT INTO integrity_lock_r VALUES (2)")
+    assert _wait_for(lambda: len(env.changes("\"table\" = 'integrity_lock_r'")) == 2 or proc.poll() is not None)
     assert proc.poll() is None, proc.communicate()[1]  # was: exit 3 at the reconnect
-    assert len(env.changes("\"table\" = 'lock_r'")) == 2
+    assert len(env.changes("\"table\" = 'integrity_lock_r'")) == 2
 
 
 # -- row 8 and item 4: every built-in type and its array -------------------------------------
@@ -244,16 +252,16 @@ def test_an_oidvector_and_an_int2vector_a_table_owner_writes_do_not_stop_the_wor
     env = worker_env
     role, owner = login_role
     env.execute(f'GRANT CREATE ON SCHEMA public TO "{role}"')
-    owner.execute("CREATE TABLE public.vec_w (id int PRIMARY KEY, o oidvector, i int2vector)")
+    owner.execute("CREATE TABLE public.integrity_vec (id int PRIMARY KEY, o oidvector, i int2vector)")
     assert _once(env).returncode == 0
-    owner.execute("INSERT INTO public.vec_w VALUES (1, '1 2 3', '4 5')")
-    env.execute("DROP TABLE IF EXISTS after_vec_w; CREATE TABLE after_vec_w (id int PRIMARY KEY)")
-    env.execute("INSERT INTO after_vec_w VALUES (1)")
+    owner.execute("INSERT INTO public.integrity_vec VALUES (1, '1 2 3', '4 5')")
+    env.execute("DROP TABLE IF EXISTS integrity_after_vec; CREATE TABLE integrity_after_vec (id int PRIMARY KEY)")
+    env.execute("INSERT INTO integrity_after_vec VALUES (1)")
     result = _once(env, timeout=60)  # was: "database error", reconnecting forever
     assert result.returncode == 0, result.stderr
-    [row] = env.changes("\"table\" = 'vec_w'")
+    [row] = env.changes("\"table\" = 'integrity_vec'")
     assert row["after"] == {"id": 1, "o": ["1", "2", "3"], "i": [4, 5]}
-    assert len(env.changes("\"table\" = 'after_vec_w'")) == 1
+    assert len(env.changes("\"table\" = 'integrity_after_vec'")) == 1
 
 
 # -- exactly once without the lock: the checkpoint moves only from where a worker read it ------
@@ -268,9 +276,9 @@ def test_a_worker_that_lost_the_slot_cannot_commit_over_the_one_that_took_it(wor
     from bemi.worker.stitch import ChangeRow
 
     env = worker_env
-    env.execute("DROP TABLE IF EXISTS fence_w; CREATE TABLE fence_w (id int PRIMARY KEY)")
+    env.execute("DROP TABLE IF EXISTS integrity_fence; CREATE TABLE integrity_fence (id int PRIMARY KEY)")
     assert _once(env).returncode == 0
-    env.execute("INSERT INTO fence_w VALUES (1)")
+    env.execute("INSERT INTO integrity_fence VALUES (1)")
     assert _once(env).returncode == 0
     source, end = env.execute("SELECT source, (end_lsn - '0/0')::int8 FROM _bemi_worker_checkpoints "
                               "WHERE slot = %s", [env.slot])[0]
@@ -278,7 +286,7 @@ def test_a_worker_that_lost_the_slot_cannot_commit_over_the_one_that_took_it(wor
     now = datetime.now(timezone.utc)
 
     def batch(sink: Sink, position: int) -> po.Commit:
-        sink.write([ChangeRow("public", "fence_w", str(position), "CREATE", "{}", "{}", "{}", now, 1, end + position,
+        sink.write([ChangeRow("public", "integrity_fence", str(position), "CREATE", "{}", "{}", "{}", now, 1, end + position,
                               end + position, 0)], now)
         return po.Commit(0, end + position, end + position + 8, now)
 
@@ -294,7 +302,7 @@ def test_a_worker_that_lost_the_slot_cannot_commit_over_the_one_that_took_it(wor
     finally:
         lost.close()
         taker.close()
-    assert env.execute("SELECT primary_key FROM changes WHERE \"table\" = 'fence_w' AND primary_key <> '1'") == [
+    assert env.execute("SELECT primary_key FROM changes WHERE \"table\" = 'integrity_fence' AND primary_key <> '1'") == [
         ("100",)]
     assert env.execute("SELECT (end_lsn - '0/0')::int8 FROM _bemi_worker_checkpoints WHERE slot = %s",
                        [env.slot]) == [(end + 108,)]

@@ -424,11 +424,16 @@ class Worker:
                     continue
                 lsn, data = cast("tuple[int, Any]", item)  # (LSN, message) when not None/KEEPALIVE
                 commit = feed(lsn, data, rows)
-                if len(rows) > batch.counted:
+                added = len(rows) - batch.counted
+                if added:
                     # Bytes of the new rows (a message gives one row, a TRUNCATE several).
-                    for r in rows[batch.counted:]:
+                    if added == 1:
+                        r = rows[-1]
                         batch.rows_bytes += len(r.before) + len(r.after) + len(r.context) + 200
-                    batch.counted = len(rows)
+                    else:
+                        for r in rows[batch.counted:]:
+                            batch.rows_bytes += len(r.before) + len(r.after) + len(r.context) + 200
+                    batch.counted += added
                     if batch.counted >= copy_rows or batch.rows_bytes >= copy_bytes:
                         flush_rows(batch)
                 if commit is not None:

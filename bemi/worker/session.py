@@ -44,9 +44,10 @@ def connect(dsn: str, what: str, **kwargs: str) -> psycopg.Connection:
     except psycopg.OperationalError as exc:
         raise WorkerError(f"cannot connect to the {what} database: {exc}".strip()) from exc
     try:
-        conn.execute("SET search_path = pg_catalog, pg_temp")
-        for name, value in SESSION_SETTINGS.items():
-            conn.execute(sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
+        # One round trip (a simple query of several statements, run in order): the path first.
+        conn.execute(sql.SQL("; ").join([sql.SQL("SET search_path = pg_catalog, pg_temp")] + [
+            sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value))
+            for name, value in SESSION_SETTINGS.items()]))
     except BaseException:
         conn.close()
         raise

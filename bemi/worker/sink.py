@@ -33,10 +33,11 @@ __all__ = ["Sink", "Checkpoint", "CheckpointMoved", "is_rejection"]
 
 log = logging.getLogger("bemi.worker")
 
+#: The columns in the order Sink.write() puts them (the texts that may need escapes last).
 COPY_CHANGES = (
-    'COPY public.changes ("database", "schema", "table", "primary_key", "operation", "before", "after", '
-    '"context", "committed_at", "queued_at", "transaction_id", "position", "commit_position", '
-    '"change_index") FROM STDIN'
+    'COPY public.changes ("database", "operation", "context", "committed_at", "queued_at", "transaction_id", '
+    '"position", "commit_position", "change_index", "primary_key", "schema", "table", "before", "after") '
+    'FROM STDIN'
 )
 
 
@@ -269,21 +270,37 @@ class Sink:
         last_at: datetime | None = None
         last_ctx_text = last_at_text = ""
         queued = queued_at.isoformat()
+        search, escapes = _NEEDS_ESCAPE.search, _COPY_ESCAPES
+        # Rows come in runs of one table and operation: count runs, not rows (the same str objects).
+        run_table, run_op, run = "", "", 0
         pending = self.pending
-        for r in rows:
-            pending[r.table, r.operation] += 1
+        for r in rows:  # one line of COPY text per stored row, in the order of COPY_CHANGES
+            table, op = r.table, r.operation
+            if table is not run_table or op is not run_op:
+                if run:
+                    pending[run_table, run_op] += run
+                run_table, run_op, run = table, op, 0
+            run += 1
             if r.context is not last_ctx:
                 last_ctx, last_ctx_text = r.context, _copy_text(r.context)
             if r.committed_at is not last_at:
                 last_at, last_at_text = r.committed_at, r.committed_at.isoformat()
-            append("\t".join((
-                prefix, _copy_text(r.schema), _copy_text(r.table),
-                "\\N" if r.primary_key is None else _copy_text(r.primary_key), r.operation,
-                _copy_text(r.before), _copy_text(r.after), last_ctx_text, last_at_text, queued,
-                str(r.transaction_id), str(r.position), str(r.commit_position), str(r.change_index),
-            )))
+            pk = r.primary_key
+            if pk is None:
+                pk = "\\N"
+            elif search(pk):
+                pk = pk.translate(escapes)
+            # The other texts that may need COPY escapes, escaped in one pass; NUL (which no
+            # PostgreSQL text holds) stands for their tabs until the whole batch is joined.
+            texts = "\0".join((r.schema, table, r.before, r.after))
+            if search(texts):
+                texts = texts.translate(escapes)
+            append(f"{prefix}\t{op}\t{last_ctx_text}\t{last_at_text}\t{queued}\t{r.transaction_id}\t{r.position}\t"
+                   f"{r.commit_position}\t{r.change_index}\t{pk}\t{texts}")
+        if run:
+            pending[run_table, run_op] += run
         append("")
-        self._copy.write("\n".join(lines).encode())
+        self._copy.write("\n".join(lines).replace("\0", "\t").encode())
 
     # -- partitions (bemi/worker/partitions.py) ----------------------------------------------
     def _cover(self, rows: list[ChangeRow]) -> None:

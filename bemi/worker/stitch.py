@@ -26,7 +26,7 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from bemi import tracking as tr
 from bemi.limits import MAX_CONTEXT_BYTES
@@ -134,6 +134,7 @@ class _Rel:
     excluded: bool
     masked: frozenset[int]  # positions of masked columns
     ignored: frozenset[int]  # positions of ignore-change columns
+    pk_column: int  # the one primary key column, not masked (-1: none, several, or masked)
 
 
 PrimaryKeyLookup = Callable[[po.Relation], "list[str] | None"]
@@ -186,7 +187,7 @@ class Stitcher:
         if data[0] == 0x49 and self._begin is not None:  # Insert, the bulk of most streams: short path
             if not self._skip:
                 relid, new = po.decode_insert(data)
-                self._row(out, lsn, relid, "CREATE", None, False, new)
+                self._insert(out, lsn, relid, new)
             return None
         if data[0] == 0x4D:  # a logical message: look at its header before copying any content
             self._message(data)
@@ -283,6 +284,7 @@ class Stitcher:
             excluded=excluded,
             masked=masked,
             ignored=ignored,
+            pk_column=pk[0] if len(pk) == 1 and pk[0] not in masked else -1,
         )
 
     def _masker(self, fmt: Callable[[bytes], str], key: bytes) -> Callable[[bytes], str]:
@@ -361,6 +363,28 @@ class Stitcher:
         else:
             text = "[" + ",".join("null" if v is None else self._safe(rel, i)(v) for i, v in raw) + "]"
         return text[:PRIMARY_KEY_MAX]
+
+    def _insert(self, out: list, lsn: int, relid: int, new: list) -> None:
+        """``_row`` for an INSERT, the bulk of most streams, with its steps inlined (same result)."""
+        rel = self.relations.get(relid)
+        if rel is None or rel.excluded or rel.pk_column < 0:
+            self._row(out, lsn, relid, "CREATE", None, False, new)
+            return
+        try:  # an Insert's tuple holds no unchanged-TOAST marker
+            after = "{" + ",".join([
+                key + ("null" if value is None else fmt(value)) for key, fmt, value in zip(rel.keys, rel.formats, new)
+            ]) + "}"
+        except Exception:
+            after = self._object(rel, new)
+        value = new[rel.pk_column]
+        begin = cast(po.Begin, self._begin)  # feed() calls this inside a transaction only
+        index = self._index
+        self._index = index + 1
+        out.append(ChangeRow(
+            rel.relation.namespace, rel.relation.name,
+            None if value is None else value.decode("utf-8", "replace")[:PRIMARY_KEY_MAX],
+            "CREATE", "{}", after, self._context, begin.commit_time, begin.xid, lsn, begin.final_lsn, index,
+        ))
 
     def _row(self, out: list, lsn: int, relid: int, op: str, old: list | None, old_is_key: bool, new: list | None) -> None:
         rel = self.relations.get(relid)

@@ -49,9 +49,15 @@ def worker_cmd(dsn: str, slot: str, *args: str) -> list[str]:
             "--verbosity", "0", *args]
 
 
+def worker_env(root: str) -> dict[str, str]:
+    """The environment of a worker run from the checkout ``root`` (its ``bemi`` package first)."""
+    return {**os.environ, "PYTHONPATH": root}
+
+
 class Bench:
-    def __init__(self, cluster: Cluster) -> None:
+    def __init__(self, cluster: Cluster, baseline: str | None = None) -> None:
         self.cluster = cluster
+        self.baseline = baseline  # another checkout whose worker drains a third slot (same WAL)
         self.dsn = cluster.dsn()
         self.conn = psycopg.connect(self.dsn, autocommit=True)
         self.n = 0
@@ -68,11 +74,14 @@ class Bench:
         c.execute("CHECKPOINT")
 
     def setup_slots(self) -> tuple[str, str]:
-        """The worker's slot (created by a first --once run) and pg_recvlogical's, at the same position."""
+        """The worker's slot (created by a first --once run) and pg_recvlogical's, at the same position
+        (and the baseline worker's, a copy of the worker's, with --baseline)."""
         self.n += 1
         slot, recv = f"bemi{self.n}", f"recv{self.n}"
         subprocess.run(worker_cmd(self.dsn, slot, "--once"), check=True, cwd=ROOT)
         self.conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", [recv])
+        if self.baseline:
+            self.conn.execute("SELECT pg_copy_logical_replication_slot(%s, %s)", [slot, f"base{self.n}"])
         return slot, recv
 
     def recvlogical(self, slot: str) -> float:
@@ -85,11 +94,11 @@ class Bench:
         subprocess.run(args, check=True)
         return time.perf_counter() - started
 
-    def worker_once(self, slot: str) -> tuple[float, int, int]:
+    def worker_once(self, slot: str, root: str = ROOT) -> tuple[float, int, int]:
         """Wall time, changes written and peak RSS (kB) of one `bemi-worker --once` process."""
         before = self.conn.execute("SELECT count(*) FROM changes").fetchone()[0]
         started = time.perf_counter()
-        proc = subprocess.Popen(worker_cmd(self.dsn, slot, "--once"), cwd=ROOT)
+        proc = subprocess.Popen(worker_cmd(self.dsn, slot, "--once"), cwd=root, env=worker_env(root))
         _, status, usage = os.wait4(proc.pid, 0)
         elapsed = time.perf_counter() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -108,6 +117,16 @@ class Bench:
         ceiling_s = self.insert_ceiling()
         startup_s = self.startup(slot)
         net_s = max(worker_s - startup_s, 1e-3)
+        if self.baseline:
+            self.conn.execute("TRUNCATE changes")  # its rows again (same identities)
+            base_s, base_written, _rss = self.worker_once(f"base{self.n}", self.baseline)
+            assert base_written == changes, (base_written, changes)
+            base_startup_s = self.startup(f"base{self.n}", self.baseline)
+            base_net_s = max(base_s - base_startup_s, 1e-3)
+            print(f"{name}: baseline worker ({self.baseline}) {base_s:.2f} s, start-up {base_startup_s:.2f} s; "
+                  f"vs the ceiling {ceiling_s / base_s:.2f}x ({ceiling_s / base_net_s:.2f}x without the start-up); "
+                  f"this worker vs the baseline {base_s / worker_s:.2f}x ({base_net_s / net_s:.2f}x without the "
+                  "start-up)", flush=True)
         result = {
             "workload": name, "changes": written, "pg_recvlogical_s": recv_s, "worker_s": worker_s,
             "ceiling_ratio": ceiling_s / worker_s, "ceiling_ratio_net": ceiling_s / net_s,
@@ -132,12 +151,12 @@ class Bench:
                 raise RuntimeError("the worker did not start streaming")
             time.sleep(0.05)
 
-    def startup(self, slot: str) -> float:
+    def startup(self, slot: str, root: str = ROOT) -> float:
         """Median wall time of `bemi-worker --once` on an empty slot: the process start-up and setup."""
         times = []
         for _ in range(3):
             started = time.perf_counter()
-            subprocess.run(worker_cmd(self.dsn, slot, "--once"), check=True, cwd=ROOT)
+            subprocess.run(worker_cmd(self.dsn, slot, "--once"), check=True, cwd=root, env=worker_env(root))
             times.append(time.perf_counter() - started)
         return statistics.median(times)
 
@@ -363,11 +382,14 @@ def main() -> None:
                         help="only the masked-columns comparison (plain / masked / masked+ignored, same WAL)")
     parser.add_argument("--masking-rows", type=int, default=100_000, help="rows of the masking comparison")
     parser.add_argument("--repeats", type=int, default=3, help="runs of the masking comparison (median)")
+    parser.add_argument("--baseline", metavar="CHECKOUT", default=None,
+                        help="another checkout (e.g. `git worktree add /tmp/base main`) whose worker also drains "
+                             "the bulk workloads, on a copy of the slot: before/after ratios in one run")
     options = parser.parse_args()
 
     cluster = Cluster(settings={"track_commit_timestamp": "on", "max_wal_size": "4GB",
                                 "synchronous_commit": "on"}).start_throwaway()
-    bench = Bench(cluster)
+    bench = Bench(cluster, options.baseline and os.path.abspath(options.baseline))
     print(f"PostgreSQL {bench.conn.execute('SHOW server_version').fetchone()[0]}, {os.cpu_count()} CPUs; "
           f"python {sys.version.split()[0]}; psycopg {psycopg.__version__} ({psycopg.pq.__impl__})", flush=True)
     if options.masking:

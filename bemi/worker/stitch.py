@@ -31,6 +31,7 @@ from typing import Any, Callable, cast
 from bemi import tracking as tr
 from bemi.limits import MAX_CONTEXT_BYTES
 from bemi.worker import pgoutput as po
+from bemi.worker.shown import shown
 from bemi.worker.values import JsonValues, dump_string
 
 __all__ = ["ChangeRow", "Stitcher", "parse_context", "MAX_CONTEXT_BYTES"]
@@ -238,7 +239,7 @@ class Stitcher:
         except po.DecodeError as exc:
             self.skipped_messages += 1
             log.warning("skipping an unreadable logical message in transaction %s: %s (%d so far)",
-                        self._begin.xid, exc, self.skipped_messages)
+                        self._begin.xid, shown(str(exc)), self.skipped_messages)
             return
         if prefix != CONTEXT_PREFIX:
             return
@@ -320,10 +321,12 @@ class Stitcher:
                 column = rel.relation.columns[i]
                 if self.bad_values <= 100 or self.bad_values % 10_000 == 0:
                     log.warning("storing a value of %s.%s.%s (type oid %d) as its text: %s (%d so far)",
-                                rel.relation.namespace, rel.relation.name, column.name, column.type_oid,
-                                " ".join(str(exc).split()) or type(exc).__name__, self.bad_values)
+                                shown(rel.relation.namespace), shown(rel.relation.name), shown(column.name),
+                                column.type_oid, shown(" ".join(str(exc).split()) or type(exc).__name__),
+                                self.bad_values)
                 if i in rel.masked:
-                    return tr.mask_text(self.masking_key, bytes(value))
+                    return tr.mask_text(tr.column_key(self.masking_key, rel.relation.namespace, rel.relation.name,
+                                                      column.name), bytes(value))
                 return dump_string(bytes(value).decode("utf-8", "replace"))
 
         return safe

@@ -92,6 +92,11 @@ def revert(
                 f"Cannot revert {_describe(change)}: only CREATE, UPDATE and DELETE can be undone. "
                 "Exclude it, e.g. .exclude(operation='TRUNCATE')."
             )
+        if _masked_key(change):
+            raise RevertError(
+                f"Cannot revert {_describe(change)}: its primary key is masked (BEMI_MASKED_COLUMNS), so the "
+                "row it changed cannot be found. Exclude it."
+            )
     using = using or _source_alias(selected)
     if not force:
         _check_later_changes(changes, selected)
@@ -203,6 +208,10 @@ def _masked(change: "BemiChange", columns: Iterable[str]) -> list[str]:
     """The columns among ``columns`` whose ``before`` is a masked value's digest (never its value)."""
     before = change.before or {}
     return [c for c in columns if isinstance(before.get(c), str) and before[c].startswith(MASK_PREFIX)]
+
+
+def _masked_key(change: "BemiChange") -> bool:
+    return bool(change.primary_key and change.primary_key.startswith(MASK_PREFIX))
 
 
 def _refuse_masked(table: SourceTable, change: "BemiChange", columns: Iterable[str]) -> None:
@@ -318,7 +327,9 @@ def preview(changes: "BemiChangeQuerySet", *, using: str | None = None) -> list[
                     tables[key] = None
                     found.append(str(error))
             table = tables[key]
-            if change.operation not in REVERSIBLE or table is None:
+            if _masked_key(change):
+                found.append("its primary key is masked: the row cannot be found")
+            if change.operation not in REVERSIBLE or table is None or _masked_key(change):
                 steps.append(RevertStep(change, "NOTHING", {}, None, tuple(found)))
                 continue
             cursor.execute(

@@ -179,6 +179,11 @@ def _restored(
                 f"Cannot rebuild {schema}.{table} as of {when.isoformat()}: change {change_id} "
                 f"({operation}) has no primary key" + (" (a TRUNCATE removed rows without recording them)"
                                                        if operation == "TRUNCATE" else "") + ".")
+        if key.startswith(MASK_PREFIX):
+            raise MaskedValueError(
+                f"Cannot rebuild {schema}.{table} as of {when.isoformat()}: its primary key is masked "
+                f"(BEMI_MASKED_COLUMNS; change {change_id}), so the rows changed since cannot be told from "
+                "today's rows.", {key: ["primary_key"]})
         restored.keys.append(key)
         if operation == "CREATE":
             continue  # did not exist then

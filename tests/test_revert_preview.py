@@ -64,3 +64,13 @@ def test_a_masked_value_is_never_written_back(recorder):
         with pytest.raises(RevertError, match="value of task before it is masked.*digest, not the value"):
             BemiChange.objects.filter(id=one.id).revert(force=True)
     assert list(Todo.objects.values_list("id", "task")) == [(1, MASK_B)]
+
+
+def test_a_masked_primary_key_is_never_matched(recorder):
+    Todo.objects.create(id=1, task="a")
+    recorder.add("todo", MASK_A, "UPDATE", before={"id": MASK_A, "task": "x", "is_completed": False},
+                 after={"id": MASK_A, "task": "a", "is_completed": False})
+    assert "its primary key is masked: the row cannot be found" in preview(BemiChange.objects.all())[0].problems
+    with pytest.raises(RevertError, match="its primary key is masked"):
+        BemiChange.objects.all().revert(force=True)
+    assert list(Todo.objects.values_list("id", "task")) == [(1, "a")]

@@ -154,6 +154,16 @@ def test_a_masked_value_of_another_type_and_a_missing_column(recorder):
     assert old[0].bemi_unknown_fields == {"task", "is_completed"}
 
 
+def test_a_masked_primary_key_is_an_error(recorder):
+    """A masked key column (authtoken_token.key) is masked in changes.primary_key too: nothing to match rows by."""
+    Todo.objects.create(id=1, task="a")
+    recorder.add("todo", "bemi-masked:0123456789abcdef0123456789abcdef", "UPDATE",
+                 before={"id": "bemi-masked:0123456789abcdef0123456789abcdef", "task": "x", "is_completed": False},
+                 after={"id": "bemi-masked:0123456789abcdef0123456789abcdef", "task": "a", "is_completed": False})
+    with pytest.raises(MaskedValueError, match="its primary key is masked"):
+        Todo.bemi_table_as_of(at(-1), masked="none")
+
+
 def test_pruned_history_is_an_error(todos):
     with connection.cursor() as cursor:
         cursor.execute("INSERT INTO _bemi_pruned (pruned_before) VALUES (%s)", [at(5)])

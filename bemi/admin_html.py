@@ -7,12 +7,12 @@ nothing about what it was.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import SafeString
 
+from bemi import exactjson
 from bemi.models import BemiChange
 from bemi.tracking import MASK_PREFIX
 
@@ -30,7 +30,7 @@ def value_text(value: Any) -> str:
         return "—"
     if is_masked(value):
         return MASKED
-    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    text = value if isinstance(value, str) else exactjson.dumps(value, ensure_ascii=False)  # 1.20 stays 1.20
     return text if len(text) <= VALUE_LIMIT else text[:VALUE_LIMIT] + "…"
 
 

@@ -9,11 +9,35 @@ database alias.
 from __future__ import annotations
 
 import uuid
+from decimal import Decimal
 from typing import Any
 
 from django.db import models
 
+from bemi.exactjson import ExactJSONDecoder, ExactJSONEncoder
 from bemi.querysets import CHRONOLOGICAL, BemiChangeQuerySet
+
+
+class ExactJSONField(models.JSONField):
+    """A ``JSONField`` that reads and writes numbers exactly (``ExactJSONDecoder``/``Encoder``).
+
+    The coders change only how Python sees the ``jsonb``, not the column, so
+    the field deconstructs as a plain ``JSONField``: migrations see no change
+    (``changes`` is unmanaged; its DDL is the worker's).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("encoder", ExactJSONEncoder)
+        kwargs.setdefault("decoder", ExactJSONDecoder)
+        super().__init__(*args, **kwargs)
+
+    def deconstruct(self) -> Any:
+        name, _path, args, kwargs = super().deconstruct()
+        if kwargs.get("encoder") is ExactJSONEncoder:
+            del kwargs["encoder"]
+        if kwargs.get("decoder") is ExactJSONDecoder:
+            del kwargs["decoder"]
+        return name, "django.db.models.JSONField", args, kwargs
 
 
 class BemiChange(models.Model):
@@ -31,8 +55,9 @@ class BemiChange(models.Model):
     table = models.CharField(max_length=255)
     primary_key = models.CharField(max_length=255, null=True)
     operation = models.TextField(choices=Operation.choices)
-    before = models.JSONField(default=dict)
-    after = models.JSONField(default=dict)
+    # Row values: numbers exact (a numeric 1.20 is Decimal('1.20'), not the float 1.2).
+    before = ExactJSONField(default=dict)
+    after = ExactJSONField(default=dict)
     context = models.JSONField(default=dict)
     committed_at = models.DateTimeField()
     queued_at = models.DateTimeField()
@@ -73,5 +98,11 @@ class BemiChange(models.Model):
 
 
 def _same(a: Any, b: Any) -> bool:
-    """JSON equality that tells ``1`` from ``true`` (Python says ``1 == True``)."""
+    """JSON equality that tells ``1`` from ``true`` (Python says ``1 == True``) and ``1.2`` from ``1.20``.
+
+    ``jsonb`` keeps a numeric's scale, and so does ``Decimal``: a change of
+    ``1.2`` to ``1.20`` in a ``numeric`` column is a change.
+    """
+    if isinstance(a, Decimal) and isinstance(b, Decimal):
+        return str(a) == str(b)
     return type(a) is type(b) and a == b

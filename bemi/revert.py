@@ -16,7 +16,6 @@ the audit trail says which change it reverts.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -25,6 +24,7 @@ from django.db import DEFAULT_DB_ALIAS, IntegrityError, connections, router, tra
 from django.db.models import Q
 from psycopg import sql
 
+from bemi import exactjson
 from bemi.appcontext import context as bemi_context
 from bemi.sourcetable import SourceTable, SourceTableError
 from bemi.tracking import MASK_PREFIX
@@ -272,7 +272,8 @@ def _undo(cursor: Any, table: SourceTable, change: "BemiChange") -> RevertAction
 
 
 def _json(values: dict) -> str:
-    return json.dumps(values or {})
+    """The recorded values as JSON text, numbers with their recorded digits."""
+    return exactjson.dumps(values or {})
 
 
 def _revert_context(change: "BemiChange") -> Any:
@@ -337,7 +338,7 @@ def preview(changes: "BemiChangeQuerySet", *, using: str | None = None) -> list[
                             "FROM {table} t WHERE {where_pk}"),
                 [_json(change.after), table.pk, change.primary_key])
             row = cursor.fetchone()
-            current = json.loads(row[0]) if row else None
+            current = exactjson.loads(row[0]) if row else None  # compared with the recorded (exact) values
             if (change.schema, change.table, change.primary_key) not in seen:  # the row's newest change
                 seen.add((change.schema, change.table, change.primary_key))
                 found.extend(_current_row_problems(change, current, bool(row and row[1])))

@@ -11,12 +11,14 @@ and ``REPLICA IDENTITY FULL`` on the table (the ``bemi`` migration sets it).
 from __future__ import annotations
 
 import datetime as dt
-from decimal import Decimal
+import json
 from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
 
 from django.apps import apps
 from django.core.exceptions import ValidationError
 from django.db import connections, models
+
+from bemi import exactjson
 
 if TYPE_CHECKING:  # pragma: no cover
     from bemi.models import BemiChange
@@ -225,9 +227,10 @@ def to_instance(model: type[models.Model], values: dict) -> models.Model:
 def _to_python(field: models.Field, value: Any) -> Any:
     if value is None:
         return None
-    if isinstance(field, models.DecimalField) and isinstance(value, float):
-        value = Decimal(repr(value))  # shortest round-tripping text, not the binary expansion
-    elif isinstance(field, models.BinaryField) and isinstance(value, str) and value.startswith("\\x"):
+    if isinstance(field, models.JSONField):
+        # What Django loads from the column: its own decoder over the recorded JSON (exact) text.
+        return json.loads(exactjson.dumps(value), cls=field.decoder)
+    if isinstance(field, models.BinaryField) and isinstance(value, str) and value.startswith("\\x"):
         return bytes.fromhex(value[2:])  # to_jsonb shows bytea as '\x...'
     try:
         return field.to_python(value)

@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
+from bemi.exactjson import ExactJSONEncoder
+
 __all__ = [
     "BUILTIN_CREDENTIALS", "BUILTIN_IGNORED_TABLES", "BUILTIN_MASKED_COLUMNS", "MASK_PREFIX", "SETTING_NAMES", "Pattern",
     "Tracking", "TrackingError", "derive_key", "mask_text", "mask_json_value", "parse_list",
@@ -369,7 +371,8 @@ def canonical_value(value: Any) -> bytes:
     """``canonical`` of a value read back from JSON (``bemi_redact``)."""
     if isinstance(value, str):
         return value.encode("utf-8", "surrogatepass")
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False,
+                      cls=ExactJSONEncoder).encode("utf-8")  # a numeric 1.20 as the worker stored it
 
 
 def is_marker(value: Any) -> bool:

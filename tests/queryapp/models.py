@@ -34,3 +34,12 @@ class Item(BemiRecordMixin, models.Model):
     tags = models.JSONField(default=list)
     blob = models.BinaryField(null=True)
     ratio = models.FloatField(null=True)
+
+
+class Ledger(BemiRecordMixin, models.Model):
+    """Money and other numbers that a float would change: an audit trail must give them back exactly."""
+
+    balance = models.DecimalField(max_digits=30, decimal_places=2)
+    rate = models.FloatField(null=True)
+    count = models.BigIntegerField(null=True)
+    data = models.JSONField(null=True)

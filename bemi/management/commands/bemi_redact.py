@@ -12,7 +12,6 @@ with a progress bar; ``--dry-run`` only counts.
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Any
 
@@ -20,7 +19,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import connections, router, transaction
 from psycopg import sql
 
-from bemi import conf
+from bemi import conf, exactjson
 from bemi import tracking as tr
 from bemi.models import BemiChange
 from bemi.worker.stitch import PRIMARY_KEY_MAX
@@ -160,8 +159,8 @@ class Command(BaseCommand):
                     masker = _RowMasker(key, schema, table, columns, primary_key)
                     new_before = masker.mask(_load(before))
                     new_after = masker.mask(_load(after))
-                    cursor.execute(update_text, [masker.primary_key, json.dumps(new_before), json.dumps(new_after),
-                                                 change_id])
+                    cursor.execute(update_text, [masker.primary_key, exactjson.dumps(new_before),
+                                                 exactjson.dumps(new_after), change_id])
                     last = str(change_id)
                 done += len(rows)
             self._bar("masking values", done, total)
@@ -184,7 +183,8 @@ class Command(BaseCommand):
 
 
 def _load(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, (str, bytes)) else value
+    """Stored values, numbers exact (so the columns left unmasked keep every digit)."""
+    return exactjson.loads(value) if isinstance(value, (str, bytes)) else value
 
 
 class _RowMasker:
@@ -201,7 +201,7 @@ class _RowMasker:
         self.parts: list[Any] = [] if primary_key is None else [primary_key]
         if primary_key is not None and primary_key.startswith("["):
             try:
-                parts = json.loads(primary_key)
+                parts = exactjson.loads(primary_key)
             except ValueError:
                 parts = None
             if isinstance(parts, list):
@@ -230,7 +230,7 @@ class _RowMasker:
                 return resolved
             resolved = tr.rekey_legacy(key, value)
             for i, part in enumerate(self.parts):
-                text = part if isinstance(part, str) else json.dumps(part)
+                text = part if isinstance(part, str) else exactjson.dumps(part)
                 if text == value:
                     self._set_part(i, resolved)
                 elif tr.legacy_marker(self.key, text.encode("utf-8", "surrogatepass")) == value:
@@ -248,7 +248,7 @@ class _RowMasker:
     def _set_part(self, i: int, marker: str) -> None:
         self.parts[i] = marker
         if self.composite:
-            text = "[" + ",".join(json.dumps(p, ensure_ascii=False) for p in self.parts) + "]"
+            text = "[" + ",".join(exactjson.dumps(p, ensure_ascii=False) for p in self.parts) + "]"
         else:
             text = marker
         self.primary_key = text[:PRIMARY_KEY_MAX]
@@ -256,4 +256,4 @@ class _RowMasker:
 
 def _text(value: Any) -> str:
     """A value as the worker stores a one-column primary key: a string's own text, other values' JSON."""
-    return value if isinstance(value, str) else json.dumps(value)
+    return value if isinstance(value, str) else exactjson.dumps(value)

@@ -19,22 +19,27 @@ bemi.W020  ``max_slot_wal_keep_size = -1`` on a database where bemi is installed
            worker's slot keeps WAL until the disk is full
 bemi.W021  bemi is installed (``migrate bemi`` ran) but the database has no pgoutput
            replication slot: the worker never started, and changes are not recorded
+bemi.E011  ``BEMI_SLOT`` or ``BEMI_PUBLICATION`` is not a name (nor a dict of alias -> name)
+bemi.W022  the database's slot name (``BEMI_SLOT``, default ``bemi``) is taken by a slot of another
+           database on the same server
 bemi.E010  a tracking setting (``BEMI_SCHEMAS``, ``BEMI_IGNORED_TABLES``...) is not a list or holds a malformed pattern
 bemi.W010  a table or column named in a tracking setting matches no Django model's table or column
 bemi.W011  ``BEMI_UNSAFE_TRACK_BUILTINS`` tracks a built-in that holds credentials
 =========  =====================================================================
 
-W002 and W003 are warnings, not errors: see docs/security.md for what they
-mean and why they are worth fixing.
-
-W020 and W021 do not stop ``migrate`` either; silence one with
+W002, W003, W004, W020 and W021 are advice for a production server, so, by
+Django's convention, they run with ``manage.py check --deploy --database
+ALIAS`` (``@register(..., deploy=True)``), not with every ``migrate``: a first
+``migrate`` on a stock server prints none of them. See docs/security.md for
+what W002 and W003 mean and why they are worth fixing; silence one with
 ``SILENCED_SYSTEM_CHECKS = ['bemi.W020']`` when it is deliberate, e.g. a managed
-server whose settings you cannot change. ``manage.py bemi_status`` shows both, and more
-(docs/operations.md).
+server whose settings you cannot change. ``manage.py bemi_status`` shows W020
+and W021, and more (docs/operations.md).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Iterator
 
 from django.conf import settings
@@ -106,11 +111,12 @@ def _postgresql(databases: Any) -> Iterator[tuple[str, Any]]:
 
 @register(Tags.database)
 def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """What bemi cannot work without (E002, E003): before every ``migrate``."""
     messages: list[CheckMessage] = []
     for alias, connection in _postgresql(databases):
         with connection.cursor() as cursor:
             cursor.execute(SERVER_FACTS)
-            wal_level, version, role, emit_functions, public_creates = cursor.fetchone()
+            wal_level, version, _role, _emit_functions, _public_creates = cursor.fetchone()
         if version < MIN_SERVER_VERSION:
             messages.append(Error(
                 f"Database {alias!r} runs PostgreSQL {version // 10000}; bemi needs PostgreSQL 14 or newer.",
@@ -124,6 +130,17 @@ def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any
                 hint="Run ALTER SYSTEM SET wal_level = logical; as a superuser, then restart PostgreSQL.",
                 id="bemi.E002",
             ))
+    return messages
+
+
+@register(Tags.database, deploy=True)
+def check_database_deploy(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Production advice (W002, W003, W020, W021): ``check --deploy --database ALIAS``, Django's convention."""
+    messages: list[CheckMessage] = []
+    for alias, connection in _postgresql(databases):
+        with connection.cursor() as cursor:
+            cursor.execute(SERVER_FACTS)
+            wal_level, _version, role, emit_functions, public_creates = cursor.fetchone()
         if emit_functions:
             statements = " ".join(
                 f"REVOKE EXECUTE ON FUNCTION {f} FROM PUBLIC; GRANT EXECUTE ON FUNCTION {f} TO {role};"
@@ -145,6 +162,60 @@ def check_database(app_configs: Any = None, databases: Any = None, **kwargs: Any
             ))
         if wal_level == "logical" and alias != "bemi" and _bemi_migrated(connection):
             messages.extend(_slot_checks(alias, connection))
+    return messages
+
+
+def _suggested_slot(connection: Any) -> str:
+    """``bemi_<database name>`` as a valid slot name (lower case letters, digits and underscores)."""
+    name = re.sub(r"[^a-z0-9_]", "_", str(connection.settings_dict.get("NAME") or "").lower())
+    return f"bemi_{name}"[:63]
+
+
+def _names(alias: str) -> tuple[str, str] | None:
+    """``BEMI_SLOT`` and ``BEMI_PUBLICATION`` of ``alias``; None when malformed (bemi.E011 says so)."""
+    try:
+        return conf.slot(alias), conf.publication(alias)
+    except ImproperlyConfigured:
+        return None
+
+
+@register()
+def check_names(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """bemi.E011: ``BEMI_SLOT`` / ``BEMI_PUBLICATION`` must be names (or dicts of alias -> name)."""
+    messages: list[CheckMessage] = []
+    for read in (conf.slot, conf.publication):
+        try:
+            for alias in connections.settings:
+                read(alias)
+        except ImproperlyConfigured as exc:
+            messages.append(Error(str(exc), hint="See docs/worker.md (two databases on one server).", id="bemi.E011"))
+    return messages
+
+
+@register(Tags.database)
+def check_slot_of_another_database(app_configs: Any = None, databases: Any = None,
+                                   **kwargs: Any) -> list[CheckMessage]:
+    """bemi.W022: this database's slot name is taken by a slot of another database on the same server."""
+    messages: list[CheckMessage] = []
+    for alias, connection in _postgresql(databases):
+        names = _names(alias)
+        if alias == "bemi" or names is None:
+            continue
+        with connection.cursor() as cursor:
+            cursor.execute(
+                "SELECT s.database::pg_catalog.text FROM pg_catalog.pg_replication_slots s "
+                "WHERE s.slot_name OPERATOR(pg_catalog.=) %s::pg_catalog.name "
+                "AND s.database OPERATOR(pg_catalog.<>) pg_catalog.current_database()", [names[0]])
+            found = cursor.fetchone()
+        if found is not None:
+            messages.append(Warning(
+                f"Database {alias!r}: the replication slot {names[0]!r} belongs to database {found[0]!r} on the "
+                "same server (a slot's name is the server's, its changes one database's): the bemi worker of "
+                f"{alias!r} cannot use it, and bemi_status would look at the other database's.",
+                hint=f"Give this database a slot of its own: BEMI_SLOT = {_suggested_slot(connection)!r} "
+                     "(and BEMI_PUBLICATION) in settings, or a dict of alias -> name (docs/worker.md).",
+                id="bemi.W022",
+            ))
     return messages
 
 
@@ -176,11 +247,12 @@ def _slot_checks(alias: str, connection: Any) -> list[CheckMessage]:
             id="bemi.W020",
         ))
     if not has_slot:
+        slot = (_names(alias) or (conf.DEFAULT_SLOT,))[0]
         messages.append(Warning(
             f"Database {alias!r} has bemi installed but no pgoutput replication slot: the bemi worker has never "
             "started there, so changes are not recorded.",
-            hint="Start the worker: python manage.py bemi_worker (it creates the slot 'bemi' and the changes table "
-                 "on its first start). Changes made before the slot exists are never recorded.",
+            hint=f"Start the worker: python manage.py bemi_worker (it creates the slot {slot!r} and the changes "
+                 "table on its first start). Changes made before the slot exists are never recorded.",
             id="bemi.W021",
         ))
     return messages
@@ -225,8 +297,9 @@ def check_leftovers(app_configs: Any = None, databases: Any = None, **kwargs: An
     """Slots and publications an earlier Bemi worker left (bemi/leftovers.py): a slot nobody reads keeps WAL."""
     messages: list[CheckMessage] = []
     for alias, connection in _postgresql(databases):
+        names = _names(alias) or ()
         with connection.cursor() as cursor:
-            leftovers = find_leftovers(cursor.cursor)
+            leftovers = find_leftovers(cursor.cursor, in_use_slots=names[:1], in_use_publications=names[1:])
         for leftover in leftovers:
             messages.append(Warning(
                 f"Database {alias!r}: {leftover.message}",
@@ -237,7 +310,7 @@ def check_leftovers(app_configs: Any = None, databases: Any = None, **kwargs: An
     return messages
 
 
-@register(Tags.database)
+@register(Tags.database, deploy=True)
 def check_append_only(app_configs: Any = None, databases: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """bemi.W004: can the application's role rewrite history? (docs/retention.md#append-only)"""
     from django.db import router

@@ -74,12 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_worker_arguments(parser) -> None:
+def add_name_arguments(parser, names_from_settings: bool = False) -> None:
+    """``--slot`` and ``--publication``; with ``names_from_settings`` (manage.py) they default to None,
+    which the command reads as ``BEMI_SLOT`` / ``BEMI_PUBLICATION`` (bemi.conf), else bemi."""
+    for flag, what in (("slot", "replication slot name"), ("publication", "publication name")):
+        if names_from_settings:
+            parser.add_argument(f"--{flag}", default=None,
+                                help=f"{what} (default: the setting BEMI_{flag.upper()}, else bemi)")
+        else:
+            parser.add_argument(f"--{flag}", default="bemi", help=f"{what} (default: bemi)")
+
+
+def add_worker_arguments(parser, names_from_settings: bool = False) -> None:
     """The options shared with ``python manage.py bemi_worker``."""
     parser.add_argument("--once", action="store_true",
                         help="drain what the slot holds now, then exit 0 (for tests, cron, demos)")
-    parser.add_argument("--slot", default="bemi", help="replication slot name (default: bemi)")
-    parser.add_argument("--publication", default="bemi", help="publication name (default: bemi)")
+    add_name_arguments(parser, names_from_settings)
     parser.add_argument("--batch-rows", type=int, default=10_000,
                         help="commit the destination after about this many changes (default: 10000)")
     parser.add_argument("--standby", action="store_true",
@@ -102,7 +112,7 @@ def add_worker_arguments(parser) -> None:
                              "(default: keep everything; BEMI_RETENTION with manage.py)")
     parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                         help="serve Prometheus metrics at http://HOST:PORT/metrics and a health probe at /healthz "
-                             "(200 while streaming, else 503); needs pip install 'bemi-django-selfhosted[metrics]'")
+                             "(200 while streaming, else 503); needs pip install prometheus_client")
     parser.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                         help="address for --metrics-port (default: 127.0.0.1; 0.0.0.0 for every interface)")
     add_tracking_arguments(parser)
@@ -202,6 +212,7 @@ def build_status_parser() -> argparse.ArgumentParser:
                     "publication and the tracked tables, the worker's checkpoint, the lag, dead letters and "
                     "warnings; exit status 0 when healthy. Source and destination as for bemi-worker.",
     )
+    add_name_arguments(parser)
     add_status_arguments(parser)
     parser.add_argument("--dsn", help="libpq connection string of the source database (overrides DB_*)")
     parser.add_argument("--destination-dsn",

@@ -129,6 +129,41 @@ def retention() -> Any:
         return parse_retention(value)
     except ValueError as exc:
         raise ImproperlyConfigured(f"BEMI_RETENTION: {exc}") from exc
+# -- the worker's replication slot and publication (docs/worker.md) ---------------------------------
+
+DEFAULT_SLOT = "bemi"
+DEFAULT_PUBLICATION = "bemi"
+
+
+def _name_for(setting: str, alias: str, default: str) -> str:
+    value = getattr(settings, setting, None)
+    if value is None:
+        return default
+    if isinstance(value, dict):
+        value = value.get(alias, default)
+    if not isinstance(value, str) or not value or len(value.encode()) > 63:
+        raise ImproperlyConfigured(
+            f"{setting} must be a name (at most 63 bytes) or a dict of database alias -> name, e.g. "
+            f"{setting} = 'bemi_myapp' or {{'default': 'bemi_myapp'}}; got {value!r}")
+    return value
+
+
+def slot(alias: str = "default") -> str:
+    """``BEMI_SLOT``: the worker's replication slot for the database ``alias`` (default ``'bemi'``).
+
+    A slot belongs to one database but its name to the whole server: two
+    databases on one server need two names. A string names the slot of every
+    tracked alias; a dict maps aliases to names (an alias it lacks: ``'bemi'``).
+    Read by ``bemi_worker``, ``bemi_status`` and the system checks.
+    """
+    return _name_for("BEMI_SLOT", alias, DEFAULT_SLOT)
+
+
+def publication(alias: str = "default") -> str:
+    """``BEMI_PUBLICATION``: the worker's publication in the database ``alias`` (default ``'bemi'``), like ``BEMI_SLOT``."""
+    return _name_for("BEMI_PUBLICATION", alias, DEFAULT_PUBLICATION)
+
+
 # -- what is tracked (bemi/tracking.py, docs/tracking.md) ------------------------------------------
 
 def user_password_columns() -> tuple[str, ...]:

@@ -42,9 +42,19 @@ def run_sql(text: str, connection: Any) -> list[str]:
         if handler is not None:
             raw.remove_notice_handler(handler)
     for notice in notices:
-        logger.warning(notice)
-        sys.stdout.write(f"  {notice}\n")
+        tell(notice)
     return notices
+
+
+def tell(notice: str, blank_line: bool = False) -> None:
+    """Show a notice to whoever runs ``migrate``, once: on stdout, like the migration's own lines.
+
+    Logged at INFO, not WARNING: with no logging configured, Python prints a
+    WARNING record to stderr by itself (``logging.lastResort``), and every line
+    came out twice.
+    """
+    logger.info(notice)
+    sys.stdout.write(("\n" if blank_line else "") + f"  {notice}\n")
 
 
 # Installed by a superuser (psql -f install.sql, for the event triggers) and now
@@ -94,8 +104,7 @@ def store_tracking(connection: Any, by: str = "migrate bemi") -> bool:
     except DatabaseError as exc:
         notice = (f"bemi: could not store the tracking settings ({exc}); the stored ones stay in force "
                   "until a role that may update public._bemi_tracking runs migrate bemi")
-        logger.warning(notice)
-        sys.stdout.write(f"  {notice}\n")
+        tell(notice)
         return False
 
 
@@ -119,8 +128,7 @@ def install(apps: Any, schema_editor: Any) -> None:
     if found is not None:
         notice = (f"bemi: already installed by superuser {found[0]}; its functions are kept "
                   "(to reinstall, run bemi/sql/tracking.sql and bemi/sql/install.sql as a superuser)")
-        logger.warning(notice)
-        sys.stdout.write(f"  {notice}\n")
+        tell(notice)
         store_tracking(connection)
         return
     run_sql_file(connection, "tracking.sql")
@@ -143,8 +151,7 @@ def upgrade(apps: Any, schema_editor: Any) -> None:
         return
     install(apps, schema_editor)
     if _has_recorded_history():
-        logger.warning(UPGRADE_NOTICE)
-        sys.stdout.write(f"\n  {UPGRADE_NOTICE}\n")
+        tell(UPGRADE_NOTICE, blank_line=True)
 
 
 def _has_recorded_history() -> bool:

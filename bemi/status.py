@@ -405,6 +405,10 @@ def collect(source: psycopg.Connection, destination: psycopg.Connection | None =
     dest_db = dest_row["db"] if dest_row else database
 
     the_slot, behind = _slot(source, slot)
+    # A slot's name is the server's, its data one database's: another database's slot is not ours.
+    foreign = the_slot.database if the_slot.exists and the_slot.database != database else None
+    if foreign is not None:
+        the_slot, behind = Slot(name=slot), 0
     worker = _worker(source, the_slot, database) if the_slot.exists else None
     pub = _publication(source, publication)
     tables = _tables(source, pub)
@@ -460,16 +464,20 @@ def collect(source: psycopg.Connection, destination: psycopg.Connection | None =
                     lag_source = f"unknown (could not peek at the slot: {why})"
 
     # Problems: the status is unhealthy.
-    if not the_slot.exists:
+    if foreign is not None:
+        problems.append(f"replication slot {slot!r} belongs to database {foreign!r} on this server, and this "
+                        f"database {database!r} has no slot of that name: its changes are not being recorded. Give "
+                        "each database its own slot: BEMI_SLOT (and BEMI_PUBLICATION) in its Django settings, or "
+                        "--slot (docs/worker.md)")
+    elif not the_slot.exists:
         problems.append(f"replication slot {slot!r} does not exist: changes are not being recorded "
                         "(the worker creates it on its first start)")
     else:
         if the_slot.wal_status == "lost":
             problems.append(f"replication slot {slot!r} is invalidated (wal_status = 'lost'): the WAL it needed was "
                             "removed and changes were lost; see docs/worker.md (safety checks)")
-        if the_slot.plugin != "pgoutput" or the_slot.database != database:
-            problems.append(f"replication slot {slot!r} is for plugin {the_slot.plugin!r} on database "
-                            f"{the_slot.database!r}, not a pgoutput slot on {database!r}")
+        if the_slot.plugin != "pgoutput":
+            problems.append(f"replication slot {slot!r} is for plugin {the_slot.plugin!r}, not pgoutput")
         if (max_retained_bytes > 0 and the_slot.retained_wal_bytes is not None
                 and the_slot.retained_wal_bytes > max_retained_bytes):
             problems.append(f"slot {slot!r} retains {format_bytes(the_slot.retained_wal_bytes)} of WAL, more than "
@@ -608,8 +616,7 @@ def render_text(status: Status) -> str:
 # -- the command line (shared by bemi-worker status and manage.py bemi_status) -------------
 
 def add_status_arguments(parser) -> None:
-    parser.add_argument("--slot", default="bemi", help="replication slot name (default: bemi)")
-    parser.add_argument("--publication", default="bemi", help="publication name (default: bemi)")
+    """The options after ``--slot`` and ``--publication`` (``bemi.cli.add_name_arguments``)."""
     parser.add_argument("--json", action="store_true", help="print a JSON document instead of the screen")
     parser.add_argument("--max-lag-seconds", type=float, default=DEFAULT_MAX_LAG_SECONDS,
                         help="unhealthy when no worker runs and a change has waited longer than this "

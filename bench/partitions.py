@@ -95,7 +95,7 @@ def ingest(cluster: Cluster, tx: int, rounds: int) -> dict:
             stored = conn.execute("SELECT count(*) FROM changes").fetchone()[0]
             assert stored == tx, (stored, tx)
             # The worker's own "wrote N changes in X s" lines: storing, without process start and setup.
-            storing = sum(float(m) for m in re.findall(r"wrote \d+ changes in ([0-9.]+) s", log))
+            storing = sum(float(m) for m in re.findall(r"wrote \d+ changes? in ([0-9.]+) s", log))
             rates[kind].append(tx / elapsed)
             store_rates[kind].append(tx / storing)
             print(f"  ingest {kind:13} {tx:,} transactions in {elapsed:.2f} s ({tx / elapsed:,.0f} changes/s; "

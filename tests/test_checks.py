@@ -21,6 +21,15 @@ def ids(**kwargs) -> list[str]:
     return [m.id for m in run_checks(**kwargs) if m.id and m.id.startswith("bemi.")]
 
 
+def deploy(**kwargs):
+    """``check --deploy``: where production advice (W002, W003, W004, W020, W021) is given."""
+    return run_checks(include_deployment_checks=True, **kwargs)
+
+
+def deploy_ids(**kwargs) -> list[str]:
+    return [m.id for m in deploy(**kwargs) if m.id and m.id.startswith("bemi.")]
+
+
 def test_valid_configuration_has_no_messages():
     assert ids() == []
 
@@ -42,15 +51,22 @@ def test_context_function_without_middleware():
 
 @pytest.mark.django_db
 def test_database_checks_pass_on_a_logical_server():
-    # W002: PostgreSQL's default (PUBLIC may execute pg_logical_emit_message).
-    assert slotless(ids(databases=["default"])) == ["bemi.W002"]
+    # W002: PostgreSQL's default (PUBLIC may execute pg_logical_emit_message), production advice.
+    assert slotless(deploy_ids(databases=["default"])) == ["bemi.W002"]
+
+
+@pytest.mark.django_db
+def test_production_advice_waits_for_check_deploy():
+    # A stock server: PUBLIC may emit messages, max_slot_wal_keep_size = -1, no worker slot yet.
+    assert {"bemi.W002", "bemi.W020", "bemi.W021"} <= set(deploy_ids(databases=["default"]))
+    assert ids(databases=["default"]) == []  # what `migrate` runs: nothing to say
 
 
 @pytest.mark.django_db  # rolled back: the REVOKE/GRANT and GRANT below do not outlive the test
 def test_public_may_emit_messages_is_reported_with_the_statements_that_fix_it():
     from django.db import connection
 
-    (warning,) = [m for m in run_checks(databases=["default"]) if m.id == "bemi.W002"]
+    (warning,) = [m for m in deploy(databases=["default"]) if m.id == "bemi.W002"]
     assert "REVOKE EXECUTE ON FUNCTION pg_logical_emit_message(boolean,text,text) FROM PUBLIC;" in warning.hint
     with connection.cursor() as cursor:
         cursor.execute("SELECT quote_ident(current_user)")
@@ -58,7 +74,7 @@ def test_public_may_emit_messages_is_reported_with_the_statements_that_fix_it():
         assert f"GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean,text,text) TO {role};" in warning.hint
         # Run what the hint says: the warning goes away.
         cursor.execute(warning.hint.split("run: ", 1)[1].split(" (see", 1)[0])
-    assert slotless(ids(databases=["default"])) == []
+    assert slotless(deploy_ids(databases=["default"])) == []
 
 
 def slotless(found: list[str]) -> list[str]:
@@ -91,16 +107,16 @@ def _reload_setting(name: str, value: str | None) -> None:
 
 @pytest.mark.django_db
 def test_unbounded_wal_retention_is_a_warning_with_the_setting_to_change():
-    messages = [m for m in run_checks(databases=["default"]) if m.id == "bemi.W020"]
+    messages = [m for m in deploy(databases=["default"]) if m.id == "bemi.W020"]
     assert len(messages) == 1  # the test cluster runs with the default: -1
     assert "max_slot_wal_keep_size = -1" in messages[0].msg
     assert "ALTER SYSTEM SET max_slot_wal_keep_size" in messages[0].hint
     _reload_setting("max_slot_wal_keep_size", "1GB")
     try:
-        assert _eventually(lambda: "bemi.W020" not in ids(databases=["default"]))
+        assert _eventually(lambda: "bemi.W020" not in deploy_ids(databases=["default"]))
     finally:
         _reload_setting("max_slot_wal_keep_size", None)
-    assert _eventually(lambda: "bemi.W020" in ids(databases=["default"]))
+    assert _eventually(lambda: "bemi.W020" in deploy_ids(databases=["default"]))
 
 
 def _eventually(predicate) -> bool:
@@ -120,14 +136,14 @@ def test_missing_worker_slot_after_migrate_bemi_is_a_warning():
 
     from tests.db import db_dsn
 
-    messages = [m for m in run_checks(databases=["default"]) if m.id == "bemi.W021"]
+    messages = [m for m in deploy(databases=["default"]) if m.id == "bemi.W021"]
     assert len(messages) == 1
     assert "no pgoutput replication slot" in messages[0].msg
     assert "manage.py bemi_worker" in messages[0].hint
     with psycopg.connect(db_dsn(), autocommit=True) as conn:
         conn.execute("SELECT pg_create_logical_replication_slot('bemi_check_w021', 'pgoutput')")
         try:
-            assert "bemi.W021" not in ids(databases=["default"])
+            assert "bemi.W021" not in deploy_ids(databases=["default"])
         finally:
             conn.execute("SELECT pg_drop_replication_slot('bemi_check_w021')")
 
@@ -138,7 +154,7 @@ def test_public_may_create_in_schema_public_is_reported():
 
     with connection.cursor() as cursor:
         cursor.execute("GRANT CREATE ON SCHEMA public TO PUBLIC")  # PostgreSQL 14's default
-    (warning,) = [m for m in run_checks(databases=["default"]) if m.id == "bemi.W003"]
+    (warning,) = [m for m in deploy(databases=["default"]) if m.id == "bemi.W003"]
     assert "REVOKE CREATE ON SCHEMA public FROM PUBLIC;" in warning.hint
 
 
@@ -146,7 +162,8 @@ def test_public_may_create_in_schema_public_is_reported():
 def test_old_server_version_is_reported(monkeypatch):
     # The real server answers; only the threshold moves above it.
     monkeypatch.setattr(checks, "MIN_SERVER_VERSION", 10_000_000)
-    assert slotless(ids(databases=["default"])) == ["bemi.E003", "bemi.W002"]
+    assert slotless(deploy_ids(databases=["default"])) == ["bemi.E003", "bemi.W002"]
+    assert ids(databases=["default"]) == ["bemi.E003"]  # an error stops migrate
 
 
 @pytest.fixture(scope="module")

@@ -144,3 +144,26 @@ def test_prune_refuses_an_unpartitioned_table_and_bad_dates(worker_env):
     env.execute("CREATE TABLE changes (id uuid PRIMARY KEY, committed_at timestamptz)")
     with pytest.raises(CommandError, match="bemi_partition"):
         prune("--older-than", "30")
+
+
+def test_prune_without_a_cutoff_uses_bemi_retention_or_says_what_to_pass(worker_env, settings):
+    env = worker_env
+    env.run_once()
+    past(env, "2024-01", 1, per_day=1)
+    with pytest.raises(CommandError) as error:
+        prune()
+    assert "--before DATE" in str(error.value) and "--older-than DAYS" in str(error.value)
+    assert "BEMI_RETENTION" in str(error.value)
+    assert env.execute("SELECT count(*) FROM changes") == [(1,)]
+
+    settings.BEMI_RETENTION = 30
+    dry = prune("--dry-run")
+    assert "would remove 1 change committed before" in dry and "(1 partition would be dropped, 0 rows would" in dry
+    out = prune()
+    cutoff = env.execute("SELECT pruned_before FROM _bemi_pruned")[0][0]
+    assert abs((datetime.now(UTC) - timedelta(days=30) - cutoff).total_seconds()) < 600
+    assert f"removed 1 change committed before {cutoff.isoformat()} (1 partition dropped, 0 rows deleted" in out
+    assert env.execute("SELECT count(*) FROM changes") == [(0,)]
+    settings.BEMI_RETENTION = "soon"
+    with pytest.raises(CommandError, match="BEMI_RETENTION"):
+        prune()

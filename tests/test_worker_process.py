@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -174,6 +175,26 @@ def test_sigterm_finishes_the_batch_commits_and_exits_0(worker_env):
     assert "received SIGTERM" in stderr
     assert env.cli("--once").returncode == 0
     assert env.execute("SELECT count(*), count(DISTINCT primary_key) FROM changes")[0] == (20100, 20100)
+
+
+def test_the_log_counts_the_time_spent_writing_not_the_idle_time_before(worker_env):
+    env = worker_env
+    env.execute("CREATE TABLE idle_w (id int PRIMARY KEY)")
+    env.run_once()
+    proc = env.spawn("--poll-interval", "0.02")
+    assert wait_for(lambda: (env.slot_state() or {}).get("active"))
+    idle = 3.0
+    time.sleep(idle)  # a quiet application
+    env.execute("INSERT INTO idle_w VALUES (1)")
+    assert wait_for(lambda: env.execute("SELECT count(*) FROM changes")[0][0] == 1)
+    time.sleep(1.2)  # the line comes at most a second later
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    (line,) = [line for line in stderr.splitlines() if " wrote " in line]
+    match = re.search(r"wrote 1 change in ([0-9.]+) s \(([0-9]+) changes/s\)", line)
+    assert match, line  # one change, not "1 changes"
+    # the seconds are those of writing it: not the idle time before (which gave "in 9.748 s (0 changes/s)")
+    assert float(match[1]) < idle and int(match[2]) > 0, line
 
 
 def test_second_worker_on_the_same_slot_exits_with_a_clear_message(worker_env):

@@ -3,7 +3,7 @@
 Everything is read from the worker's ``WorkerStats`` (bemi/worker/stats.py) at
 scrape time, in the server's own thread: serving never touches the database
 nor slows the loop. Needs the optional ``prometheus_client`` package
-(``pip install 'bemi-django-selfhosted[metrics]'``); without it the worker refuses the
+(``pip install prometheus_client``, the ``metrics`` extra); without it the worker refuses the
 flag and says so.
 
 ``/healthz`` answers 200 while the worker streams (set up, reading the slot)
@@ -27,7 +27,7 @@ __all__ = ["MetricsServer", "MetricsUnavailable", "lag", "lag_seconds", "require
 
 log = logging.getLogger("bemi.worker")
 
-INSTALL_HINT = "pip install 'bemi-django-selfhosted[metrics]' (or: pip install prometheus_client)"
+INSTALL_HINT = "pip install prometheus_client (from a checkout of bemi: pip install '.[metrics]')"
 
 
 class MetricsUnavailable(RuntimeError):

@@ -25,6 +25,8 @@ from typing import Any, Callable, Iterable, Iterator
 import psycopg
 from psycopg import sql
 
+from bemi.words import counted
+
 __all__ = [
     "INTERVALS", "DEFAULT_INTERVAL", "Partition", "Partitions", "PruneResult", "parse_retention",
     "period_start", "period_end", "partition_name",
@@ -410,11 +412,11 @@ class Partitions:
         for part in whole:
             rows = self._count(part.name)
             if dry_run:
-                say(f"would drop partition {SCHEMA}.{part.name} ({_span(part)}, {rows} changes)")
+                say(f"would drop partition {SCHEMA}.{part.name} ({_span(part)}, {counted(rows, 'change')})")
             else:
                 if not self._detach_and_drop(part.name, retries):
                     continue
-                say(f"dropped partition {SCHEMA}.{part.name} ({_span(part)}, {rows} changes)")
+                say(f"dropped partition {SCHEMA}.{part.name} ({_span(part)}, {counted(rows, 'change')})")
             result.dropped.append(part)
             result.dropped_rows += rows
         for part in straddling:
@@ -422,7 +424,7 @@ class Partitions:
             if count:
                 result.trimmed[part.name] = count
                 verb = "would delete" if dry_run else "deleted"
-                say(f"{verb} {count} changes before {cutoff.isoformat()} from {SCHEMA}.{part.name}")
+                say(f"{verb} {counted(count, 'change')} before {cutoff.isoformat()} from {SCHEMA}.{part.name}")
         if not dry_run:
             if result.rows or result.dropped:
                 self._log_prune(result, by)

@@ -41,6 +41,7 @@ from bemi.worker.stats import WorkerStats
 from bemi.worker.stitch import ChangeRow, Stitcher
 from bemi.worker.tracked import TrackedTables
 from bemi.worker.values import JsonValues
+from bemi.words import counted
 
 __all__ = ["Config", "Worker", "WorkerError", "main_loop", "configure_logging", "check_psycopg"]
 
@@ -123,7 +124,8 @@ class Worker:
         self._walsenders: set[int] = set()  # backend pids of this worker's replication connections
         self._commits = 0  # destination commits since start
         self._log_changes = 0  # changes written since the last log line
-        self._log_started = self._log_at = 0.0
+        self._log_busy = 0.0  # seconds spent writing them (COPY and commit; not the waits between)
+        self._log_at = 0.0
         self._log_commit: po.Commit | None = None
         self._last_refresh = 0.0
         self._last_stats = 0.0
@@ -149,7 +151,7 @@ class Worker:
         self._walsenders.add(stream.conn.info.backend_pid)
         self.source_identity = source.identity
         self.sink = sink = Sink(cfg.destination_dsn or cfg.source_dsn, cfg.slot, source.database, source.identity)
-        sink.ensure_tables()
+        sink.ensure_tables(before_commit=tracked.claim_new_tables)
         tracked.register_own_tables(sink.conn)  # before its partitions are made: they are decided by it
         self._maintain_partitions(force=True)
         source.publisher.rules = tracked.rules()
@@ -338,8 +340,8 @@ class Worker:
                 cutoff = sink.partitions.clock() - cfg.retention
                 result = sink.partitions.prune(cutoff, by="bemi-worker --retention", whole_only=True)
                 if result.rows or result.dropped:
-                    log.info("retention %s: removed %d changes committed before %s (dropped %s)", cfg.retention,
-                             result.rows, result.cutoff.isoformat(),
+                    log.info("retention %s: removed %s committed before %s (dropped %s)", cfg.retention,
+                             counted(result.rows, "change"), result.cutoff.isoformat(),
                              ", ".join(p.name for p in result.dropped) or "no whole partition")
         except psycopg.Error as exc:
             try:
@@ -511,6 +513,16 @@ class Worker:
             return
         _source, sink, _stream = self._ready()
         queued_at = datetime.now(timezone.utc)
+        began = time.monotonic()
+        try:
+            self._write_rows(sink, rows, queued_at)
+        finally:
+            self._log_busy += time.monotonic() - began
+        batch.pending += len(rows)
+        rows.clear()
+        batch.rows_bytes = batch.counted = 0
+
+    def _write_rows(self, sink: Sink, rows: list, queued_at: datetime) -> None:
         if self._careful_through and rows[0].position <= self._careful_through:
             failed = sink.write_careful(rows, queued_at)
             for row, error in failed:
@@ -525,9 +537,6 @@ class Worker:
                 if is_rejection(exc):
                     raise _Poison(rows[-1].position, exc) from exc
                 raise
-        batch.pending += len(rows)
-        rows.clear()
-        batch.rows_bytes = batch.counted = 0
 
     def _commit(self, batch: _Batch) -> None:
         source, sink, stream = self._ready()
@@ -536,8 +545,8 @@ class Worker:
         commit, xid = batch.unsaved
         self._flush_rows(batch)
         if batch.pending or sink.pending_dead:
-            started = batch.started
             dead = sink.pending_dead
+            began = time.monotonic()
             try:
                 written = sink.commit(commit, xid, batch.pending)
             except psycopg.Error as exc:
@@ -550,8 +559,7 @@ class Worker:
             count = batch.pending
             self.written += count
             self.stitcher.skip_through = commit.commit_lsn
-            if not self._log_changes:
-                self._log_started = started
+            self._log_busy += time.monotonic() - began
             self._log_changes += count
             if time.monotonic() - self._log_at >= 1.0:
                 self._log_written(commit)
@@ -571,17 +579,23 @@ class Worker:
 
 
     def _log_written(self, commit: po.Commit | None = None) -> None:
-        """One log line for the commits since the last one (at most one a second)."""
+        """One log line for the commits since the last one (at most one a second).
+
+        The time is the time spent writing them (COPY and commit), not the
+        time since the last line: an idle worker that stores one change after
+        ten quiet seconds wrote it in milliseconds, not at 0 changes/s.
+        """
         commit = commit or self._log_commit
         self._log_at = time.monotonic()
         if not self._log_changes or commit is None:
             return
         count, self._log_changes = self._log_changes, 0
-        elapsed = max(self._log_at - self._log_started, 1e-6)
+        busy, self._log_busy = max(self._log_busy, 1e-6), 0.0
         lag_seconds = (datetime.now(timezone.utc) - commit.commit_time).total_seconds()
         lag_bytes = max(self.stats.server_wal_end - commit.end_lsn, 0)
-        log.info("wrote %d changes in %.3f s (%.0f changes/s); up to %s; lag %d bytes, %.1f s",
-                 count, elapsed, count / elapsed, po.int_to_lsn(commit.end_lsn), lag_bytes, max(lag_seconds, 0.0))
+        log.info("wrote %s in %.3f s (%.0f changes/s); up to %s; lag %d bytes, %.1f s",
+                 counted(count, "change"), busy, count / busy, po.int_to_lsn(commit.end_lsn),
+                 lag_bytes, max(lag_seconds, 0.0))
 
 
 class _Stopped(Exception):

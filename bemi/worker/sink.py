@@ -15,6 +15,7 @@ import re
 from collections import Counter
 from contextlib import AbstractContextManager
 from datetime import datetime
+from typing import Callable
 
 import psycopg
 from psycopg import errors, sql
@@ -96,8 +97,12 @@ class Sink:
         except Exception:  # pragma: no cover
             pass
 
-    def ensure_tables(self) -> None:
-        """Create ``changes`` (+ indexes) and the worker's tables when missing, and say so."""
+    def ensure_tables(self, before_commit: Callable[[psycopg.Connection], None] | None = None) -> None:
+        """Create ``changes`` (+ indexes) and the worker's tables when missing, and say so.
+
+        ``before_commit(conn)`` runs in the transaction that created them (the
+        runner registers them there as bemi's own: ``TrackedTables.claim_new_tables``).
+        """
         conn = self.conn
         self._refuse_untrusted_tables()
         names = ("public.changes", "public._bemi_worker_checkpoints", "public.changes_identity_index",
@@ -123,6 +128,8 @@ class Sink:
             if existed["_bemi_worker_checkpoints"] and not keyed:
                 self._upgrade_checkpoints()
             conn.execute(bemi_sql.read("worker.sql"))
+            if before_commit is not None:
+                before_commit(conn)
             conn.commit()
         except psycopg.errors.UndefinedFunction as exc:
             conn.rollback()

@@ -23,7 +23,7 @@ import logging
 import secrets
 
 import psycopg
-from psycopg import errors
+from psycopg import errors, sql
 
 from bemi import sql as bemi_sql
 from bemi import tracking as tr
@@ -35,6 +35,10 @@ __all__ = ["TrackedTables"]
 
 log = logging.getLogger("bemi.worker")
 
+# bemi's tables registered as its own (``changes``'s partitions are decided by their root).
+_OWN_OIDS = ("SELECT pg_catalog.to_regclass('public.changes')::oid, "
+             "pg_catalog.to_regclass('public._bemi_worker_checkpoints')::oid, "
+             "pg_catalog.to_regclass('public._bemi_worker_failures')::oid")
 _FUNCTIONS = ("public._bemi_is_tracked(regclass,jsonb)", "public._bemi_tracked_tables(jsonb)")
 
 
@@ -146,22 +150,76 @@ class TrackedTables:
 
     # -- bemi's own tables -------------------------------------------------------------------
 
-    def register_own_tables(self, destination: psycopg.Connection) -> frozenset[int]:
-        """Oids of ``changes``, the checkpoints and the dead letters when the destination is this very database."""
+    def _same_database(self, destination: psycopg.Connection) -> bool:
+        """Is ``destination`` a session of this very database (not merely a database of the same name)?"""
         pid, started = destination.execute(
             "SELECT pg_catalog.pg_backend_pid(), a.backend_start FROM pg_catalog.pg_stat_activity a "
             "WHERE a.pid = pg_catalog.pg_backend_pid()").fetchone() or (None, None)
-        oids = destination.execute(
-            "SELECT pg_catalog.to_regclass('public.changes')::oid, "
-            "pg_catalog.to_regclass('public._bemi_worker_checkpoints')::oid, "
-            "pg_catalog.to_regclass('public._bemi_worker_failures')::oid").fetchone()
-        destination.rollback()
         same = self.control.execute(
             "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_stat_activity a WHERE a.pid = %s::int4 "
             "AND a.backend_start = %s::timestamptz AND a.datname = pg_catalog.current_database())",
             [pid, started],
         ).fetchone()
-        if not (same and same[0]) or not oids:
+        return bool(same and same[0])
+
+    def claim_new_tables(self, destination: psycopg.Connection) -> None:
+        """In the transaction that just created bemi's tables here: register them as bemi's own, and
+        undo what bemi's event trigger did to them as to any new table of the application.
+
+        The event trigger gave ``changes``, its default partition and the
+        worker's tables a trigger, ``REPLICA IDENTITY FULL`` and a place in the
+        publication, since they were not registered yet (a table is registered
+        by oid, known only once it exists). Undone before the commit, nobody
+        sees them tracked, and the first start does not log them "no longer
+        tracked". Without the privileges for it, nothing is undone here and
+        ``register_own_tables`` does it after the commit, as before.
+        """
+        if not self._same_database(destination):
+            return
+        own = [o for o in destination.execute(_OWN_OIDS).fetchone() or () if o is not None]
+        if not own:
+            return
+        try:
+            with destination.transaction():  # a savepoint: on any refusal, as if nothing happened here
+                destination.execute(
+                    "UPDATE public._bemi_tracking SET own_tables = ARRAY(SELECT DISTINCT u FROM "
+                    "pg_catalog.unnest(own_tables OPERATOR(pg_catalog.||) %s::pg_catalog.oid[]) u)", [own])
+                # and _bemi_pruned, bemi's by the rule's _bemi-prefix-and-owner clause once these are registered
+                relations = [r for (r,) in destination.execute(
+                    "WITH o AS (SELECT pg_catalog.unnest(%s::pg_catalog.oid[] OPERATOR(pg_catalog.||) "
+                    "pg_catalog.to_regclass('public._bemi_pruned')::pg_catalog.oid) AS oid) "
+                    "SELECT o.oid FROM o WHERE o.oid IS NOT NULL UNION SELECT t.relid::pg_catalog.oid FROM o, "
+                    "LATERAL pg_catalog.pg_partition_tree(o.oid::pg_catalog.regclass) t", [own])]
+                for trigger, table in destination.execute(
+                        "SELECT tg.tgname::pg_catalog.text, tg.tgrelid::pg_catalog.regclass::pg_catalog.text "
+                        "FROM pg_catalog.pg_trigger tg WHERE tg.tgrelid OPERATOR(pg_catalog.=) ANY (%s::pg_catalog.oid[]) "
+                        "AND NOT tg.tgisinternal AND tg.tgfoid OPERATOR(pg_catalog.=) "
+                        "pg_catalog.to_regprocedure('public._bemi_row_trigger_func()')", [relations]).fetchall():
+                    destination.execute(sql.SQL("DROP TRIGGER {} ON {}").format(
+                        sql.Identifier(trigger), sql.SQL(table)))
+                for (table,) in destination.execute(
+                        "SELECT c.oid::pg_catalog.regclass::pg_catalog.text FROM pg_catalog.pg_class c "
+                        "WHERE c.oid OPERATOR(pg_catalog.=) ANY (%s::pg_catalog.oid[]) "
+                        "AND c.relreplident OPERATOR(pg_catalog.=) 'f'", [relations]).fetchall():
+                    destination.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY DEFAULT").format(sql.SQL(table)))
+                for publication, table in destination.execute(
+                        "SELECT p.pubname::pg_catalog.text, r.prrelid::pg_catalog.regclass::pg_catalog.text "
+                        "FROM pg_catalog.pg_publication_rel r JOIN pg_catalog.pg_publication p "
+                        "ON p.oid OPERATOR(pg_catalog.=) r.prpubid "
+                        "WHERE r.prrelid OPERATOR(pg_catalog.=) ANY (%s::pg_catalog.oid[])", [relations]).fetchall():
+                    destination.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+                        sql.Identifier(publication), sql.SQL(table)))
+        except psycopg.Error as exc:
+            log.debug("bemi's new tables are registered after their creation instead: %s", exc)
+            return
+        self.own_tables = self.own_tables | frozenset(own)
+
+    def register_own_tables(self, destination: psycopg.Connection) -> frozenset[int]:
+        """Oids of ``changes``, the checkpoints and the dead letters when the destination is this very database."""
+        same = self._same_database(destination)
+        oids = destination.execute(_OWN_OIDS).fetchone()
+        destination.rollback()
+        if not same or not oids:
             return self.own_tables
         own = frozenset(int(o) for o in oids if o is not None)
         self.own_tables = self.own_tables | own

@@ -1,4 +1,8 @@
-"""``python manage.py bemi_prune --before DATE | --older-than DAYS [--dry-run]``: remove old history."""
+"""``python manage.py bemi_prune [--before DATE | --older-than DAYS] [--dry-run]``: remove old history.
+
+Without a cutoff it prunes to ``BEMI_RETENTION`` (exactly, not by whole
+partitions as the worker does); without that setting either, it says what to pass.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,14 @@ import time
 from datetime import date, datetime, timedelta, timezone
 
 import psycopg
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError
 from django.db import router
 
+from bemi import conf
 from bemi.management.commands.bemi_worker import dsn_for_alias
 from bemi.trust import BEMI_TABLES, untrusted_tables
+from bemi.words import counted
 from bemi.worker.partitions import Partitions, as_utc_date
 
 
@@ -49,6 +56,20 @@ def connect(alias: str, check_owners: bool = True) -> psycopg.Connection:
     return conn
 
 
+def _retention() -> timedelta:
+    """``BEMI_RETENTION``, the cutoff when no option gives one; a CommandError saying what to pass without it."""
+    try:
+        retention = conf.retention()
+    except ImproperlyConfigured as exc:
+        raise CommandError(str(exc)) from exc
+    if retention is None:
+        raise CommandError(
+            "bemi_prune needs a cutoff: --before DATE (e.g. --before 2025-01-01) or --older-than DAYS "
+            "(e.g. --older-than 365), or the setting BEMI_RETENTION (then bemi_prune alone prunes to it). "
+            "Add --dry-run to see what would go.")
+    return retention
+
+
 class Command(BaseCommand):
     help = ("Remove every change committed before a date: partitions of changes entirely before it are "
             "dropped (detach + drop: milliseconds, whatever their size), the partition that straddles it is "
@@ -56,9 +77,10 @@ class Command(BaseCommand):
             "HistoryPrunedError. See docs/retention.md.")
 
     def add_arguments(self, parser) -> None:
-        when = parser.add_mutually_exclusive_group(required=True)
+        when = parser.add_mutually_exclusive_group()
         when.add_argument("--before", help="cutoff date or time (UTC unless it has an offset), e.g. 2025-01-01")
-        when.add_argument("--older-than", type=float, metavar="DAYS", help="cutoff: now minus this many days")
+        when.add_argument("--older-than", type=float, metavar="DAYS",
+                          help="cutoff: now minus this many days (default: the setting BEMI_RETENTION)")
         parser.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
         parser.add_argument("--batch-rows", type=int, default=10_000,
                             help="rows per DELETE when trimming a straddling partition (default: 10000)")
@@ -70,10 +92,12 @@ class Command(BaseCommand):
 
         if options["before"]:
             cutoff = _parse_date(options["before"])
-        else:
+        elif options["older_than"] is not None:
             if options["older_than"] <= 0:
                 raise CommandError("--older-than takes a positive number of days")
             cutoff = datetime.now(timezone.utc) - timedelta(days=options["older_than"])
+        else:
+            cutoff = datetime.now(timezone.utc) - _retention()
         alias = options["database"] or router.db_for_write(BemiChange) or "default"
         started = time.perf_counter()
         with connect(alias) as conn:
@@ -85,6 +109,9 @@ class Command(BaseCommand):
             result = partitions.prune(cutoff, dry_run=options["dry_run"], batch_rows=max(1, options["batch_rows"]),
                                       progress=say, by="manage.py bemi_prune")
         verb = "would remove" if options["dry_run"] else "removed"
-        self.stdout.write(f"{verb} {result.rows} changes committed before {cutoff.isoformat()} "
-                          f"({len(result.dropped)} partitions dropped, {sum(result.trimmed.values())} rows "
-                          f"deleted in batches) in {time.perf_counter() - started:.2f} s")
+        dropped = "would be dropped" if options["dry_run"] else "dropped"
+        deleted = "would be deleted" if options["dry_run"] else "deleted"
+        self.stdout.write(f"{verb} {counted(result.rows, 'change')} committed before {cutoff.isoformat()} "
+                          f"({counted(len(result.dropped), 'partition')} {dropped}, "
+                          f"{counted(sum(result.trimmed.values()), 'row')} {deleted} in batches) "
+                          f"in {time.perf_counter() - started:.2f} s")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from django.core.management.base import BaseCommand, CommandError
 
 from bemi import status
-from bemi.management.commands.bemi_worker import source_and_destination
+from bemi.cli import add_name_arguments
+from bemi.management.commands.bemi_worker import slot_and_publication, source_and_destination
 
 
 class Command(BaseCommand):
@@ -17,6 +18,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--database", default="default", help="alias of the tracked database (default: default)")
+        add_name_arguments(parser, names_from_settings=True)
         status.add_status_arguments(parser)
 
     def handle(self, *args, **options) -> None:
@@ -26,6 +28,7 @@ class Command(BaseCommand):
             pass
 
         opts = Opts()
+        options["slot"], options["publication"] = slot_and_publication(options["database"], options)
         for key in ("slot", "publication", "json", "max_lag_seconds", "max_retained_bytes"):
             setattr(opts, key, options[key])
         code = status.run(source, destination, opts, self.stdout, self.stderr)

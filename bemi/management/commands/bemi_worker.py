@@ -35,6 +35,14 @@ def dsn_for_alias(alias: str) -> str:
     return make_conninfo(**{k: v for k, v in params.items() if v is not None})
 
 
+def slot_and_publication(alias: str, options: dict) -> tuple[str, str]:
+    """The slot and publication of the database ``alias``: the flags, else the settings (bemi.conf)."""
+    try:
+        return options.get("slot") or conf.slot(alias), options.get("publication") or conf.publication(alias)
+    except ImproperlyConfigured as exc:
+        raise CommandError(str(exc)) from exc
+
+
 def source_and_destination(alias: str) -> tuple[str, str | None]:
     """The DSNs of the tracked database ``alias`` and of where ``changes`` is written: the alias
     ``bemi`` when DATABASES has one (BemiDatabaseRouter), else None (the source itself)."""
@@ -52,7 +60,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser) -> None:
         parser.add_argument("--database", default="default", help="alias of the database to track (default: default)")
-        add_worker_arguments(parser)
+        add_worker_arguments(parser, names_from_settings=True)
 
     def handle(self, *args, **options) -> None:
         configure_logging(options["verbosity"])
@@ -63,6 +71,7 @@ class Command(BaseCommand):
             retention: object
 
         opts = Opts()
+        options["slot"], options["publication"] = slot_and_publication(options["database"], options)
         for key in ("once", "standby", "slot", "publication", "batch_rows", "poll_interval", "heartbeat_interval",
                     "takeover", "takeover_memory", "metrics_port", "metrics_host"):
             setattr(opts, key, options[key])

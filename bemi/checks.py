@@ -375,7 +375,7 @@ def _model_tables() -> dict[tuple[str, str], set[str]]:
         if '"."' in db_table:
             schema, table = db_table.split('"."', 1)
         columns = tables.setdefault((schema.strip('"'), table.strip('"')), set())
-        columns.update(f.column for f in model._meta.local_fields if getattr(f, "column", None))
+        columns.update(f.column for f in model._meta.local_fields if f.column)
     return tables
 
 

@@ -14,7 +14,7 @@ The mixin adds no field and no database column.
 from __future__ import annotations
 
 import datetime as dt
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, TypeVar, cast
 
 from bemi.timetravel import BemiVersion, history
 
@@ -34,6 +34,9 @@ def _changes() -> "BemiChangeQuerySet":
     return BemiChange.objects.all()
 
 
+_R = TypeVar("_R", bound="BemiRecordMixin")
+
+
 class BemiRecordMixin:
     # A mixin for subclasses of django.db.models.Model, which provides pk.
     if TYPE_CHECKING:  # pragma: no cover
@@ -45,9 +48,9 @@ class BemiRecordMixin:
             return _changes().record(type(self), self.pk)
         return _changes().field_changed(type(self), self.pk, field_name)
 
-    def bemi_as_of(self, when: dt.datetime) -> Any:
-        """This row as it was at ``when`` (an unsaved instance), or None if it did not exist."""
-        return _changes().as_of(type(self), self.pk, when)
+    def bemi_as_of(self: _R, when: dt.datetime) -> _R | None:
+        """This row as it was at ``when`` (an unsaved instance of its model), or None if it did not exist."""
+        return cast("_R | None", _changes().as_of(cast(Any, type(self)), self.pk, when))
 
     @classmethod
     def bemi_table_as_of(

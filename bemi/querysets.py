@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from django.db import models
 from django.db.models import BooleanField, Func, Q
@@ -22,6 +22,11 @@ from django.db.models.fields.json import KeyTransform
 from bemi import timetravel
 from bemi.table_as_of import table_as_of
 from bemi.revert import RevertAction, revert as revert_changes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from bemi.models import BemiChange
+
+_M = TypeVar("_M", bound=models.Model)
 
 #: Oldest-first order of changes: commit time, then the commit's WAL position
 #: (two transactions may share a timestamp), then the order inside the transaction.
@@ -45,7 +50,9 @@ def _require_dict(helper: str, values: Any) -> dict:
     return values
 
 
-class BemiChangeQuerySet(models.QuerySet):
+class BemiChangeQuerySet(models.QuerySet["BemiChange"]):
+    """``BemiChange.objects``: Django's queryset and the helpers below, each returning one."""
+
     # -- JSON containment --------------------------------------------------------
     def before(self, values: dict) -> "BemiChangeQuerySet":
         """Changes whose ``before`` contains these column values."""
@@ -143,8 +150,16 @@ class BemiChangeQuerySet(models.QuerySet):
         )
 
     # -- time travel and revert ----------------------------------------------------
+    @overload
+    def as_of(self, model_or_table: type[_M], primary_key: Any, when: datetime) -> _M | None: ...
+    @overload
+    def as_of(self, model_or_table: _M, primary_key: Any, when: datetime) -> _M | None: ...
+    @overload
+    def as_of(self, model_or_table: str, primary_key: Any, when: datetime) -> dict[str, Any] | None: ...
+
     def as_of(self, model_or_table: Any, primary_key: Any, when: datetime) -> Any:
-        """The row as it was at ``when``: a model instance (unsaved) or a dict, or None."""
+        """The row as it was at ``when``: an unsaved instance of the model given, a dict for a table name,
+        or None."""
         return timetravel.as_of(self, model_or_table, primary_key, when)
 
     def table_as_of(

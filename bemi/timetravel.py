@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import TYPE_CHECKING, Any, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, TypeVar, overload
 
 from django.apps import apps
 from django.core.exceptions import ValidationError
@@ -143,6 +143,19 @@ def check_primary_key(primary_key: Any) -> str:
     return str(primary_key)
 
 
+_M = TypeVar("_M", bound=models.Model)
+
+
+@overload
+def as_of(changes: "BemiChangeQuerySet", model_or_table: type[_M], primary_key: Any,
+          when: dt.datetime) -> _M | None: ...
+@overload
+def as_of(changes: "BemiChangeQuerySet", model_or_table: _M, primary_key: Any, when: dt.datetime) -> _M | None: ...
+@overload
+def as_of(changes: "BemiChangeQuerySet", model_or_table: str, primary_key: Any,
+          when: dt.datetime) -> dict[str, Any] | None: ...
+
+
 def as_of(
     changes: "BemiChangeQuerySet", model_or_table: Any, primary_key: Any, when: dt.datetime
 ) -> models.Model | dict | None:
@@ -212,7 +225,7 @@ def pruned_before(using: str) -> dt.datetime | None:
         return cursor.fetchone()[0]
 
 
-def to_instance(model: type[models.Model], values: dict) -> models.Model:
+def to_instance(model: type[_M], values: dict) -> _M:
     """An unsaved instance of ``model`` from a JSON row (keys are column names).
 
     Columns missing from ``values`` (added to the table later) keep the field default.

@@ -10,7 +10,7 @@ from bemi.installer import install, uninstall
 
 class Migration(migrations.Migration):
     initial = True
-    dependencies: list = []
+    dependencies = list[tuple[str, str]]()  # typed without an annotation (django-stubs declares it)
     operations = [
         migrations.RunPython(install, uninstall, elidable=False),
     ]

@@ -26,6 +26,7 @@ import psycopg
 from psycopg import errors, sql
 
 from bemi import sql as bemi_sql
+from bemi import tables
 from bemi import tracking as tr
 from bemi.trust import untrusted_tables
 from bemi.worker.errors import WorkerError
@@ -35,10 +36,15 @@ __all__ = ["TrackedTables"]
 
 log = logging.getLogger("bemi.worker")
 
-# bemi's tables registered as its own (``changes``'s partitions are decided by their root).
-_OWN_OIDS = ("SELECT pg_catalog.to_regclass('public.changes')::oid, "
-             "pg_catalog.to_regclass('public._bemi_worker_checkpoints')::oid, "
-             "pg_catalog.to_regclass('public._bemi_worker_failures')::oid")
+
+
+def _own_oids(conn: psycopg.Connection) -> tuple:
+    """Oids of the tables registered as bemi's own (``changes``'s partitions are decided by their root)."""
+    names = [table.as_string(conn) for table in (tables.CHANGES, tables.CHECKPOINTS, tables.FAILURES)]
+    return conn.execute("SELECT pg_catalog.to_regclass(%s::text)::oid, pg_catalog.to_regclass(%s::text)::oid, "
+                        "pg_catalog.to_regclass(%s::text)::oid", names).fetchone() or ()
+
+
 _FUNCTIONS = ("public._bemi_is_tracked(regclass,jsonb)", "public._bemi_tracked_tables(jsonb)")
 
 
@@ -176,7 +182,7 @@ class TrackedTables:
         """
         if not self._same_database(destination):
             return
-        own = [o for o in destination.execute(_OWN_OIDS).fetchone() or () if o is not None]
+        own = [o for o in _own_oids(destination) if o is not None]
         if not own:
             return
         try:
@@ -187,9 +193,10 @@ class TrackedTables:
                 # and _bemi_pruned, bemi's by the rule's _bemi-prefix-and-owner clause once these are registered
                 relations = [r for (r,) in destination.execute(
                     "WITH o AS (SELECT pg_catalog.unnest(%s::pg_catalog.oid[] OPERATOR(pg_catalog.||) "
-                    "pg_catalog.to_regclass('public._bemi_pruned')::pg_catalog.oid) AS oid) "
+                    "pg_catalog.to_regclass(%s::pg_catalog.text)::pg_catalog.oid) AS oid) "
                     "SELECT o.oid FROM o WHERE o.oid IS NOT NULL UNION SELECT t.relid::pg_catalog.oid FROM o, "
-                    "LATERAL pg_catalog.pg_partition_tree(o.oid::pg_catalog.regclass) t", [own])]
+                    "LATERAL pg_catalog.pg_partition_tree(o.oid::pg_catalog.regclass) t",
+                    [own, tables.PRUNED.as_string(destination)])]
                 for trigger, table in destination.execute(
                         "SELECT tg.tgname::pg_catalog.text, tg.tgrelid::pg_catalog.regclass::pg_catalog.text "
                         "FROM pg_catalog.pg_trigger tg WHERE tg.tgrelid OPERATOR(pg_catalog.=) ANY (%s::pg_catalog.oid[]) "
@@ -217,7 +224,7 @@ class TrackedTables:
     def register_own_tables(self, destination: psycopg.Connection) -> frozenset[int]:
         """Oids of ``changes``, the checkpoints and the dead letters when the destination is this very database."""
         same = self._same_database(destination)
-        oids = destination.execute(_OWN_OIDS).fetchone()
+        oids = _own_oids(destination)
         destination.rollback()
         if not same or not oids:
             return self.own_tables

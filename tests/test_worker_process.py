@@ -321,7 +321,7 @@ def test_configured_by_environment_like_the_published_image(worker_env):
         env.execute("INSERT INTO env_w VALUES (1)")
         second = subprocess.run(args, env=environ, capture_output=True, text=True, cwd=ROOT, timeout=60)
         assert second.returncode == 0, second.stderr
-        assert "wrote 1 changes" in second.stderr
+        assert "wrote 1 change in" in second.stderr
         with psycopg.connect(db_dsn(dest_db)) as dest:
             assert dest.execute('SELECT "table", operation, after::text FROM changes').fetchall() == [
                 ("env_w", "CREATE", '{"id": 1}')]

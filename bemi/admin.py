@@ -180,7 +180,7 @@ class BemiHistoryAdminMixin:
                 "diff": diff_table(change),
                 "sql": (change.context or {}).get("SQL"),
                 "url": _change_url(change),
-                "revert_url": f"{revert_url}?{urlencode({'id': change.pk, 'next': request.get_full_path()})}"
+                "revert_url": f"{revert_url}?{urlencode({'id': str(change.pk), 'next': request.get_full_path()})}"
                 if revert_url and change.operation in ("CREATE", "UPDATE", "DELETE") else None,
             }
             for change in page

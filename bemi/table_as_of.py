@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django.db import DEFAULT_DB_ALIAS, connections, models, router
 from django.db.models import Q, TextField
@@ -109,7 +109,7 @@ def table_as_of(
             names = [column.name for column in cursor.description]
             rows = [dict(zip(names, row)) for row in cursor.fetchall()]
             return _checked(rows, restored, masked, lambda row: row[source.pk], lambda row, unknown: None)
-    query = queryset.query.chain(_AsOfQuery)
+    query = cast(_AsOfQuery, queryset.query.chain(_AsOfQuery))
     query.with_clause = (prefix, params)
     rebuilt = queryset.using(alias)
     rebuilt.query = query
@@ -168,7 +168,7 @@ def _restored(
     earliest = (
         changes.model._default_manager.using(changes.db)
         .filter(schema=schema, table=table, committed_at__gt=when)
-        .order_by("primary_key", *order).distinct("primary_key")
+        .order_by("primary_key", *(order or ())).distinct("primary_key")
         .values_list("primary_key", "operation", Cast("before", TextField()), "id")
     )
     restored = _Restored()

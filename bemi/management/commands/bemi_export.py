@@ -14,7 +14,7 @@ import csv
 import datetime as dt
 import json
 import sys
-from typing import IO, Any, Iterator
+from typing import IO, Any, Iterator, cast
 
 from django.core.management.base import BaseCommand, CommandError
 from django.db.models import TextField
@@ -31,7 +31,7 @@ JSON_COLUMNS = ("before", "after", "context")
 
 def columns() -> list[str]:
     """Every column of ``changes``, in the table's order (BemiChange maps each one)."""
-    return [field.column for field in BemiChange._meta.concrete_fields]
+    return [field.column for field in BemiChange._meta.concrete_fields if field.column is not None]
 
 
 class Command(BaseCommand):
@@ -59,7 +59,7 @@ class Command(BaseCommand):
         if options["output"]:
             out = open(options["output"], "w", encoding="utf-8", newline="")
         else:
-            out = self.stdout._out  # the real stream: OutputWrapper would add line endings of its own
+            out = cast(IO[str], self.stdout._out)  # the real stream: OutputWrapper would add line endings of its own
         try:
             write = self.jsonl if options["format"] == "jsonl" else self.csv
             written = 0

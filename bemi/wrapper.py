@@ -1,53 +1,65 @@
-"""The execute wrapper that puts the application context into the WAL.
+"""The cursor hook that puts the application context into the WAL.
 
 For each INSERT, UPDATE, DELETE, MERGE or data-modifying ``WITH`` that runs
-while a context is set, the wrapper sends
+while a context is set, the cursor sends
 
     SELECT pg_catalog.pg_logical_emit_message(true, '_bemi', %s::text); <the statement>
 
 in one query string, with the context JSON as a *bound parameter* (never
-pasted into SQL text), then calls ``cursor.nextset()`` so that ``rowcount``,
+pasted into SQL text), then calls ``nextset()`` so that ``rowcount``,
 ``fetchone()`` and ``RETURNING`` rows are the user's statement's. The message
 is transactional: it is in the WAL, just before the row changes, only if
 the statement's transaction commits.
 
 Where one query string cannot hold two statements (``executemany``, a cursor
-with server-side binding, psycopg2) the message is sent as its own statement
-on the same connection and transaction (an atomic block is opened in
-autocommit mode).
+with server-side binding, a pipeline) the message is queued as its own
+statement in a psycopg pipeline with the user's: one implicit transaction,
+one round trip, no ``BEGIN``/``COMMIT`` of ours.
 
-Tracking must never break the application: any failure while building the
-context runs the statement unchanged and logs one warning per cause.
+The hook sits *below* Django: the cursors of each psycopg connection are
+made of a subclass of its cursor class (``cursor_factory`` itself is left
+as configured), not an entry in ``connection.execute_wrappers``. So the application's execute wrappers and
+Django's query log see the user's statement and parameters only, and
+``execute_wrappers`` is what it is without bemi.
+
+The user's statement is sent exactly once, and its outcome (result or
+exception) is the caller's. Deciding what to send never breaks it: a failure
+there sends the statement unchanged and logs one warning per cause.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import weakref
 from collections.abc import Mapping
-from typing import Any, Callable
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, Callable
 
+import psycopg
 from django.core.serializers.json import DjangoJSONEncoder
-from django.db import connections, transaction
+from django.db import connections
 from django.db.backends.signals import connection_created
 
 from bemi.conf import max_context_bytes, max_sql_bytes
 from bemi.appcontext import ContextError, Frame, current_frame
 from bemi.statements import is_tracked_write, may_write
 
-__all__ = ["bemi_execute_wrapper", "install_execute_wrapper", "uninstall_execute_wrapper", "build_payload"]
+__all__ = ["BemiCursor", "cursor_class", "install_execute_wrapper", "is_hooked", "uninstall_execute_wrapper", "build_payload"]
 
 logger = logging.getLogger("bemi")
 
 # Qualified: the application's session search_path includes public, where
 # other roles may have planted a better-matching pg_logical_emit_message.
-EMIT = "SELECT pg_catalog.pg_logical_emit_message(true, '_bemi', %s::text); "
-EMIT_NAMED = "SELECT pg_catalog.pg_logical_emit_message(true, '_bemi', %(__bemi_context)s::text); "
-EMIT_ALONE = "SELECT pg_catalog.pg_logical_emit_message(true, '_bemi', %s::text)"
+EMIT_HEAD = "SELECT pg_catalog.pg_logical_emit_message(true, '_bemi', "
+EMIT = EMIT_HEAD + "%s::text); "
+EMIT_NAMED = EMIT_HEAD + "%(__bemi_context)s::text); "
+EMIT_ALONE = EMIT_HEAD + "%s::text)"
 PARAM_KEY = "__bemi_context"
 TRUNCATED = "... [truncated by bemi]"
-_INTRANS = 2  # libpq PQTRANS_INTRANS, same value in psycopg 3 and psycopg2
-_INERROR = 3  # libpq PQTRANS_INERROR
+_IDLE = psycopg.pq.TransactionStatus.IDLE
+_INTRANS = psycopg.pq.TransactionStatus.INTRANS
+_INERROR = psycopg.pq.TransactionStatus.INERROR
 
 _warned: set[str] = set()
 
@@ -63,18 +75,19 @@ def _warn_once(cause: str, message: str) -> None:
 
 
 def install_execute_wrapper() -> None:
-    """Attach the wrapper to every PostgreSQL connection, now and whenever one is opened."""
+    """Hook every PostgreSQL connection, now and whenever one is opened."""
     connection_created.connect(_on_connection_created, dispatch_uid="bemi.wrapper")
     for conn in connections.all(initialized_only=True):
         _attach(conn)
 
 
 def uninstall_execute_wrapper() -> None:
-    """Detach from the connections of this thread and stop attaching (benchmarks, tests)."""
+    """Unhook the connections of this thread and stop hooking new ones (benchmarks, tests)."""
     connection_created.disconnect(dispatch_uid="bemi.wrapper")
     for conn in connections.all(initialized_only=True):
-        while bemi_execute_wrapper in conn.execute_wrappers:
-            conn.execute_wrappers.remove(bemi_execute_wrapper)
+        raw = getattr(conn, "connection", None)
+        if isinstance(raw, psycopg.Connection):
+            raw.__dict__.pop("cursor", None)
 
 
 def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
@@ -82,172 +95,222 @@ def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
 
 
 def _attach(conn: Any) -> None:
-    # First in the list (outermost): Django's ``connection.execute_wrapper()``
-    # context manager pops the *last* wrapper on exit, so appending ours while
-    # a user's block is open would get ours removed and theirs left behind.
-    if conn.vendor == "postgresql" and bemi_execute_wrapper not in conn.execute_wrappers:
-        conn.execute_wrappers.insert(0, bemi_execute_wrapper)
+    raw = getattr(conn, "connection", None)
+    if conn.vendor == "postgresql" and isinstance(raw, psycopg.Connection) and "cursor" not in raw.__dict__:
+        raw.cursor = _HookedCursorMethod(raw)
 
 
-# -- the wrapper -------------------------------------------------------------------
+def is_hooked(raw: Any) -> bool:
+    """Are the cursors of this psycopg connection bemi's?"""
+    return isinstance(raw.__dict__.get("cursor"), _HookedCursorMethod)
 
 
-def bemi_execute_wrapper(execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: dict) -> Any:
-    frame = current_frame()
-    if frame is None:
-        if LABELLED in context["connection"].__dict__:  # a context was sent earlier: has it ended?
-            return _without_context(execute, sql, params, many, context)
-        return execute(sql, params, many, context)
-    if type(sql) is not str or not is_tracked_write(sql):
-        return execute(sql, params, many, context)
-    db = context["connection"]
-    raw = context["cursor"].cursor
+class _HookedCursorMethod:
+    """``connection.cursor()`` of one psycopg connection, making its cursor class bemi's subclass.
+
+    Set on the connection instance (shadowing ``Connection.cursor``), so that
+    ``connection.cursor_factory`` stays what Django or the project configured
+    (Django's own tests compare it), and named cursors are untouched.
+    """
+
+    __slots__ = ("_raw",)
+
+    def __init__(self, raw: psycopg.Connection[Any]) -> None:
+        self._raw = weakref.ref(raw)  # no reference cycle: the connection is freed when Django drops it
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raw = self._raw()
+        assert raw is not None
+        if args or kwargs.get("name"):
+            return type(raw).cursor(raw, *args, **kwargs)
+        factory = raw.cursor_factory
+        raw.cursor_factory = cursor_class(factory)  # for psycopg's own cursor(): one thread uses a connection
+        try:
+            return type(raw).cursor(raw, **kwargs)
+        finally:
+            raw.cursor_factory = factory
+
+
+@lru_cache(maxsize=None)
+def cursor_class(base: type) -> type:
+    """``base`` (Django's ``Cursor``, ``ServerBindingCursor`` or the project's own) with bemi's hook."""
+    if issubclass(base, BemiCursor):
+        return base
+    return type(base.__name__, (BemiCursor, base), {
+        "__module__": __name__,
+        "__doc__": f"{base.__module__}.{base.__qualname__} whose writes carry the application context.",
+        "_bemi_base": base,
+        "_bemi_one_string": issubclass(base, psycopg.ClientCursor),
+    })
+
+
+# -- the cursor --------------------------------------------------------------------
+
+# The worker labels a change with the latest ``_bemi`` message of its
+# transaction. So once a transaction carried a context, a later tracked write
+# without one sends ``{}`` ("no context"), or it would inherit the earlier one.
+# ``LABELLED`` on the psycopg connection: a context was sent and its
+# transaction may still be open. Cleared at the first statement without a
+# context that finds no transaction open (the status is read before the
+# statement runs, so the first statement of a new transaction always does).
+LABELLED = "_bemi_labelled"
+FACTS = "_bemi_facts"
+NO_CONTEXT = "{}"
+
+if TYPE_CHECKING:
+    _CursorBase = psycopg.ClientCursor[Any]
+else:
+    _CursorBase = object
+
+
+class BemiCursor(_CursorBase):
+    """Mixed in front of the connection's cursor class by :func:`cursor_class`."""
+
+    _bemi_base: type
+    _bemi_one_string: bool
+
+    def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        conn = self._conn
+        frame = current_frame()
+        if frame is None and LABELLED not in conn.__dict__:
+            return super().execute(query, params, **kwargs)
+        payload = _message(conn, frame, query)
+        if payload is None:
+            return super().execute(query, params, **kwargs)
+        if not self._bemi_one_string or type(query) is not str or conn._pipeline is not None or kwargs:
+            return _apart(conn, payload, lambda: super(BemiCursor, self).execute(query, params, **kwargs))
+        if params is None:  # psycopg will now interpolate: keep literal % signs literal
+            query, params = EMIT + query.replace("%", "%%"), (payload,)
+        elif isinstance(params, Mapping):
+            query, params = EMIT_NAMED + query, {**params, PARAM_KEY: payload}
+        else:
+            query, params = EMIT + query, (payload, *params)
+        super().execute(query, params)
+        self.nextset()  # from the message's SELECT to the user's statement
+        _forget_message(self)
+        return self
+
+    def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> Any:
+        conn = self._conn
+        frame = current_frame()
+        if frame is None and LABELLED not in conn.__dict__:
+            return super().executemany(query, params_seq, **kwargs)
+        payload = _message(conn, frame, query)
+        if payload is None:
+            return super().executemany(query, params_seq, **kwargs)
+        return _apart(conn, payload, lambda: super(BemiCursor, self).executemany(query, params_seq, **kwargs))
+
+
+_PIPELINE = psycopg.Pipeline.is_supported()
+
+
+def _apart(conn: Any, payload: str, send: Callable[[], Any]) -> Any:
+    """The message as its own statement, then ``send()`` the user's, in one transaction.
+
+    In a psycopg pipeline (the user's, riding it: a Sync of ours would end its
+    implicit transaction; or one of ours): one implicit transaction even in
+    autocommit, as psycopg runs an ``executemany()`` batch. Without pipeline
+    support in libpq (< 14) only an open transaction can hold both.
+    """
+    if conn._pipeline is not None:
+        _emit_alone(conn, payload)
+        return send()
+    if _PIPELINE:
+        with conn.pipeline():
+            _emit_alone(conn, payload)
+            return send()
+    if not conn.autocommit:
+        _emit_alone(conn, payload)
+        return send()
+    _warn_once("no-pipeline", "libpq has no pipeline mode (libpq < 14): executemany() and server-side binding "
+                              "in autocommit mode run without context")
+    return send()
+
+
+def _emit_alone(conn: Any, payload: str) -> None:
+    psycopg.Cursor(conn).execute(EMIT_ALONE, (payload,))
+
+
+def _forget_message(cursor: Any) -> None:
+    """Make the cursor's last query (Django's query log reads it) the user's statement alone.
+
+    psycopg keeps the query string it sent; cut our SELECT off its front:
+    ``EMIT_HEAD``, the quoted JSON (``'...'`` or `` E'...'``, quotes doubled
+    inside), ``::text); ``.
+    """
+    query = getattr(cursor, "_query", None)
+    text = getattr(query, "query", None)
+    if not isinstance(text, bytes) or not text.startswith(_EMIT_HEAD_BYTES):
+        return
+    start = text.find(b"'", len(_EMIT_HEAD_BYTES)) + 1
+    while start:
+        end = text.find(b"'", start)
+        if end < 0:
+            return
+        if text[end + 1:end + 2] == b"'":  # a doubled quote inside the literal
+            start = end + 2
+            continue
+        if text.startswith(_EMIT_TAIL_BYTES, end + 1):
+            query.query = text[end + 1 + len(_EMIT_TAIL_BYTES):]
+        return
+
+
+_EMIT_HEAD_BYTES = EMIT_HEAD.encode()
+_EMIT_TAIL_BYTES = b"::text); "
+
+
+def _message(conn: Any, frame: Frame | None, query: Any) -> str | None:
+    """The ``_bemi`` message to send before ``query``, or ``None``. Never raises."""
     try:
+        status = conn.pgconn.transaction_status
+        if frame is None:
+            return _no_context(conn, query, status)
+        if type(query) is not str or not is_tracked_write(query):
+            return None
         payload = None
-        if not _must_skip(db, raw):
-            may_emit, utf8 = _connection_facts(db)
+        if status != _INERROR:  # the statement will fail anyway
+            may_emit, utf8 = _connection_facts(conn, status)
             if may_emit:
-                payload = build_payload(frame, sql, utf8)
+                payload = build_payload(frame, query, utf8)
     except ContextError as exc:
         _warn_once(exc.cause, str(exc))
         payload = None
     except Exception as exc:  # never break the application
         _warn_once("internal", f"{type(exc).__name__}: {exc}")
-        payload = None
+        return None
     if payload is None:
-        if LABELLED in db.__dict__:
-            return _without_context(execute, sql, params, many, context)
-        return execute(sql, params, many, context)
-    db.__dict__[LABELLED] = True
-    return _send(execute, sql, params, many, context, db, raw, payload)
+        return _no_context(conn, query, status) if LABELLED in conn.__dict__ else None
+    conn.__dict__[LABELLED] = True
+    return payload
 
 
-# The worker labels a change with the latest ``_bemi`` message of its
-# transaction. So once a transaction carried a context, a later tracked write
-# without one sends ``{}`` ("no context"), or it would inherit the earlier one.
-# ``LABELLED`` in the Django connection's __dict__: a context was sent and its
-# transaction may still be open. Cleared at the first statement without a
-# context that finds no transaction open (the status is read before the
-# statement runs, so the first statement of a new transaction always does).
-LABELLED = "_bemi_labelled"
-NO_CONTEXT = "{}"
-
-
-def _without_context(execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: dict) -> Any:
-    db = context["connection"]
-    raw = context["cursor"].cursor
+def _no_context(conn: Any, query: Any, status: Any) -> str | None:
+    """A statement without context after a transaction carried one: ``{}`` at its first tracked write."""
     try:
-        if _transaction_status(raw) != _INTRANS:
-            db.__dict__.pop(LABELLED, None)  # that transaction ended: nothing to undo
-            return execute(sql, params, many, context)
+        if status != _INTRANS:
+            conn.__dict__.pop(LABELLED, None)  # that transaction ended: nothing to undo
+            return None
         # Any statement that may run code that writes (SELECT f(), CALL, COPY, SQL given as psycopg.sql
         # objects, which cannot be read here...): when unsure, reset.
-        if (type(sql) is str and not may_write(sql)) or _must_skip(db, raw) or not _connection_facts(db)[0]:
-            return execute(sql, params, many, context)
+        if (type(query) is str and not may_write(query)) or not _connection_facts(conn, status)[0]:
+            return None
     except Exception as exc:  # never break the application
         _warn_once("internal", f"{type(exc).__name__}: {exc}")
-        return execute(sql, params, many, context)
-    db.__dict__.pop(LABELLED, None)  # from here on the transaction's latest context is {}
-    return _send(execute, sql, params, many, context, db, raw, NO_CONTEXT)
-
-
-def _send(
-    execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict, db: Any, raw: Any, payload: str
-) -> Any:
-    """Run ``sql`` after the message ``payload``, in one query string when the cursor allows it."""
-    if many or type(sql) is not str or not _one_string_holds_two(raw):
-        return _execute_after_message(execute, sql, params, many, context, db, raw, payload)
-
-    if params is None:  # psycopg will now interpolate: keep literal % signs literal
-        sql, params = EMIT + sql.replace("%", "%%"), [payload]
-    elif isinstance(params, Mapping):
-        sql, params = EMIT_NAMED + sql, {**params, PARAM_KEY: payload}
-    else:
-        sql, params = EMIT + sql, [payload, *params]
-    result = execute(sql, params, many, context)
-    raw.nextset()  # from the message's SELECT to the user's statement
-    if db.queries_logged:
-        _log_only_users_statement(raw, payload)
-    return result
-
-
-def _log_only_users_statement(raw: Any, payload: str) -> None:
-    """Make Django's query log (DEBUG, ``CaptureQueriesContext``, debug toolbar) show the user's SQL.
-
-    Django reads the last query from psycopg's cursor; cut our message's
-    SELECT off its front. Only done while queries are logged.
-    """
-    query = getattr(raw, "_query", None)
-    text = getattr(query, "query", None)
-    if query is None or not isinstance(text, bytes):
-        return
-    try:
-        from psycopg import sql as pgsql
-
-        head = (b"SELECT pg_catalog.pg_logical_emit_message(true, '_bemi', "
-                + pgsql.Literal(payload).as_bytes(raw) + b"::text); ")
-        if text.startswith(head):
-            query.query = text[len(head):]
-    except Exception:  # cosmetic only
-        pass
-
-
-def _execute_after_message(
-    execute: Callable[..., Any], sql: str, params: Any, many: bool, context: dict, db: Any, raw: Any, payload: str
-) -> Any:
-    """The message as its own statement, in the same transaction as the user's."""
-    if db.get_autocommit():
-        with transaction.atomic(using=db.alias):
-            raw.execute(EMIT_ALONE, [payload])
-            return execute(sql, params, many, context)
-    raw.execute(EMIT_ALONE, [payload])
-    return execute(sql, params, many, context)
-
-
-_client_cursor_types: dict[type, bool] = {}
-
-
-def _one_string_holds_two(raw: Any) -> bool:
-    """Only psycopg 3's client-side-binding cursor runs ``a; b`` with parameters."""
-    cls = type(raw)
-    known = _client_cursor_types.get(cls)
-    if known is None:
-        try:
-            import psycopg
-
-            known = issubclass(cls, psycopg.ClientCursor)
-        except ImportError:
-            known = False
-        _client_cursor_types[cls] = known
-    return known
-
-
-def _must_skip(db: Any, raw: Any) -> bool:
-    """Failed transaction (the statement will fail anyway) or a named, server-side cursor."""
-    if db.needs_rollback or getattr(raw, "name", None):
-        return True
-    return _transaction_status(raw) == _INERROR
-
-
-def _transaction_status(raw: Any) -> int:
-    """libpq's PQtransactionStatus of the cursor's connection (0 idle, 2 in a transaction, 3 failed)."""
-    conn = raw.connection
-    pgconn = getattr(conn, "pgconn", None)  # psycopg 3; psycopg2 has get_transaction_status()
-    return pgconn.transaction_status if pgconn is not None else conn.get_transaction_status()
+        return None
+    conn.__dict__.pop(LABELLED, None)  # from here on the transaction's latest context is {}
+    return NO_CONTEXT
 
 
 # Asked once per physical connection, at its first tracked write: may this role
 # call pg_logical_emit_message (any role may, unless someone revoked it; a
 # failing message would take the user's statement in the same query string down
-# with it), and is the server encoding UTF8 (then the JSON keeps non-ASCII
-# characters as they are)? The function's text variant is found by name: its
-# signature depends on the version (PostgreSQL 17 added ``flush boolean DEFAULT false``).
-# Every name qualified (this runs with the application's search_path, public
+# with it)? The function's text variant is found by name: its signature depends
+# on the version (PostgreSQL 17 added ``flush boolean DEFAULT false``). Every
+# name qualified (this runs with the application's search_path, public
 # included): `oid = regnamespace` would pick a planted public.=(oid, regnamespace).
 CONNECTION_FACTS = """
     SELECT current_user, p.oid::pg_catalog.regprocedure::pg_catalog.text,
-           pg_catalog.has_function_privilege(p.oid, 'EXECUTE'),
-           pg_catalog.current_setting('server_encoding') OPERATOR(pg_catalog.=) 'UTF8'
+           pg_catalog.has_function_privilege(p.oid, 'EXECUTE')
     FROM pg_catalog.pg_proc p
     WHERE p.proname OPERATOR(pg_catalog.=) 'pg_logical_emit_message'
       AND p.pronamespace OPERATOR(pg_catalog.=) 'pg_catalog'::pg_catalog.regnamespace::pg_catalog.oid
@@ -255,26 +318,45 @@ CONNECTION_FACTS = """
 """
 
 
-def _connection_facts(db: Any) -> tuple[bool, bool]:
-    """``(may_emit, server_utf8)`` of the current physical connection, cached on the Django wrapper."""
-    raw_conn = db.connection
-    cached = db.__dict__.get("_bemi_connection_facts")
-    if cached is not None and cached[0] is raw_conn:
-        return cached[1]
-    cursor = raw_conn.cursor()
+def _connection_facts(conn: Any, status: Any) -> tuple[bool, bool]:
+    """``(may_emit, server_utf8)`` of this psycopg connection, asked once and kept on it.
+
+    Inside the user's transaction the question runs in a savepoint, so that
+    even its failure (a statement timeout, a cancel) leaves the transaction
+    as it was; the answer is not kept then, and the statement goes without
+    context.
+    """
+    facts = conn.__dict__.get(FACTS)
+    if facts is not None:
+        return facts
+    # The server reports its encoding at connection start: no query needed.
+    utf8 = conn.pgconn.parameter_status(b"server_encoding") == b"UTF8"
+    cursor = psycopg.Cursor(conn)
     try:
-        cursor.execute(CONNECTION_FACTS)
-        role, function, may_emit, utf8 = cursor.fetchone()
+        if status == _INTRANS or not conn.autocommit:  # in (or about to begin) the user's transaction
+            cursor.execute("SAVEPOINT _bemi_facts")
+            try:
+                cursor.execute(CONNECTION_FACTS)
+                row = cursor.fetchone()
+            except Exception:
+                cursor.execute("ROLLBACK TO SAVEPOINT _bemi_facts")
+                raise
+            finally:
+                cursor.execute("RELEASE SAVEPOINT _bemi_facts")
+        else:
+            cursor.execute(CONNECTION_FACTS)
+            row = cursor.fetchone()
     finally:
         cursor.close()
+    role, function, may_emit = row
     if not may_emit:
         _warn_once(
             "no-privilege",
             f"role {role!r} may not execute pg_logical_emit_message; run GRANT EXECUTE ON FUNCTION "
             f"{function} TO {role};",
         )
-    facts = (bool(may_emit), bool(utf8))
-    db.__dict__["_bemi_connection_facts"] = (raw_conn, facts)
+    facts = (bool(may_emit), utf8)
+    conn.__dict__[FACTS] = facts
     return facts
 
 

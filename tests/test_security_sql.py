@@ -213,7 +213,7 @@ def test_the_wrappers_own_queries_do_not_pick_up_planted_operators_or_functions(
     from bemi import wrapper
 
     scene.plant(PLANTED_FOR_THE_WRAPPER)
-    role, function, may_emit, utf8 = scene.su.execute(wrapper.CONNECTION_FACTS).fetchone()
+    role, function, may_emit = scene.su.execute(wrapper.CONNECTION_FACTS).fetchone()
     assert function == "pg_logical_emit_message(boolean,text,text)" and may_emit
     with psycopg.ClientCursor(scene.su) as cursor:  # as Django sends it: the context inlined
         cursor.execute(wrapper.EMIT + "SELECT 1", ['{"user_id": 1}'])

@@ -16,7 +16,7 @@ from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 
 import bemi
-from bemi.wrapper import EMIT, bemi_execute_wrapper, install_execute_wrapper
+from bemi.wrapper import BemiCursor, install_execute_wrapper, is_hooked, uninstall_execute_wrapper
 from tests.ctxapp.helpers import row_changes, sql_as_executed, sql_as_sent, tracked
 from tests.ctxapp.models import Doc, Item, Tag
 
@@ -218,8 +218,7 @@ def test_failed_transaction_gets_nothing_attached(wal):
                 with pytest.raises(InternalError, match="current transaction is aborted"):
                     cursor.execute("INSERT INTO ctxapp_item (name, qty, note) VALUES ('x', 1, '')")
             transaction.set_rollback(True)
-    assert executed[-1][0] == "INSERT INTO ctxapp_item (name, qty, note) VALUES ('x', 1, '')"
-    assert executed[-1][1] is None
+    assert executed[-1] == ("INSERT INTO ctxapp_item (name, qty, note) VALUES ('x', 1, '')", None)
 
 
 def test_needs_rollback_gets_nothing_attached(wal):
@@ -233,19 +232,18 @@ def test_needs_rollback_gets_nothing_attached(wal):
                 pass
             with pytest.raises(TransactionManagementError):
                 Item.objects.create(name="x")
-    assert executed[-1][0].startswith('INSERT INTO "ctxapp_item"')
-    assert "pg_logical_emit_message" not in executed[-1][0]
+    # Django refuses the INSERT before it reaches psycopg: nothing of ours is sent either.
+    assert [sql for sql, _ in executed] == ["SELECT 1/0"]
     assert tracked(wal.read()) == []
 
 
-def test_named_cursor_is_skipped():
-    from bemi.wrapper import _must_skip
-
+def test_named_cursor_is_not_hooked():
+    """Django makes named (server-side) cursors without the connection's cursor_factory: never ours."""
     connection.ensure_connection()
     with transaction.atomic():
         named = connection.create_cursor(name="bemi_named")
         plain = connection.create_cursor()
-        assert _must_skip(connection, named) and not _must_skip(connection, plain)
+        assert not isinstance(named, BemiCursor) and isinstance(plain, BemiCursor)
         named.close()
         plain.close()
 
@@ -286,19 +284,27 @@ def test_rolled_back_statement_leaves_no_message(wal):
     assert tracked(wal.read()) == []
 
 
-def test_wrapper_is_installed_once_and_first():
+def test_hook_is_installed_once_below_django():
+    """bemi's cursors are made by the psycopg connection: execute_wrappers and cursor_factory stay as configured."""
+    from django.db.backends.postgresql.base import Cursor
+
     connection.ensure_connection()
     install_execute_wrapper()
     install_execute_wrapper()
-    assert connection.execute_wrappers.count(bemi_execute_wrapper) == 1
-    assert connection.execute_wrappers[0] is bemi_execute_wrapper
+    assert is_hooked(connection.connection)
+    assert connection.connection.cursor_factory is Cursor
+    with connection.cursor() as cursor:
+        assert type(cursor.cursor).__mro__[1:] == (BemiCursor, *Cursor.__mro__)
+        assert type(cursor.cursor)._bemi_base is Cursor
+    assert connection.execute_wrappers == []
 
 
-def test_existing_connection_gets_wrapper_at_install(wal):
+def test_existing_connection_gets_hooked_at_install(wal):
     """A connection opened before the app was ready is covered by install_execute_wrapper()."""
     connection.ensure_connection()
-    connection.execute_wrappers.remove(bemi_execute_wrapper)
+    uninstall_execute_wrapper()
     try:
+        assert not is_hooked(connection.connection)
         with bemi.context(job="late"):
             Item.objects.create(name="untracked")
         install_execute_wrapper()
@@ -310,15 +316,24 @@ def test_existing_connection_gets_wrapper_at_install(wal):
     assert "'tracked'" in rows[0].data
 
 
-def test_user_execute_wrapper_block_keeps_ours(wal):
-    """Django's execute_wrapper() pops the last wrapper: ours, first in the list, survives."""
+def test_user_execute_wrapper_sees_its_own_statement_and_params(wal):
+    """An application's execute wrapper sees what Django sent, not bemi's message, also across a reconnect."""
     connection.close()
     seen = []
-    with connection.execute_wrapper(lambda ex, sql, p, many, ctx: seen.append(sql) or ex(sql, p, many, ctx)):
+
+    def mine(execute, sql, params, many, context):
+        seen.append((sql, params))
+        return execute(sql, params, many, context)
+
+    with connection.execute_wrapper(mine):
         with bemi.context(job="reconnect"):
             Item.objects.create(name="in block")  # connects inside the block
-    assert connection.execute_wrappers == [bemi_execute_wrapper]
+        assert connection.execute_wrappers == [mine]
+    assert connection.execute_wrappers == []
     with bemi.context(job="after"):
         Item.objects.create(name="after block")
-    assert [m.json["job"] for m, _ in tracked(wal.read())] == ["reconnect", "after"]
-    assert seen and seen[-1].startswith(EMIT)
+    messages = [m for m, _ in tracked(wal.read())]
+    assert [m.json["job"] for m in messages] == ["reconnect", "after"]
+    (sql, params), = seen
+    assert sql == messages[0].json["SQL"] and sql.startswith('INSERT INTO "ctxapp_item"')
+    assert "pg_logical_emit_message" not in sql and params[0] == "in block"

@@ -5,7 +5,8 @@ from __future__ import annotations
 import contextlib
 from typing import Iterator
 
-from bemi.wrapper import bemi_execute_wrapper
+import psycopg
+
 from bemi_devtools.wal import Record
 
 
@@ -38,25 +39,7 @@ def row_changes(records: list[Record], table: str = "") -> list[Record]:
 
 @contextlib.contextmanager
 def sql_as_sent(connection) -> Iterator[list[tuple[str, object]]]:
-    """Record (sql, params) as Django sent them, outside (before) bemi's wrapper."""
-    seen: list[tuple[str, object]] = []
-
-    def capture(execute, sql, params, many, context):
-        seen.append((sql, params))
-        return execute(sql, params, many, context)
-
-    connection.ensure_connection()
-    assert connection.execute_wrappers[0] is bemi_execute_wrapper
-    connection.execute_wrappers.insert(0, capture)
-    try:
-        yield seen
-    finally:
-        connection.execute_wrappers.remove(capture)
-
-
-@contextlib.contextmanager
-def sql_as_executed(connection) -> Iterator[list[tuple[str, object]]]:
-    """Record (sql, params) as they reach the cursor, inside (after) bemi's wrapper."""
+    """Record (sql, params) as Django sent them: what an application's execute wrapper sees."""
     seen: list[tuple[str, object]] = []
 
     def capture(execute, sql, params, many, context):
@@ -65,3 +48,32 @@ def sql_as_executed(connection) -> Iterator[list[tuple[str, object]]]:
 
     with connection.execute_wrapper(capture):
         yield seen
+
+
+@contextlib.contextmanager
+def sql_as_executed(connection) -> Iterator[list[tuple[str, object]]]:
+    """Record (sql, params) as psycopg receives them on this connection, after bemi's hook.
+
+    A spy on psycopg's ``Cursor.execute``/``executemany`` (every cursor class
+    inherits them, bemi's own message cursor too); the database is real.
+    """
+    seen: list[tuple[str, object]] = []
+    connection.ensure_connection()
+    raw = connection.connection
+    execute, executemany = psycopg.Cursor.execute, psycopg.Cursor.executemany
+
+    def spy_execute(self, query, params=None, **kwargs):
+        if self.connection is raw:
+            seen.append((query, params))
+        return execute(self, query, params, **kwargs)
+
+    def spy_executemany(self, query, params_seq, **kwargs):
+        if self.connection is raw:
+            seen.append((query, params_seq))
+        return executemany(self, query, params_seq, **kwargs)
+
+    psycopg.Cursor.execute, psycopg.Cursor.executemany = spy_execute, spy_executemany
+    try:
+        yield seen
+    finally:
+        psycopg.Cursor.execute, psycopg.Cursor.executemany = execute, executemany

@@ -87,12 +87,18 @@ GRANT SELECT (singleton, rules, settings, own_tables, updated_at, updated_by) ON
 
 -- Is this relation tracked under these rules? A partition is decided by its root
 -- (its rows are recorded under the root's name).
+--
+-- PL/pgSQL, not SQL: a SQL function with SET is never inlined, and PostgreSQL
+-- plans its query again at every call (3-4 ms here, and the event triggers ask
+-- three times per CREATE TABLE: most of what bemi added to DDL); PL/pgSQL keeps
+-- the plan for the session (0.3 ms). bench/ddl.py measures it.
 CREATE OR REPLACE FUNCTION public._bemi_is_tracked(rel regclass, rules jsonb)
 RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $bemi$
-  SELECT EXISTS (
+BEGIN
+  RETURN EXISTS (
     SELECT 1
     FROM pg_catalog.pg_class c
     JOIN pg_catalog.pg_class r
@@ -125,15 +131,18 @@ AS $bemi$
                    SELECT e.id::oid
                    FROM pg_catalog.jsonb_array_elements_text(rules OPERATOR(pg_catalog.->) 'own_tables') e(id))))
   );
+END;
 $bemi$;
 
 -- The same under the rules stored in public._bemi_tracking.
 CREATE OR REPLACE FUNCTION public._bemi_is_tracked(rel regclass)
 RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $bemi$
-  SELECT COALESCE((SELECT public._bemi_is_tracked(rel, b.rules) FROM public._bemi_tracking b), false);
+BEGIN
+  RETURN COALESCE((SELECT public._bemi_is_tracked(rel, b.rules) FROM public._bemi_tracking b), false);
+END;
 $bemi$;
 
 -- Every tracked table and partition, under the given rules (NULL: the stored ones).

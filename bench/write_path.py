@@ -1,4 +1,4 @@
-"""Write-path overhead of the execute wrapper: the same operations with and without tracking.
+"""Write-path overhead of bemi's cursor hook (bemi/wrapper.py): the same operations with and without tracking.
 
     python bench/write_path.py [--rounds 5] [--no-migration] [--one-string-only]
 
@@ -8,10 +8,10 @@ installed, unless ``--no-migration``), then runs each operation in units of
 work; every unit runs once per variant, in a shuffled order, so that all
 variants see the same (noisy) machine:
 
-  no bemi  the wrapper removed and bemi's triggers disabled: Django without bemi
-  plain    the wrapper removed, triggers in place: the baseline ("without tracking")
-  idle     the wrapper installed, no context set
-  tracked  the wrapper installed and a context set: one message per write statement
+  no bemi  the cursor hook removed and bemi's triggers disabled: Django without bemi
+  plain    the hook removed, triggers in place: the baseline ("without tracking")
+  idle     the hook installed, no context set
+  tracked  the hook installed and a context set: one message per write statement
 
 A last table times one query string of many INSERTs (5,000 and 20,000, with
 and without a ``/*Bemi ... Bemi*/`` marker) sent by psycopg, with bemi's
@@ -68,9 +68,11 @@ def setup_django(dsn_parts: dict, migrate: bool) -> None:
         call_command("migrate", "bemi", "zero", verbosity=0)
 
 
-def cost_breakdown(connection, wrapper, Item, bemi) -> dict[str, float]:
+def cost_breakdown(connection, Item, bemi) -> dict[str, float]:
     """One create() at a time, interleaved: how much of the overhead is the wrapper's
     Python, the second statement in the query string, and the message itself."""
+    from bemi.wrapper import install_execute_wrapper, uninstall_execute_wrapper
+
     payload = json.dumps({**CONTEXT, "SQL": 'INSERT INTO "bench_item" ("name", "qty", "note") '
                           'VALUES (%s, %s, %s) RETURNING "bench_item"."id"'})
 
@@ -81,26 +83,33 @@ def cost_breakdown(connection, wrapper, Item, bemi) -> dict[str, float]:
             return result
         return w
 
+    with connection.cursor() as cursor:  # for the prepared-statement variant (not used by bemi: see docs)
+        cursor.execute("PREPARE _bench_emit(text) AS SELECT pg_catalog.pg_logical_emit_message(true, '_bemi', $1)")
     variants = {
         "plain (no wrapper)": None,
         "'SELECT 1; ' + INSERT (a second statement, no message)": prefixed("SELECT 1; ", False),
         "'SELECT pg_logical_emit_message(...); ' + INSERT, fixed JSON": prefixed(
             "SELECT pg_logical_emit_message(true, '_bemi', %s::text); ", True),
-        "bemi's wrapper, a new context per call (like one write per request)": "tracked",
+        "'EXECUTE <prepared message>(...); ' + INSERT, fixed JSON": prefixed("EXECUTE _bench_emit(%s); ", True),
+        "bemi's hook, one context for all calls (a job, a loop)": "steady",
+        "bemi's hook, a new context per call (like one write per request)": "tracked",
     }
+    token = bemi.set_context(CONTEXT)
+    steady = bemi.appcontext.current_frame()  # the same frame for every call: its JSON is serialised once
+    bemi.appcontext.reset_context(token)
     samples: dict[str, list[float]] = {label: [] for label in variants}
     labels = list(variants)
     rng = random.Random(7)
-    connection.execute_wrappers.remove(wrapper)
+    uninstall_execute_wrapper()
     try:
         for _ in range(2000):
             rng.shuffle(labels)
             for label in labels:
                 extra = variants[label]
                 token = None
-                if extra == "tracked":
-                    connection.execute_wrappers.insert(0, wrapper)
-                    token = bemi.set_context(CONTEXT)
+                if extra in ("tracked", "steady"):
+                    install_execute_wrapper()
+                    token = bemi.set_context(CONTEXT) if extra == "tracked" else bemi.appcontext._current.set(steady)
                 elif extra is not None:
                     connection.execute_wrappers.append(extra)
                 start = time.perf_counter()
@@ -108,11 +117,11 @@ def cost_breakdown(connection, wrapper, Item, bemi) -> dict[str, float]:
                 samples[label].append(time.perf_counter() - start)
                 if token is not None:
                     bemi.appcontext.reset_context(token)
-                    connection.execute_wrappers.remove(wrapper)
+                    uninstall_execute_wrapper()
                 elif extra is not None:
                     connection.execute_wrappers.remove(extra)
     finally:
-        connection.execute_wrappers.insert(0, wrapper)
+        install_execute_wrapper()
     return {label: statistics.median(values) * 1e6 for label, values in samples.items()}
 
 
@@ -137,7 +146,7 @@ def main() -> None:
     from django.db.models import F
 
     import bemi
-    from bemi.wrapper import bemi_execute_wrapper
+    from bemi.wrapper import install_execute_wrapper, is_hooked, uninstall_execute_wrapper
     from benchmodels.models import Item
 
     monitor = psycopg.connect(cluster.dsn("bench"), autocommit=True)
@@ -210,7 +219,7 @@ def main() -> None:
         return
 
     connection.ensure_connection()
-    assert connection.execute_wrappers == [bemi_execute_wrapper]
+    assert is_hooked(connection.connection)
 
     def set_triggers(enabled: bool) -> None:
         if triggers:
@@ -219,7 +228,7 @@ def main() -> None:
 
     def run(unit: Unit, variant: str) -> tuple[float, int, list[int]]:
         if variant in ("plain", "no bemi"):
-            connection.execute_wrappers.remove(bemi_execute_wrapper)
+            uninstall_execute_wrapper()
         if variant == "no bemi":
             set_triggers(False)
         token = bemi.set_context(CONTEXT) if variant == "tracked" else None
@@ -233,7 +242,7 @@ def main() -> None:
             if token is not None:
                 bemi.appcontext.reset_context(token)
             if variant in ("plain", "no bemi"):
-                connection.execute_wrappers.insert(0, bemi_execute_wrapper)
+                install_execute_wrapper()
             if variant == "no bemi":
                 set_triggers(True)
         return (elapsed, *wal_between(before, after))
@@ -248,11 +257,8 @@ def main() -> None:
                 seen.append(len(json.dumps({**CONTEXT, "SQL": sql}, ensure_ascii=False).encode()))
             return execute(sql, params, many, context)
 
-        connection.execute_wrappers.insert(0, capture)
-        try:
+        with connection.execute_wrapper(capture):
             units[0]()
-        finally:
-            connection.execute_wrappers.remove(capture)
         if reset:
             reset()
         sizes[name] = seen
@@ -299,10 +305,10 @@ def main() -> None:
     print(f"bemi statement triggers on the table: {'yes' if triggers else 'no'} "
           f"({'--no-migration' if args.no_migration else 'migrate bemi applied'})")
     print("variants, interleaved in shuffled order for every unit of work:")
-    print("  no bemi = wrapper removed and bemi's triggers disabled (Django without bemi)")
-    print("  plain   = wrapper removed, triggers in place: the baseline of the ratios (without tracking)")
-    print("  idle    = wrapper installed, no context set")
-    print("  tracked = wrapper installed, context set: one message per write statement")
+    print("  no bemi = hook removed and bemi's triggers disabled (Django without bemi)")
+    print("  plain   = hook removed, triggers in place: the baseline of the ratios (without tracking)")
+    print("  idle    = hook installed, no context set")
+    print("  tracked = hook installed, context set: one message per write statement")
     print(f"context: {json.dumps(CONTEXT)} ({len(json.dumps(CONTEXT))} bytes) plus \"SQL\"")
     print()
     print(f"{'':28}{'time per operation, ms (median)':^36}  {'ratio to plain (median of units)':^33}")
@@ -331,7 +337,7 @@ def main() -> None:
         added = (w["tracked"] - w["plain"]) / stmts if stmts else 0
         print(f"{name:28}{w['plain']:11,d}{w['tracked']:12,d}{stmts:7d}{per_round:6d}{ctx:11.0f}"
               f"{record:13.0f}{added:10.0f}{ctx + 150:7.0f}")
-    breakdown = cost_breakdown(connection, bemi_execute_wrapper, Item, bemi)
+    breakdown = cost_breakdown(connection, Item, bemi)
     print()
     print("where a tracked single-row create() spends its extra time (median of 2,000 interleaved calls, us):")
     base = next(iter(breakdown.values()))

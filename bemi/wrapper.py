@@ -185,9 +185,11 @@ class BemiCursor(_CursorBase):
             query, params = EMIT_NAMED + query, {**params, PARAM_KEY: payload}
         else:
             query, params = EMIT + query, (payload, *params)
-        super().execute(query, params)
+        try:
+            super().execute(query, params)
+        finally:  # Django logs the query also when it fails
+            _forget_message(self)
         self.nextset()  # from the message's SELECT to the user's statement
-        _forget_message(self)
         return self
 
     def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> Any:

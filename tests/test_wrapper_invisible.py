@@ -178,6 +178,9 @@ def operations() -> None:
     with connection.cursor() as cursor:
         cursor.execute("DELETE FROM ctxapp_item WHERE name LIKE %s", ["m%"])
     list(Item.objects.filter(note=hostile).values_list("name"))
+    Tag.objects.create(name="dup")
+    with connection.cursor() as cursor, pytest.raises(IntegrityError):
+        cursor.execute("INSERT INTO ctxapp_tag (name, color) VALUES (%s, 'it''s')", ["dup"])  # logged as it failed
 
 
 def test_query_log_is_exactly_as_without_bemi(wal):
@@ -188,10 +191,12 @@ def test_query_log_is_exactly_as_without_bemi(wal):
             operations()
         logs[outcome] = [q["sql"] for q in queries.captured_queries]
         Item.objects.all().delete()
+        Tag.objects.all().delete()
     assert logs["with bemi"] == logs["without bemi"]
     assert "2 times: " + INSERT in logs["with bemi"]
+    assert logs["with bemi"][-1] == "INSERT INTO ctxapp_tag (name, color) VALUES ('dup', 'it''s')"
     assert not any("pg_logical_emit_message" in sql for sql in logs["with bemi"])
-    assert len([m for m, _ in tracked(wal.read(), allow_empty=True) if m.json.get("user_id") == 1]) == 10
+    assert len([m for m, _ in tracked(wal.read(), allow_empty=True) if m.json.get("user_id") == 1]) == 11
 
 
 def test_query_log_with_server_side_binding_is_as_without_bemi(wal, ssb):

@@ -326,11 +326,14 @@ def _connection_facts(conn: Any, status: Any) -> tuple[bool, bool]:
     Inside the user's transaction the question runs in a savepoint, so that
     even its failure (a statement timeout, a cancel) leaves the transaction
     as it was; the answer is not kept then, and the statement goes without
-    context.
+    context. Inside the user's psycopg pipeline it is not asked (its answer
+    would end the pipeline's implicit transaction): no context until then.
     """
     facts = conn.__dict__.get(FACTS)
     if facts is not None:
         return facts
+    if conn._pipeline is not None:  # fetching the answer would Sync the user's pipeline: ask later
+        return (False, False)
     # The server reports its encoding at connection start: no query needed.
     utf8 = conn.pgconn.parameter_status(b"server_encoding") == b"UTF8"
     cursor = psycopg.Cursor(conn)

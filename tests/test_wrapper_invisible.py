@@ -295,3 +295,24 @@ def test_cursor_factory_stays_as_configured_and_writes_are_tracked(wal, ssb):
         connections["mine"].close()
         del connections["mine"]
     assert [m.json["factory"] for m, _ in tracked(wal.read())] == ["Cursor", "ServerBindingCursor", "ProjectCursor"]
+
+
+def test_inside_the_applications_own_pipeline(wal):
+    """A psycopg pipeline the application opened: the message rides it (no Sync of ours), and the
+    first write of a connection does not ask its question there (the answer would need a Sync)."""
+    connection.close()
+    with bemi.context(job="pipe"), connection.cursor() as cursor:
+        with cursor.connection.pipeline():
+            cursor.execute(INSERT, ["p1", 1])  # the connection's first write: no context
+        cursor.execute(INSERT, ["outside", 1])
+        with cursor.connection.pipeline():
+            cursor.execute(INSERT, ["p2", 2])
+            cursor.execute(INSERT, ["p3", 3])
+    records = wal.read()
+    inserts = row_changes(records, "ctxapp_item")
+    assert [r.data.split("name[character varying]:", 1)[1].split()[0] for r in inserts] == [
+        "'p1'", "'outside'", "'p2'", "'p3'"]
+    pairs = tracked(records)
+    assert [rows[0].xid for _, rows in pairs] == [inserts[1].xid, inserts[2].xid, inserts[3].xid]
+    assert inserts[2].xid == inserts[3].xid  # one pipeline, one implicit transaction, as without bemi
+    assert all(m.json == {"job": "pipe", "SQL": INSERT} for m, _ in pairs)

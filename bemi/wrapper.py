@@ -33,7 +33,6 @@ import json
 import logging
 import weakref
 from collections.abc import Mapping
-from functools import lru_cache
 from typing import TYPE_CHECKING, Any, Callable
 
 import psycopg
@@ -97,7 +96,7 @@ def _on_connection_created(sender: Any, connection: Any, **kwargs: Any) -> None:
 def _attach(conn: Any) -> None:
     raw = getattr(conn, "connection", None)
     if conn.vendor == "postgresql" and isinstance(raw, psycopg.Connection) and "cursor" not in raw.__dict__:
-        raw.cursor = _HookedCursorMethod(raw)
+        raw.__dict__["cursor"] = _HookedCursorMethod(raw)
 
 
 def is_hooked(raw: Any) -> bool:
@@ -131,11 +130,20 @@ class _HookedCursorMethod:
             raw.cursor_factory = factory
 
 
-@lru_cache(maxsize=None)
+_CLASSES: dict[type, type] = {}
+
+
 def cursor_class(base: type) -> type:
     """``base`` (Django's ``Cursor``, ``ServerBindingCursor`` or the project's own) with bemi's hook."""
     if issubclass(base, BemiCursor):
         return base
+    made = _CLASSES.get(base)
+    if made is None:
+        made = _CLASSES[base] = _make_class(base)
+    return made
+
+
+def _make_class(base: type) -> type:
     return type(base.__name__, (BemiCursor, base), {
         "__module__": __name__,
         "__doc__": f"{base.__module__}.{base.__qualname__} whose writes carry the application context.",
@@ -242,7 +250,7 @@ def _forget_message(cursor: Any) -> None:
     """
     query = getattr(cursor, "_query", None)
     text = getattr(query, "query", None)
-    if not isinstance(text, bytes) or not text.startswith(_EMIT_HEAD_BYTES):
+    if query is None or not isinstance(text, bytes) or not text.startswith(_EMIT_HEAD_BYTES):
         return
     start = text.find(b"'", len(_EMIT_HEAD_BYTES)) + 1
     while start:
@@ -353,6 +361,8 @@ def _connection_facts(conn: Any, status: Any) -> tuple[bool, bool]:
             row = cursor.fetchone()
     finally:
         cursor.close()
+    if row is None:
+        raise RuntimeError("pg_catalog.pg_logical_emit_message(boolean, text, text) not found")
     role, function, may_emit = row
     if not may_emit:
         _warn_once(

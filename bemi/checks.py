@@ -330,8 +330,8 @@ def check_append_only(app_configs: Any = None, databases: Any = None, **kwargs: 
     return [Warning(
         f"The application's role {role!r} can {', '.join(privileges)} the changes table of database {alias!r}: "
         "the audit trail can be rewritten from the application.",
-        hint="Let the worker's role own changes and the application only read it: python manage.py bemi_grants "
-             "--app-role <app role> --worker-role <worker role> (docs/retention.md). Add 'bemi.W004' to "
+        hint="Let the worker's role own changes and the application only read it: as a superuser, python manage.py "
+             "bemi_grants --app-role <app role> --worker-role <worker role> (docs/security.md). Add 'bemi.W004' to "
              "SILENCED_SYSTEM_CHECKS if one role on purpose does both.",
         id="bemi.W004",
     )]

@@ -91,9 +91,16 @@ def store_tracking(connection: Any, by: str = "migrate bemi") -> bool:
                     # The application's search_path: operators qualified (a planted public.||(oid[], oid[])
                     # would be an exact match, preferred to pg_catalog's polymorphic one).
                     "UPDATE public._bemi_tracking SET own_tables = ARRAY(SELECT DISTINCT u FROM pg_catalog.unnest("
-                    "own_tables OPERATOR(pg_catalog.||) ARRAY[pg_catalog.to_regclass('public.changes')::pg_catalog.oid, "
-                    "pg_catalog.to_regclass('public._bemi_worker_checkpoints')::pg_catalog.oid, "
-                    "pg_catalog.to_regclass('public._bemi_worker_failures')::pg_catalog.oid]) u WHERE u IS NOT NULL)")
+                    "own_tables OPERATOR(pg_catalog.||) ARRAY(SELECT c.oid FROM pg_catalog.pg_class c "
+                    # From the catalog: to_regclass() would need USAGE on schema bemi. Those of an earlier
+                    # version still in public too, until the worker moves them (bemi/relocate.py).
+                    "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
+                    "WHERE n.nspname OPERATOR(pg_catalog.=) ANY ('{bemi,public}'::pg_catalog.name[]) "
+                    "AND c.relname OPERATOR(pg_catalog.=) ANY ('{changes,_bemi_worker_checkpoints,"
+                    "_bemi_worker_failures}'::pg_catalog.name[]) "
+                    "AND c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::pg_catalog.\"char\"[]) "
+                    "AND (n.nspname OPERATOR(pg_catalog.=) 'bemi' OR EXISTS (SELECT FROM pg_catalog.pg_roles r "
+                    "WHERE r.oid OPERATOR(pg_catalog.=) c.relowner AND (r.rolsuper OR r.rolreplication))))) u)")
             cursor.execute(
                 "UPDATE public._bemi_tracking SET rules = %s::jsonb, settings = %s::jsonb, "
                 "updated_at = pg_catalog.now(), updated_by = %s::text "

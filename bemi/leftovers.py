@@ -12,7 +12,7 @@ Rules (docs/upgrading.md#leftovers):
 * a **slot** is a leftover when it is a logical slot of this database, not
   active, named ``bemi_local``, ``debezium*`` or ``bemi*``, and not in use by
   our worker: not ``bemi`` (its default), not named in ``in_use_slots``, and
-  without a checkpoint row in ``public._bemi_worker_checkpoints`` of this
+  without a checkpoint row in ``bemi._bemi_worker_checkpoints`` of this
   database (a stopped worker's slot is not a leftover: ``bemi_status`` reports it);
 * the **publication** ``dbz_publication`` (Debezium's default) is a leftover
   when it is not named in ``in_use_publications`` and no slot of Debezium's
@@ -69,11 +69,11 @@ class Leftover:
 
 
 def _checkpointed_slots(cursor: Any) -> set[str]:
-    cursor.execute("SELECT pg_catalog.to_regclass('public._bemi_worker_checkpoints') IS NOT NULL")
+    cursor.execute("SELECT pg_catalog.to_regclass('bemi._bemi_worker_checkpoints') IS NOT NULL")
     row = cursor.fetchone()
     if not row or not row[0] or untrusted_tables(cursor, ["_bemi_worker_checkpoints"]):
         return set()  # missing, or made by another role: not read (its code would run as us, bemi/trust.py)
-    cursor.execute('SELECT DISTINCT slot FROM public._bemi_worker_checkpoints '
+    cursor.execute('SELECT DISTINCT slot FROM bemi._bemi_worker_checkpoints '
                    'WHERE "database" OPERATOR(pg_catalog.=) pg_catalog.current_database()::text')
     return {r[0] for r in cursor.fetchall()}
 

@@ -1,7 +1,7 @@
 """``BemiChange``: one row of the ``changes`` table the worker writes.
 
 The model is unmanaged: Django never creates or alters ``changes`` (the
-worker owns its DDL, ``bemi/sql/changes.sql``). With
+worker owns its DDL, ``bemi/sql/changes.sql``), which lives in schema ``bemi``. With
 ``bemi.BemiDatabaseRouter`` configured, reads and writes go to the ``bemi``
 database alias.
 """
@@ -14,6 +14,7 @@ from typing import Any
 
 from django.db import models
 
+from bemi import tables
 from bemi.exactjson import ExactJSONDecoder, ExactJSONEncoder
 from bemi.querysets import CHRONOLOGICAL, BemiChangeQuerySet
 
@@ -71,7 +72,9 @@ class BemiChange(models.Model):
 
     class Meta:
         managed = False
-        db_table = "changes"
+        # "bemi"."changes" (bemi/tables.py): Django quotes a db_table only when it is not quoted
+        # already, so this reads the worker's table whatever the connection's search_path.
+        db_table = f'{tables.SCHEMA}"."changes'
         ordering = list(CHRONOLOGICAL)
         verbose_name = "change"
         verbose_name_plural = "changes"

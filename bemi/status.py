@@ -27,6 +27,7 @@ from psycopg import sql
 from psycopg.rows import dict_row, tuple_row
 
 from bemi.leftovers import find_leftovers
+from bemi.tables import SCHEMA as BEMI_SCHEMA
 from bemi.trust import BEMI_TABLES, untrusted_tables
 from bemi.worker import pgoutput as po
 
@@ -201,9 +202,12 @@ def _function(conn: psycopg.Connection, name: str, argtypes: str) -> tuple[sql.C
 
 
 def _table_exists(conn: psycopg.Connection, name: str) -> bool:
-    """Is ``public.<name>`` there, and one of ours to read? (A table another role made first is
+    """Is ``bemi.<name>`` there, and one of ours to read? (A table another role made first is
     not read: a view or a rule there would run its owner's code as us; bemi/trust.py.)"""
-    row = _one(conn, "SELECT to_regclass(%s::text) IS NOT NULL AS e", [f"public.{name}"])
+    # From the catalog, not to_regclass(): that needs USAGE on the schema, and a role without it is told
+    # what to grant when it reads the table.
+    row = _one(conn, "SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                     "WHERE n.nspname = %s::name AND c.relname = %s::name) AS e", [BEMI_SCHEMA, name])
     return bool(row and row["e"]) and not untrusted_tables(conn, [name])
 
 
@@ -293,8 +297,9 @@ def _tables(conn: psycopg.Connection, publication: Publication) -> Tables:
     rows = _all(conn, sql.SQL("""
         SELECT format('%I.%I', n.nspname, c.relname) AS name, c.relreplident = 'f' AS full_identity,
                {has_trigger} AS has_trigger,
-               (p.puballtables OR EXISTS (SELECT 1 FROM pg_publication_rel pr
-                                          WHERE pr.prpubid = p.oid AND pr.prrelid = c.oid)) AS published
+               (p.puballtables OR EXISTS (SELECT 1 FROM pg_publication_tables pt  -- (schemas of bemi_grants too)
+                                          WHERE pt.pubname = p.pubname AND pt.schemaname = n.nspname
+                                          AND pt.tablename = c.relname)) AS published
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         LEFT JOIN pg_publication p ON p.pubname = {pub}
         WHERE {rule} AND NOT c.relispartition
@@ -315,7 +320,7 @@ def _checkpoint(conn: psycopg.Connection, slot: str, database: str) -> Checkpoin
     if not _table_exists(conn, "_bemi_worker_checkpoints"):
         return None
     rows = _all(conn, "SELECT to_jsonb(c) AS c, commit_lsn::text AS commit_lsn, end_lsn::text AS end_lsn, "
-                      "(now() - c.committed_at) AS age FROM public._bemi_worker_checkpoints c "
+                      "(now() - c.committed_at) AS age FROM bemi._bemi_worker_checkpoints c "
                       "WHERE c.slot = %s::text", [slot])
     if not rows:
         return None
@@ -338,12 +343,12 @@ def _dead_letters(conn: psycopg.Connection, slot: str) -> int:
     if not _table_exists(conn, "_bemi_worker_failures"):
         return 0
     has_slot = _one(conn, "SELECT EXISTS (SELECT 1 FROM pg_attribute WHERE attrelid = "
-                          "'public._bemi_worker_failures'::regclass AND attname = 'slot' AND NOT attisdropped) AS e")
+                          "'bemi._bemi_worker_failures'::regclass AND attname = 'slot' AND NOT attisdropped) AS e")
     if has_slot and has_slot["e"]:
-        row = _one(conn, "SELECT count(*)::int8 AS n FROM public._bemi_worker_failures WHERE slot = %s::text",
+        row = _one(conn, "SELECT count(*)::int8 AS n FROM bemi._bemi_worker_failures WHERE slot = %s::text",
                    [slot])
     else:
-        row = _one(conn, "SELECT count(*)::int8 AS n FROM public._bemi_worker_failures")
+        row = _one(conn, "SELECT count(*)::int8 AS n FROM bemi._bemi_worker_failures")
     return int(row["n"]) if row else 0
 
 
@@ -415,8 +420,8 @@ def collect(source: psycopg.Connection, destination: psycopg.Connection | None =
     unreadable = []
     for table in untrusted_tables(destination, BEMI_TABLES):
         warnings.append(f"{table.why} was not made by the worker's role nor a superuser: not read, and the worker "
-                        "refuses to write to it (docs/security.md); check it, then drop it or, if its owner is "
-                        f"trusted, ALTER TABLE public.{table.name} OWNER TO the worker's role")
+                        "refuses to write to it (docs/security.md); check it, then have a superuser run "
+                        "manage.py bemi_grants (it sets aside what is not the worker's)")
     try:
         checkpoint = _checkpoint(destination, slot, database)
     except psycopg.errors.InsufficientPrivilege:
@@ -520,9 +525,10 @@ def collect(source: psycopg.Connection, destination: psycopg.Connection | None =
         warnings.append("bemi's SQL functions are not installed in the source database "
                         "(python manage.py migrate bemi): no triggers, new tables not tracked at once")
     if unreadable:
-        warnings.append(f"role {info['user']!r} may not read " + " and ".join(f"public.{t}" for t in unreadable)
+        warnings.append(f"role {info['user']!r} may not read " + " and ".join(f"{BEMI_SCHEMA}.{t}" for t in unreadable)
                         + f" in database {dest_db!r}, so the checkpoint and dead letters are unknown: GRANT SELECT ON "
-                        + ", ".join(f"public.{t}" for t in unreadable) + f" TO {info['user']};")
+                        + ", ".join(f"{BEMI_SCHEMA}.{t}" for t in unreadable) + f" TO {info['user']}; "
+                        + f"GRANT USAGE ON SCHEMA {BEMI_SCHEMA} TO {info['user']};")
     if dead:
         warnings.append(f"{dead} dead letters wait in _bemi_worker_failures (changes the destination rejected)")
     leftovers = []

@@ -1,22 +1,34 @@
 """Where bemi's stored tables live: one place to name them (Django-free).
 
-New SQL names the schema and its tables through these, never as a literal, so
-that where the history lives is decided here once (see docs/security.md).
+``changes``, its partitions and the worker's bookkeeping tables live in their
+own schema, owned by the worker's role: the application's role, even when it
+owns the database and schema ``public``, can neither drop, rename nor replace
+them there, nor create anything the worker would then use (docs/security.md).
+New SQL names the schema and its tables through these, never as a literal.
 """
 
 from __future__ import annotations
 
 from psycopg import sql
 
-__all__ = ["SCHEMA", "CHANGES", "CHECKPOINTS", "FAILURES", "PRUNED", "qualified"]
+__all__ = ["SCHEMA", "LEGACY_SCHEMA", "CHANGES", "CHECKPOINTS", "FAILURES", "PRUNED", "STORED_TABLES",
+           "qualified", "schema"]
 
 #: The schema of ``changes``, its partitions and the worker's bookkeeping tables.
-SCHEMA = "public"
+SCHEMA = "bemi"
+#: Where earlier versions (and the published Docker worker) kept them: moved from there (bemi/relocate.py).
+LEGACY_SCHEMA = "public"
+#: bemi's stored tables by name (partitions of ``changes`` are found through the catalog).
+STORED_TABLES = ("changes", "_bemi_worker_checkpoints", "_bemi_worker_failures", "_bemi_pruned")
 
 
 def qualified(name: str) -> sql.Identifier:
     """``"<SCHEMA>"."<name>"`` for one of bemi's stored tables."""
     return sql.Identifier(SCHEMA, name)
+
+
+def schema() -> sql.Identifier:
+    return sql.Identifier(SCHEMA)
 
 
 CHANGES = qualified("changes")

@@ -217,11 +217,14 @@ def pruned_before(using: str) -> dt.datetime | None:
     """The latest cutoff of ``bemi_prune`` / retention on this database (None: nothing was pruned)."""
     with connections[using].cursor() as cursor:
         if using not in _has_prune_log:
-            cursor.execute("SELECT pg_catalog.to_regclass('public._bemi_pruned') IS NOT NULL")
+            # The catalog, not to_regclass(): that raises without USAGE on schema bemi.
+            cursor.execute("SELECT EXISTS (SELECT FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+                           "ON n.oid OPERATOR(pg_catalog.=) c.relnamespace WHERE n.nspname OPERATOR(pg_catalog.=) "
+                           "'bemi' AND c.relname OPERATOR(pg_catalog.=) '_bemi_pruned')")
             if not cursor.fetchone()[0]:
                 return None
             _has_prune_log.add(using)
-        cursor.execute('SELECT pg_catalog.max("pruned_before") FROM public._bemi_pruned')
+        cursor.execute('SELECT pg_catalog.max("pruned_before") FROM bemi._bemi_pruned')
         return cursor.fetchone()[0]
 
 

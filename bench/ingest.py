@@ -66,7 +66,7 @@ class Bench:
         c = self.conn
         for (slot,) in c.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
             c.execute("SELECT pg_drop_replication_slot(%s)", [slot])
-        c.execute("DROP TABLE IF EXISTS todo, changes, _bemi_worker_checkpoints, _bemi_worker_failures, "
+        c.execute("DROP TABLE IF EXISTS todo, bemi.changes, bemi._bemi_worker_checkpoints, bemi._bemi_worker_failures, "
                   "changes_stage, changes_ceiling")
         c.execute("DROP PUBLICATION IF EXISTS bemi")
         c.execute("CREATE TABLE todo (id bigserial PRIMARY KEY, task text NOT NULL, is_completed bool NOT NULL)")
@@ -96,14 +96,14 @@ class Bench:
 
     def worker_once(self, slot: str, root: str = ROOT) -> tuple[float, int, int]:
         """Wall time, changes written and peak RSS (kB) of one `bemi-worker --once` process."""
-        before = self.conn.execute("SELECT count(*) FROM changes").fetchone()[0]
+        before = self.conn.execute("SELECT count(*) FROM bemi.changes").fetchone()[0]
         started = time.perf_counter()
         proc = subprocess.Popen(worker_cmd(self.dsn, slot, "--once"), cwd=root, env=worker_env(root))
         _, status, usage = os.wait4(proc.pid, 0)
         elapsed = time.perf_counter() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
         assert proc.returncode == 0, proc.returncode
-        after = self.conn.execute("SELECT count(*) FROM changes").fetchone()[0]
+        after = self.conn.execute("SELECT count(*) FROM bemi.changes").fetchone()[0]
         return elapsed, after - before, usage.ru_maxrss
 
     def bulk(self, name: str, load) -> dict:
@@ -165,8 +165,8 @@ class Bench:
         indexes (INSERT ... SELECT on the server): the bound on any worker that writes this table."""
         c = self.conn
         c.execute("DROP TABLE IF EXISTS changes_stage, changes_ceiling")
-        c.execute("CREATE TABLE changes_stage AS SELECT * FROM changes")
-        c.execute("CREATE TABLE changes_ceiling (LIKE changes INCLUDING ALL)")
+        c.execute("CREATE TABLE changes_stage AS SELECT * FROM bemi.changes")
+        c.execute("CREATE TABLE changes_ceiling (LIKE bemi.changes INCLUDING ALL)")
         started = time.perf_counter()
         c.execute("INSERT INTO changes_ceiling SELECT * FROM changes_stage")
         elapsed = time.perf_counter() - started
@@ -213,12 +213,12 @@ class Bench:
                 sent += 1
             achieved = sent / (time.perf_counter() - started)
         deadline = time.monotonic() + 60
-        while self.conn.execute("SELECT count(*) FROM changes").fetchone()[0] < sent and time.monotonic() < deadline:
+        while self.conn.execute("SELECT count(*) FROM bemi.changes").fetchone()[0] < sent and time.monotonic() < deadline:
             time.sleep(0.1)
         worker.terminate()
         worker.wait(60)
         latencies = [r[0] for r in self.conn.execute(
-            "SELECT EXTRACT(epoch FROM pg_xact_commit_timestamp(xmin) - committed_at)::float8 * 1000 FROM changes"
+            "SELECT EXTRACT(epoch FROM pg_xact_commit_timestamp(xmin) - committed_at)::float8 * 1000 FROM bemi.changes"
         ).fetchall()]
         latencies.sort()
         p50 = statistics.median(latencies)
@@ -238,7 +238,7 @@ class Bench:
         self.wait_streaming()
         self.one_big_transaction(big_rows)()
         big_done = time.perf_counter()
-        while self.conn.execute("SELECT count(*) FROM changes").fetchone()[0] < big_rows:
+        while self.conn.execute("SELECT count(*) FROM bemi.changes").fetchone()[0] < big_rows:
             time.sleep(0.05)
         big_stored = time.perf_counter() - big_done
         cur = self.conn.cursor()
@@ -247,14 +247,14 @@ class Bench:
                         "COMMIT")
             time.sleep(interval)
         deadline = time.monotonic() + 300
-        while (self.conn.execute("SELECT count(*) FROM changes").fetchone()[0] < big_rows + singles
+        while (self.conn.execute("SELECT count(*) FROM bemi.changes").fetchone()[0] < big_rows + singles
                and time.monotonic() - deadline < 0):
             time.sleep(0.1)
         all_visible = time.perf_counter() - big_done
         worker.terminate()
         worker.wait(60)
         latencies = sorted(r[0] for r in self.conn.execute(
-            "SELECT EXTRACT(epoch FROM pg_xact_commit_timestamp(xmin) - committed_at)::float8 * 1000 FROM changes "
+            "SELECT EXTRACT(epoch FROM pg_xact_commit_timestamp(xmin) - committed_at)::float8 * 1000 FROM bemi.changes "
             "WHERE after->>'task' LIKE 'single %'").fetchall())
         print(f"single writes after a {big_rows:,}-row transaction (worker running): {len(latencies)} one-row "
               f"transactions every {interval * 1000:.0f} ms; commit-to-visible p50 {statistics.median(latencies):.0f} "
@@ -313,19 +313,19 @@ class Bench:
         stop.set()
         thread.join()
         deadline = time.monotonic() + 120
-        while (self.conn.execute("SELECT count(*) FROM changes").fetchone()[0] < len(done)
+        while (self.conn.execute("SELECT count(*) FROM bemi.changes").fetchone()[0] < len(done)
                and time.monotonic() < deadline):
             time.sleep(0.2)
         time.sleep(1.0)
         alive = worker.poll() is None
         worker.terminate()
         worker.wait(60)
-        stored = [r[0] for r in self.conn.execute("SELECT after->>'task' FROM changes").fetchall()]
+        stored = [r[0] for r in self.conn.execute("SELECT after->>'task' FROM bemi.changes").fetchall()]
         expected = {f"f{i}" for i in done}
         lost = len(expected - set(stored))
         doubled = len(stored) - len(set(stored))
         gap = self.conn.execute(
-            "SELECT max(EXTRACT(epoch FROM pg_xact_commit_timestamp(xmin) - committed_at))::float8 FROM changes"
+            "SELECT max(EXTRACT(epoch FROM pg_xact_commit_timestamp(xmin) - committed_at))::float8 FROM bemi.changes"
         ).fetchone()[0]
         print(f"faults (walsender killed, destination/control connections killed, server restarted, under "
               f"{rate} tx/s): {len(done)} rows committed, {len(stored)} changes stored, lost {lost}, doubled "
@@ -354,11 +354,11 @@ def masking(bench: Bench, rows: int, repeats: int) -> None:
         bench.conn.execute("UPDATE todo SET task = task || '!' WHERE id % 2 = 0")  # a masked column changes
         order = list(variants)[repeat % 3:] + list(variants)[:repeat % 3]
         for name in order:
-            bench.conn.execute("TRUNCATE changes")
+            bench.conn.execute("TRUNCATE bemi.changes")
             started = time.perf_counter()
             subprocess.run(worker_cmd(bench.dsn, slots[name], "--once", *variants[name]), check=True, cwd=ROOT)
             times[name].append(time.perf_counter() - started)
-            written = bench.conn.execute("SELECT count(*) FROM changes").fetchone()[0]
+            written = bench.conn.execute("SELECT count(*) FROM bemi.changes").fetchone()[0]
             assert written == rows + rows // 2, (name, written)
     base = statistics.median(times["plain"])
     for name, values in times.items():

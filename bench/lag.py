@@ -99,7 +99,7 @@ class Run:
                 t = time.monotonic() - self.started
                 s = bemi_status.collect(conn, max_retained_bytes=0)
                 metrics = scrape(self.port) if self.worker is not None else None
-                stored = conn.execute("SELECT coalesce(sum(changes), 0)::int8 FROM public._bemi_worker_checkpoints"
+                stored = conn.execute("SELECT coalesce(sum(changes), 0)::int8 FROM bemi._bemi_worker_checkpoints"
                                       ).fetchone()[0] if s.checkpoint else 0
                 self.samples.append({
                     "t": round(t, 2),

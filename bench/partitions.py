@@ -14,7 +14,7 @@ Starts its own PostgreSQL (bemi_devtools.pgcluster). In one run:
    without process start-up and setup).
 2. prune: --rows changes in one month's partition; `python -m django bemi_prune
    --before <end of that month>` as a whole command (process start included)
-   against `DELETE FROM changes WHERE committed_at < <same>` on the same rows.
+   against `DELETE FROM bemi.changes WHERE committed_at < <same>` on the same rows.
 3. queries: --rows changes over 12 monthly partitions (1,000 tables, 100,000
    records), `record.bemi_changes()` and `as_of`, median of --calls calls, on the
    partitioned table and on an unpartitioned copy of the same rows.
@@ -44,11 +44,11 @@ from bemi_devtools.pgcluster import Cluster  # noqa: E402
 CONTEXT = ("SELECT pg_logical_emit_message(true, '_bemi', "
            "'{\"user_id\": 187234, \"endpoint\": \"/todo\", \"method\": \"POST\"}')")
 UNPARTITIONED = PREVIOUS_CHANGES + """
-CREATE TABLE _bemi_pruned (pruned_before timestamptz NOT NULL, pruned_at timestamptz NOT NULL DEFAULT now(),
+CREATE TABLE bemi._bemi_pruned (pruned_before timestamptz NOT NULL, pruned_at timestamptz NOT NULL DEFAULT now(),
     partitions text[] NOT NULL DEFAULT '{}', changes bigint NOT NULL DEFAULT 0, pruned_by text NOT NULL DEFAULT '');
 """
 FILL = """
-INSERT INTO changes (database, schema, "table", primary_key, operation, before, after, context,
+INSERT INTO bemi.changes (database, schema, "table", primary_key, operation, before, after, context,
                      committed_at, queued_at, created_at, transaction_id, position, commit_position, change_index)
 SELECT 'bench', 'public', CASE WHEN k.r %% 1000 = 0 THEN 'todo' ELSE 'table_' || lpad((k.r %% 1000)::text, 4, '0') END,
        (k.r / 1000 + 1)::text, CASE WHEN k.v = 0 THEN 'CREATE' ELSE 'UPDATE' END,
@@ -78,7 +78,7 @@ def ingest(cluster: Cluster, tx: int, rounds: int) -> dict:
             n += 1
             for (slot,) in conn.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
                 conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
-            conn.execute("DROP TABLE IF EXISTS todo, changes, _bemi_worker_checkpoints, _bemi_pruned CASCADE")
+            conn.execute("DROP TABLE IF EXISTS todo, bemi.changes, bemi._bemi_worker_checkpoints, bemi._bemi_pruned CASCADE")
             conn.execute("DROP PUBLICATION IF EXISTS bemi")
             conn.execute(bemi_sql.read("changes.sql") if kind == "partitioned" else UNPARTITIONED)
             conn.execute("CREATE TABLE todo (id bigserial PRIMARY KEY, task text NOT NULL)")
@@ -92,7 +92,7 @@ def ingest(cluster: Cluster, tx: int, rounds: int) -> dict:
             log = subprocess.run(worker_cmd(dsn, slot, "1"), check=True, cwd=ROOT, capture_output=True,
                                  text=True).stderr
             elapsed = time.perf_counter() - started
-            stored = conn.execute("SELECT count(*) FROM changes").fetchone()[0]
+            stored = conn.execute("SELECT count(*) FROM bemi.changes").fetchone()[0]
             assert stored == tx, (stored, tx)
             # The worker's own "wrote N changes in X s" lines: storing, without process start and setup.
             storing = sum(float(m) for m in re.findall(r"wrote \d+ changes? in ([0-9.]+) s", log))
@@ -138,7 +138,7 @@ def prune(cluster: Cluster, rows: int) -> dict:
     step = f"{(31 * 86400) / rows} seconds"
 
     def load(partitioned: bool) -> None:
-        conn.execute("DROP TABLE IF EXISTS changes, _bemi_pruned CASCADE")
+        conn.execute("DROP TABLE IF EXISTS bemi.changes, bemi._bemi_pruned CASCADE")
         conn.execute(bemi_sql.read("changes.sql") if partitioned else UNPARTITIONED)
         if partitioned:
             Partitions(conn, "month").ensure_periods([month, dt.datetime(2024, 4, 1, tzinfo=dt.timezone.utc)])
@@ -162,13 +162,13 @@ def prune(cluster: Cluster, rows: int) -> dict:
     out = subprocess.run(command + ["2024-04-01"], env=env,
                          cwd=ROOT, check=True, capture_output=True, text=True).stdout
     prune_s = time.perf_counter() - started
-    assert conn.execute("SELECT count(*) FROM changes").fetchone()[0] == 0
+    assert conn.execute("SELECT count(*) FROM bemi.changes").fetchone()[0] == 0
     print("  " + out.strip().replace("\n", "\n  "), flush=True)
     load(False)
     wal = lambda: int(conn.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn").fetchone()[0])  # noqa: E731
     wal_before = wal()
     started = time.perf_counter()
-    deleted = conn.execute("DELETE FROM changes WHERE committed_at < '2024-04-01'").rowcount
+    deleted = conn.execute("DELETE FROM bemi.changes WHERE committed_at < '2024-04-01'").rowcount
     delete_s = time.perf_counter() - started
     delete_wal = wal() - wal_before
     assert deleted == rows
@@ -207,7 +207,7 @@ def queries(cluster: Cluster, rows: int, calls: int) -> dict:
     step = f"{span.total_seconds() / rows} seconds"
     results: dict[str, dict[str, float]] = {}
     for kind in ("unpartitioned", "partitioned"):
-        conn.execute("DROP TABLE IF EXISTS changes, _bemi_pruned CASCADE")
+        conn.execute("DROP TABLE IF EXISTS bemi.changes, bemi._bemi_pruned CASCADE")
         conn.execute(bemi_sql.read("changes.sql") if kind == "partitioned" else UNPARTITIONED)
         if kind == "partitioned":
             Partitions(conn, "month").ensure_periods(
@@ -215,7 +215,7 @@ def queries(cluster: Cluster, rows: int, calls: int) -> dict:
         started = time.perf_counter()
         conn.execute(FILL, {"rows": rows, "records": rows // 10, "start": start, "step": step})
         conn.execute("VACUUM ANALYZE changes")
-        parts = conn.execute("SELECT count(*) FROM pg_inherits WHERE inhparent = 'changes'::regclass").fetchone()[0]
+        parts = conn.execute("SELECT count(*) FROM pg_inherits WHERE inhparent = 'bemi.changes'::regclass").fetchone()[0]
         print(f"  loaded {rows:,} changes ({kind}, {parts} partitions) in {time.perf_counter() - started:.1f} s",
               flush=True)
         connection.close()

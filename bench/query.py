@@ -71,7 +71,7 @@ def fill(rows: int) -> None:
         # primary key r // TABLES + 1, so every table has `per_table` records with keys 1..per_table.
         cursor.execute(
             """
-            INSERT INTO changes (database, schema, "table", primary_key, operation, before, after, context,
+            INSERT INTO bemi.changes (database, schema, "table", primary_key, operation, before, after, context,
                                  committed_at, queued_at, created_at, transaction_id, position, commit_position, change_index)
             SELECT 'bench', 'public', t.name, (r / %(tables)s + 1)::text,
                    CASE WHEN v = 0 THEN 'CREATE' ELSE 'UPDATE' END,

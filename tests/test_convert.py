@@ -18,7 +18,7 @@ from bemi_devtools.legacy import PREVIOUS_CHANGES, PUBLISHED_CHANGES
 def fill(env, rows: int, identity: bool = True) -> None:
     extra = ", commit_position, change_index" if identity else ""
     values = ", g, 0" if identity else ""
-    env.execute(f"""INSERT INTO changes (database, schema, "table", primary_key, operation, after, committed_at,
+    env.execute(f"""INSERT INTO public.changes (database, schema, "table", primary_key, operation, after, committed_at,
                                          queued_at, transaction_id, position{extra})
                     SELECT 'src', 'public', 'old_t', g::text, 'CREATE', jsonb_build_object('id', g, 'pad', repeat('x', 200)),
                            '2024-01-01'::timestamptz + g * interval '1 hour', now(), g, g{values}
@@ -39,7 +39,7 @@ def catalog(env, table: str) -> tuple:
 @pytest.mark.parametrize("ddl", [PREVIOUS_CHANGES, PUBLISHED_CHANGES], ids=["previous", "published"])
 def test_convert_while_the_worker_writes(worker_env, ddl):
     env = worker_env
-    env.execute("DROP TABLE IF EXISTS changes")
+    env.execute("DROP TABLE IF EXISTS bemi.changes")
     env.execute(ddl)
     fill(env, 3000, identity=ddl is PREVIOUS_CHANGES)  # about 100 pages over 5 months
     env.execute("DROP TABLE IF EXISTS conv_t")
@@ -63,7 +63,7 @@ def test_convert_while_the_worker_writes(worker_env, ddl):
 
     def stored_more(than: int) -> int:
         deadline = time.monotonic() + 30
-        while (n := env.execute("SELECT count(*) FROM changes WHERE \"table\" = 'conv_t'")[0][0]) <= than:
+        while (n := env.execute("SELECT count(*) FROM bemi.changes WHERE \"table\" = 'conv_t'")[0][0]) <= than:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         return n
@@ -73,7 +73,7 @@ def test_convert_while_the_worker_writes(worker_env, ddl):
         with psycopg.connect(env.dsn, autocommit=True) as conn:
             # interrupted after a few batches...
             assert convert(conn, "month", batch_pages=5, stop_after_pages=20) == "interrupted"
-        assert env.execute("SELECT next_page FROM _bemi_changes_conversion") == [(20,)]
+        assert env.execute("SELECT next_page FROM bemi._bemi_changes_conversion") == [(20,)]
         stored_more(stored + 5)  # stored in the old table meanwhile, copied by the trigger
         # ... and resumed by the management command
         out, err = io.StringIO(), io.StringIO()
@@ -84,29 +84,29 @@ def test_convert_while_the_worker_writes(worker_env, ddl):
         stop.set()
         writer.join()
     deadline = time.monotonic() + 30
-    while env.execute("SELECT count(*) FROM changes WHERE \"table\" = 'conv_t'")[0][0] < len(written):
+    while env.execute("SELECT count(*) FROM bemi.changes WHERE \"table\" = 'conv_t'")[0][0] < len(written):
         assert time.monotonic() < deadline
         time.sleep(0.05)
     assert worker.poll() is None
-    assert env.execute("SELECT relkind FROM pg_class WHERE oid = 'changes'::regclass") == [("p",)]
+    assert env.execute("SELECT relkind FROM pg_class WHERE oid = 'bemi.changes'::regclass") == [("p",)]
     # nothing lost, nothing doubled
-    assert env.execute("SELECT count(*), count(DISTINCT primary_key) FROM changes WHERE \"table\" = 'conv_t'") == [
+    assert env.execute("SELECT count(*), count(DISTINCT primary_key) FROM bemi.changes WHERE \"table\" = 'conv_t'") == [
         (len(written), len(written))]
-    assert env.execute("SELECT count(*), count(DISTINCT id) FROM changes WHERE \"table\" = 'old_t'") == [(3000, 3000)]
-    (before_swap,), = env.execute("SELECT count(*) FROM changes_unpartitioned")
+    assert env.execute("SELECT count(*), count(DISTINCT id) FROM bemi.changes WHERE \"table\" = 'old_t'") == [(3000, 3000)]
+    (before_swap,), = env.execute("SELECT count(*) FROM bemi.changes_unpartitioned")
     assert 3000 < before_swap < 3000 + len(written)  # the worker wrote into both tables, each change once
     partitions = {r[0] for r in env.execute("SELECT inhrelid::regclass::text FROM pg_inherits "
-                                             "WHERE inhparent = 'changes'::regclass")}
+                                             "WHERE inhparent = 'bemi.changes'::regclass")}
     assert {"changes_p20240101", "changes_p20240201", "changes_p20240301", "changes_p20240401",
             "changes_p20240501", "changes_default"} <= partitions
-    assert env.execute("SELECT count(*) FROM changes_default") == [(0,)]
+    assert env.execute("SELECT count(*) FROM bemi.changes_default") == [(0,)]
     if ddl is PREVIOUS_CHANGES:  # the same table as a fresh install's
         converted = catalog(env, "changes")
-        env.execute("DROP TABLE changes, changes_unpartitioned")
+        env.execute("DROP TABLE bemi.changes, bemi.changes_unpartitioned")
         env.execute(bemi_sql.read("changes.sql"))
         assert catalog(env, "changes") == converted
     else:
-        env.execute("DROP TABLE changes_unpartitioned")
+        env.execute("DROP TABLE bemi.changes_unpartitioned")
 
 
 def test_convert_says_when_there_is_nothing_to_do(worker_env):

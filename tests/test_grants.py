@@ -21,7 +21,7 @@ def roles(worker_env):
         env.execute(f"DROP ROLE IF EXISTS {role}")
         env.execute(f"CREATE ROLE {role} LOGIN")
     yield env
-    env.execute("DROP TABLE IF EXISTS changes CASCADE")
+    env.execute("DROP TABLE IF EXISTS bemi.changes CASCADE")
     for table in ("_bemi_worker_checkpoints", "_bemi_pruned"):
         env.execute(f"DROP TABLE IF EXISTS {table}")
     for role in (APP, WORKER):
@@ -40,21 +40,21 @@ def test_app_role_may_only_read_changes_after_bemi_grants(roles):
     env.execute("INSERT INTO grants_t VALUES (1)")
     env.run_once()
     # the usual setup before: the application's role can write everything
-    env.execute(f"GRANT ALL ON changes, changes_default TO {APP}")
+    env.execute(f"GRANT USAGE ON SCHEMA bemi TO {APP}; GRANT ALL ON bemi.changes, bemi.changes_default TO {APP}")
     with as_role(env, APP) as app:
         assert sorted(rewrite_privileges(app.cursor())) == ["DELETE", "TRUNCATE", "UPDATE"]
-        app.execute("UPDATE changes SET context = '{\"forged\": true}' WHERE false")
+        app.execute("UPDATE bemi.changes SET context = '{\"forged\": true}' WHERE false")
 
     printed = io.StringIO()
     call_command("bemi_grants", "--app-role", APP, "--worker-role", WORKER, "--print", stdout=printed)
-    assert f'GRANT SELECT ON "public"."changes" TO "{APP}";' in printed.getvalue()
+    assert f'GRANT SELECT ON "bemi"."changes" TO "{APP}";' in printed.getvalue()
     call_command("bemi_grants", "--app-role", APP, "--worker-role", WORKER, stdout=io.StringIO())
 
     with as_role(env, APP) as app:
         assert rewrite_privileges(app.cursor()) == []
-        assert app.execute("SELECT count(*) FROM changes").fetchone()[0] == 1
-        for statement in ("UPDATE changes SET context = '{\"forged\": true}'", "DELETE FROM changes",
-                          "TRUNCATE changes", "UPDATE changes_default SET context = '{}'"):
+        assert app.execute("SELECT count(*) FROM bemi.changes").fetchone()[0] == 1
+        for statement in ("UPDATE bemi.changes SET context = '{\"forged\": true}'", "DELETE FROM bemi.changes",
+                          "TRUNCATE bemi.changes", "UPDATE bemi.changes_default SET context = '{}'"):
             with pytest.raises(psycopg.errors.InsufficientPrivilege):
                 app.execute(statement)
     owners = {r[0] for r in env.execute("SELECT relowner::regrole::text FROM pg_class WHERE relname = 'changes' "

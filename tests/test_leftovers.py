@@ -57,19 +57,20 @@ def test_inactive_debezium_and_bemi_slots_are_leftovers(db):
 def test_a_slot_with_a_checkpoint_is_in_use(db):
     db.slot("bemi_local")
     db.execute("CREATE PUBLICATION dbz_publication FOR ALL TABLES")
-    existed = db.execute("SELECT to_regclass('_bemi_worker_checkpoints') IS NOT NULL").fetchone()[0]
-    db.execute("""CREATE TABLE IF NOT EXISTS _bemi_worker_checkpoints (
-        slot text NOT NULL, database text NOT NULL, commit_lsn pg_lsn NOT NULL, end_lsn pg_lsn NOT NULL,
+    existed = db.execute("SELECT to_regclass('bemi._bemi_worker_checkpoints') IS NOT NULL").fetchone()[0]
+    db.execute("CREATE SCHEMA IF NOT EXISTS bemi")
+    db.execute("""CREATE TABLE IF NOT EXISTS bemi._bemi_worker_checkpoints (
+        source text NOT NULL, slot text NOT NULL, database text NOT NULL, commit_lsn pg_lsn NOT NULL, end_lsn pg_lsn NOT NULL,
         transaction_id bigint, committed_at timestamptz, changes bigint NOT NULL DEFAULT 0,
-        updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (slot, database))""")
-    db.execute("INSERT INTO _bemi_worker_checkpoints (slot, database, commit_lsn, end_lsn) "
-               "VALUES ('bemi_local', current_database(), '0/1', '0/1')")
+        updated_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (source, slot))""")
+    db.execute("INSERT INTO bemi._bemi_worker_checkpoints (source, slot, database, commit_lsn, end_lsn) "
+               "VALUES ('test/1', 'bemi_local', current_database(), '0/1', '0/1')")
     try:
         assert leftovers(db) == []  # our worker took the slot over: neither it nor its publication is a leftover
     finally:
-        db.execute("DELETE FROM _bemi_worker_checkpoints WHERE slot = 'bemi_local'")
+        db.execute("DELETE FROM bemi._bemi_worker_checkpoints WHERE slot = 'bemi_local'")
         if not existed:
-            db.execute("DROP TABLE _bemi_worker_checkpoints")
+            db.execute("DROP TABLE bemi._bemi_worker_checkpoints")
 
 
 def test_system_check_warns_with_what_to_drop(db):

@@ -69,7 +69,7 @@ def test_metrics_and_healthz_from_a_running_worker(worker_env):
     assert wait_for(lambda: written(port, "mt_a", "CREATE") == 30)
     env.execute("UPDATE mt_a SET v = 'y' WHERE id <= 4; DELETE FROM mt_a WHERE id = 30")
     assert wait_for(lambda: written(port, "mt_a", "UPDATE") == 4 and written(port, "mt_a", "DELETE") == 1)
-    stored = env.execute("SELECT operation, count(*) FROM changes WHERE \"table\" = 'mt_a' GROUP BY 1")
+    stored = env.execute("SELECT operation, count(*) FROM bemi.changes WHERE \"table\" = 'mt_a' GROUP BY 1")
     assert dict(stored) == {"CREATE": 30, "UPDATE": 4, "DELETE": 1}
 
     page = samples(get(f"http://127.0.0.1:{port}/metrics")[2])

@@ -245,7 +245,7 @@ def test_upgrade_says_once_that_recorded_history_may_hold_credentials(pg_server,
     assert result.returncode == 0, result.stderr
     with psycopg.connect(pg_server.dsn(upgraded), autocommit=True) as conn:  # history recorded before
         conn.execute(bemi_sql.read("changes.sql"))
-        conn.execute("INSERT INTO changes (database, schema, \"table\", primary_key, operation, before, after, "
+        conn.execute("INSERT INTO bemi.changes (database, schema, \"table\", primary_key, operation, before, after, "
                      "context, committed_at, queued_at, transaction_id, position, commit_position, change_index) "
                      "VALUES ('app', 'public', 'django_session', 'k', 'CREATE', '{}', '{}', '{}', now(), now(), "
                      "1, 1, 1, 0)")

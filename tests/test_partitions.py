@@ -20,12 +20,12 @@ PUBLISHED_INDEXES = 9  # 7 published + primary key + identity
 def layout(env) -> dict[str, str]:
     return dict(env.execute(
         "SELECT c.relname::text, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
-        "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'public.changes'::regclass"))
+        "JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'bemi.changes'::regclass"))
 
 
 def where(env) -> dict[str, str]:
     """primary_key -> the partition holding its change."""
-    return dict(env.execute('SELECT primary_key, tableoid::regclass::text FROM changes'))
+    return dict(env.execute('SELECT primary_key, tableoid::regclass::text FROM bemi.changes'))
 
 
 def test_periods():
@@ -43,9 +43,9 @@ def test_periods():
 
 def test_fresh_install_is_partitioned_with_current_and_next_partitions(worker_env):
     env = worker_env
-    env.execute("DROP TABLE IF EXISTS changes")
+    env.execute("DROP TABLE IF EXISTS bemi.changes")
     env.run_once(partition_interval="week")
-    (kind,), = env.execute("SELECT relkind FROM pg_class WHERE oid = 'public.changes'::regclass")
+    (kind,), = env.execute("SELECT relkind FROM pg_class WHERE oid = 'bemi.changes'::regclass")
     assert kind == "p"
     this_week = period_start(datetime.now(UTC), "week")
     names = {partition_name(this_week), partition_name(this_week + timedelta(days=7)), "changes_default"}
@@ -54,7 +54,7 @@ def test_fresh_install_is_partitioned_with_current_and_next_partitions(worker_en
         (count,), = env.execute("SELECT count(*) FROM pg_index WHERE indrelid = %s::regclass", [name])
         assert count == PUBLISHED_INDEXES, name
     unique = [r[0] for r in env.execute(
-        "SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = 'public.changes'::regclass "
+        "SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = 'bemi.changes'::regclass "
         "AND indisunique")]
     assert any('(database, commit_position, change_index, committed_at)' in d for d in unique), unique
     published = {r[0] for r in env.execute("SELECT tablename FROM pg_publication_tables WHERE pubname = %s",
@@ -82,7 +82,7 @@ def test_changes_across_a_partition_boundary_in_one_batch(worker_env):
     env.execute("CREATE TABLE edge_w (id int PRIMARY KEY)")
     env.run_once(partition_interval="day")
     for copy_rows in (2000, 1):  # one COPY chunk for both / the second arrives with the COPY open
-        env.execute("TRUNCATE changes")
+        env.execute("TRUNCATE bemi.changes")
         for name in layout(env):
             if name != "changes_default":
                 env.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
@@ -95,12 +95,12 @@ def test_changes_across_a_partition_boundary_in_one_batch(worker_env):
         # A partition ends between the two commits (as a period boundary does).
         day = period_start(boundary, "day")
         # Made as a partition at once: a table is bemi's own by oid (its root), not by a `_bemi` name.
-        env.execute(sql.SQL("CREATE TABLE changes_edge PARTITION OF changes FOR VALUES FROM ({}) TO ({})").format(
+        env.execute(sql.SQL("CREATE TABLE changes_edge PARTITION OF bemi.changes FOR VALUES FROM ({}) TO ({})").format(
             sql.Literal(day), sql.Literal(boundary)))
         env.run_once(partition_interval="day", copy_rows=copy_rows,
                      clock=lambda: datetime(2024, 1, 15, tzinfo=UTC))
         assert where(env) == {str(base + 1): "changes_edge", str(base + 2): partition_name(boundary)}, copy_rows
-        assert env.execute("SELECT count(*) FROM changes_default") == [(0,)]
+        assert env.execute("SELECT count(*) FROM bemi.changes_default") == [(0,)]
         env.execute("DROP TABLE changes_edge")
 
 

@@ -34,7 +34,7 @@ def test_model_maps_the_changes_table(docs_example):
     assert change.context == {"user_id": 187234, "endpoint": "/todo/complete", "method": "PUT"}
     assert change.committed_at == dt.datetime(2023, 12, 11, 17, 9, 15, tzinfo=dt.timezone.utc)
     assert str(change) == "UPDATE todo 26 at 2023-12-11 17:09:15+00:00"
-    assert BemiChange._meta.managed is False and BemiChange._meta.db_table == "changes"
+    assert BemiChange._meta.managed is False and BemiChange._meta.db_table == 'bemi"."changes'
 
 
 def test_default_order_is_by_commit_then_order_in_transaction(recorder):
@@ -79,8 +79,8 @@ def test_json_containment_helpers_chain(docs_example):
 
 def test_json_helpers_use_containment(docs_example):
     sql = str(BemiChange.objects.context({"user_id": 1}).before({"a": 1}).after_not({"b": 2}).query)
-    assert '"changes"."context" @> ' in sql and '"changes"."before" @> ' in sql
-    assert 'NOT ("changes"."after" @> ' in sql
+    assert '"bemi"."changes"."context" @> ' in sql and '"bemi"."changes"."before" @> ' in sql
+    assert 'NOT ("bemi"."changes"."after" @> ' in sql
 
 
 @pytest.mark.parametrize("helper", ["before", "before_not", "after", "after_not", "context", "context_not"])

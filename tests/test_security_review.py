@@ -34,7 +34,7 @@ def scene(pg_server):
 def _changes_row(conn: psycopg.Connection) -> None:
     """A row written the way the worker's COPY writes it: id, queued_at and created_at from the defaults."""
     conn.execute(
-        'INSERT INTO public.changes ("database", "schema", "table", "operation", "committed_at", '
+        'INSERT INTO bemi.changes ("database", "schema", "table", "operation", "committed_at", '
         '"transaction_id", "position", "commit_position", "change_index") '
         "VALUES ('d', 'public', 't', 'CREATE', pg_catalog.now(), 1, 1, 1, 0)")
 
@@ -155,14 +155,15 @@ def test_the_takeover_overlap_counts_the_bytes_it_really_holds():
 SQUAT_TRIGGER = """
 CREATE FUNCTION public.squat() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN {escalate} RETURN NEW; END $$;
-CREATE TRIGGER squat BEFORE INSERT OR UPDATE ON public._bemi_worker_checkpoints
+CREATE TRIGGER squat BEFORE INSERT OR UPDATE ON bemi._bemi_worker_checkpoints
   FOR EACH ROW EXECUTE FUNCTION public.squat();
 """
 
 
 def test_the_worker_refuses_bookkeeping_tables_another_role_created_first(scene):
     """A role that may CREATE in public makes the worker's tables before its first start (same names,
-    CREATE TABLE IF NOT EXISTS then keeps them) with a trigger: every commit of the worker ran it."""
+    CREATE TABLE IF NOT EXISTS then keeps them) with a trigger: every commit of the worker ran it. (Now in
+    schema bemi, which the database's owner may create first: the schema itself is refused.)"""
     from datetime import datetime, timezone
 
     from bemi import sql
@@ -185,17 +186,18 @@ def test_the_worker_refuses_bookkeeping_tables_another_role_created_first(scene)
         sink.close()
     assert not scene.escalated(), "the worker's commit ran a trigger the hostile role put on its table"
     assert refused is not None and f"owned by role {scene.role!r}" in refused
-    assert "public._bemi_worker_checkpoints" in refused
+    assert "schema bemi" in refused and "bemi_grants" in refused
 
 
 SQUAT_VIEW = """
 CREATE FUNCTION public.squat_slot() RETURNS text LANGUAGE plpgsql AS $$
 BEGIN {escalate} RETURN 'bemi_x'; END $$;
-CREATE VIEW public._bemi_worker_checkpoints AS
+CREATE SCHEMA bemi;
+CREATE VIEW bemi._bemi_worker_checkpoints AS
   SELECT public.squat_slot() AS slot, pg_catalog.current_database()::text AS database,
          '0/1'::pg_lsn AS commit_lsn, '0/2'::pg_lsn AS end_lsn, NULL::timestamptz AS committed_at,
          NULL::timestamptz AS updated_at, ''::text AS source;
-CREATE VIEW public._bemi_worker_failures AS SELECT public.squat_slot() AS slot;
+CREATE VIEW bemi._bemi_worker_failures AS SELECT public.squat_slot() AS slot;
 """
 
 
@@ -216,13 +218,13 @@ def test_bemi_status_and_the_leftover_check_do_not_read_bookkeeping_another_role
         conn.close()
     assert not scene.escalated(), "bemi_status read the hostile view"
     assert result.checkpoint is None
-    assert any("_bemi_worker_checkpoints" in w and scene.role in w for w in result.warnings)
+    assert any("schema bemi" in w and scene.role in w for w in result.warnings)
 
 
 SQUAT_PRUNED = """
 CREATE FUNCTION public.squat_pruned() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN {escalate} RETURN NEW; END $$;
-CREATE TRIGGER squat BEFORE INSERT ON public._bemi_pruned FOR EACH ROW EXECUTE FUNCTION public.squat_pruned();
+CREATE TRIGGER squat BEFORE INSERT ON bemi._bemi_pruned FOR EACH ROW EXECUTE FUNCTION public.squat_pruned();
 """
 
 
@@ -237,7 +239,7 @@ def test_bemi_prune_refuses_bookkeeping_another_role_made(scene):
 
     scene.hostile.execute("SET search_path = pg_catalog, pg_temp")
     scene.hostile.execute(sql.read("changes.sql"))  # partitioned changes, changes_default, _bemi_pruned
-    scene.hostile.execute("INSERT INTO public.changes (\"database\", \"schema\", \"table\", operation, committed_at, "
+    scene.hostile.execute("INSERT INTO bemi.changes (\"database\", \"schema\", \"table\", operation, committed_at, "
                           "transaction_id, \"position\", commit_position, change_index) "
                           "VALUES ('d', 'public', 't', 'CREATE', '2001-01-01', 1, 1, 1, 0)")
     scene.plant(SQUAT_PRUNED)
@@ -280,11 +282,18 @@ def test_the_worker_refuses_a_tracking_table_another_role_made(scene):
     from bemi.worker.session import connect
     from bemi.worker.tracked import TrackedTables
 
+    from bemi import tracking
+
     scene.plant(SQUAT_TRACKING)
     control = connect(scene.server.dsn(scene.database), "source")
     try:
-        with pytest.raises(WorkerError, match=f"owned by role {scene.role!r}"):
-            TrackedTables(control, "postgres").ensure_rule()
+        tracked = TrackedTables(control, "postgres")
+        tracked.ensure_rule()  # reads it (a plain table runs nothing of its owner on SELECT), writes nothing
+        assert tracked.writable is False
+        tracked.load(tracking.Tracking.build(ignored_tables=["other"]))  # flags it would have stored
+        tracked.register_own_tables(control)
+        with pytest.raises(WorkerError, match="BEMI_MASKING_KEY"):
+            tracked.masking_key(None)  # it would have kept a random key there
     finally:
         control.close()
     assert not scene.escalated(), "the worker ran a trigger the hostile role put on its _bemi_tracking"

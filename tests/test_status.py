@@ -52,7 +52,7 @@ def test_healthy_after_a_drain(worker_env):
     # Everything is stored: nothing waits, even though the changes rows themselves wrote WAL since.
     assert data["lag_seconds"] == 0.0
     assert isinstance(data["lag_bytes"], int)
-    stored = env.execute("SELECT commit_lsn::text, end_lsn::text FROM _bemi_worker_checkpoints WHERE slot = %s",
+    stored = env.execute("SELECT commit_lsn::text, end_lsn::text FROM bemi._bemi_worker_checkpoints WHERE slot = %s",
                          [env.slot])[0]
     assert (data["checkpoint"]["commit_lsn"], data["checkpoint"]["end_lsn"]) == stored
     assert data["checkpoint"]["age_seconds"] >= 0
@@ -235,7 +235,7 @@ def test_search_path_is_pinned_and_bemi_tables_qualified(worker_env):
     env.execute("CREATE SCHEMA IF NOT EXISTS st_evil")
     try:
         env.execute("CREATE TABLE st_evil._bemi_worker_checkpoints AS "
-                    "SELECT * FROM public._bemi_worker_checkpoints WHERE false")  # same columns, no constraints
+                    "SELECT * FROM bemi._bemi_worker_checkpoints WHERE false")  # same columns, no constraints
         env.execute("INSERT INTO st_evil._bemi_worker_checkpoints (slot, database, commit_lsn, end_lsn) "
                     "VALUES (%s, current_database(), '0/1', '0/1')", [env.slot])
         env.execute("CREATE TABLE st_evil._bemi_worker_failures (slot text)")
@@ -297,7 +297,7 @@ def test_separate_destination_holds_the_checkpoint(worker_env):
         data = status_json(env, "--destination-dsn", dest_dsn)
         assert data["destination_database"] == dest_db
         with psycopg.connect(dest_dsn) as dest:
-            stored = dest.execute("SELECT commit_lsn::text FROM _bemi_worker_checkpoints WHERE slot = %s",
+            stored = dest.execute("SELECT commit_lsn::text FROM bemi._bemi_worker_checkpoints WHERE slot = %s",
                                   [env.slot]).fetchone()[0]
         assert data["checkpoint"]["commit_lsn"] == stored
         # Without the destination the status looks in the source, finds no checkpoint, and says so.
@@ -336,9 +336,9 @@ def test_without_replication_privilege_the_lag_is_an_upper_bound(worker_env):
         # It may not read the checkpoint table either: said so, and the lag in seconds is unknown.
         assert data["checkpoint"] is None and data["lag_seconds"] is None
         assert data["lag_seconds_source"].startswith("unknown (could not peek at the slot: ")  # no REPLICATION
-        assert any("GRANT SELECT ON public._bemi_worker_checkpoints" in w for w in data["warnings"])
+        assert any("GRANT SELECT ON bemi._bemi_worker_checkpoints" in w for w in data["warnings"])
         # Granted: the age of the last stored commit, as an upper bound.
-        env.execute("GRANT SELECT ON _bemi_worker_checkpoints TO bemi_monitor")
+        env.execute("GRANT USAGE ON SCHEMA bemi TO bemi_monitor; GRANT SELECT ON bemi._bemi_worker_checkpoints TO bemi_monitor")
         data = json.loads(subprocess.run([sys.executable, "-m", "bemi.cli", "status", "--dsn", dsn, "--slot",
                                           env.slot, "--publication", env.publication, "--json"],
                                          capture_output=True, text=True, timeout=60, cwd=ROOT).stdout)
@@ -346,7 +346,7 @@ def test_without_replication_privilege_the_lag_is_an_upper_bound(worker_env):
         assert data["lag_seconds"] == pytest.approx(data["checkpoint"]["age_seconds"], abs=1)
         assert data["healthy"] is True
     finally:
-        env.execute("REVOKE ALL ON _bemi_worker_checkpoints FROM bemi_monitor; DROP ROLE bemi_monitor")
+        env.execute("REVOKE ALL ON bemi._bemi_worker_checkpoints FROM bemi_monitor; REVOKE ALL ON SCHEMA bemi FROM bemi_monitor; DROP ROLE bemi_monitor")
 
 
 def test_a_replication_connection_holding_the_slot_is_named(worker_env, pg_bindir):

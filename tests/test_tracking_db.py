@@ -242,7 +242,7 @@ def test_renaming_a_table_to_changes_or_bemi_does_not_hide_its_writes(env):
     assert sorted((r["schema"], r["table"], r["after"]["v"]) for r in env.changes()) == [
         (schema, "changes", 2), ("public", f"_bemi_{victim}", 1)]
     for (part,) in env.execute("SELECT inhrelid::regclass::text FROM pg_inherits "
-                               "WHERE inhparent = 'public.changes'::regclass"):
+                               "WHERE inhparent = 'bemi.changes'::regclass"):
         assert not env.execute("SELECT public._bemi_is_tracked(%s::regclass)", [part])[0][0], part
     assert not {("public", "changes"), ("public", "_bemi_worker_checkpoints"),
                 ("public", "_bemi_worker_failures")} & published(env)

@@ -17,7 +17,7 @@ def run_worker(env, **options):
 
 
 def all_changes_text(env) -> str:
-    return env.execute("SELECT coalesce(string_agg(c::text, ' '), '') FROM changes c")[0][0]
+    return env.execute("SELECT coalesce(string_agg(c::text, ' '), '') FROM bemi.changes c")[0][0]
 
 
 def test_login_and_password_change_leave_no_session_key_and_no_hash(worker_env, client, settings):
@@ -38,7 +38,7 @@ def test_login_and_password_change_leave_no_session_key_and_no_hash(worker_env, 
     run_worker(env)
 
     text = all_changes_text(env)
-    assert env.execute("SELECT count(*) FROM changes WHERE \"table\" = 'auth_user'")[0][0] >= 3
+    assert env.execute("SELECT count(*) FROM bemi.changes WHERE \"table\" = 'auth_user'")[0][0] >= 3
     for secret in hashes + [h.split("$")[-1] for h in hashes] + sessions:
         assert secret not in text
     assert "django_session" not in text
@@ -64,7 +64,7 @@ def test_bemi_redact_applies_the_settings_to_history_recorded_before(worker_env,
         user.save()
         env.execute("INSERT INTO django_session VALUES ('leakedsessionkey', 'x', now() + interval '1 day')")
         run_worker(env)
-    hashes = [h for (h,) in env.execute("SELECT DISTINCT after->>'password' FROM changes WHERE \"table\" = 'auth_user'")]
+    hashes = [h for (h,) in env.execute("SELECT DISTINCT after->>'password' FROM bemi.changes WHERE \"table\" = 'auth_user'")]
     assert len(hashes) == 2 and "leakedsessionkey" in all_changes_text(env)
     try:
         call_command("bemi_redact", dry_run=True)
@@ -78,7 +78,7 @@ def test_bemi_redact_applies_the_settings_to_history_recorded_before(worker_env,
 
         with connection.cursor() as cursor:
             cursor.execute("CREATE SCHEMA redact_shadow")
-            cursor.execute("CREATE TABLE redact_shadow.changes AS SELECT * FROM public.changes")
+            cursor.execute("CREATE TABLE redact_shadow.changes AS SELECT * FROM bemi.changes")
             cursor.execute("SET search_path = redact_shadow, public")
         try:
             call_command("bemi_redact", batch_size=1)
@@ -94,7 +94,7 @@ def test_bemi_redact_applies_the_settings_to_history_recorded_before(worker_env,
         assert "leakedsessionkey" not in text and not any(h in text for h in hashes)
         key = tr.column_key(tr.derive_key("bemi-tests"), "public", "auth_user", "password")  # tests.settings.SECRET_KEY
         stored = [h for (h,) in env.execute(
-            "SELECT after->>'password' FROM changes WHERE \"table\" = 'auth_user' ORDER BY commit_position")]
+            "SELECT after->>'password' FROM bemi.changes WHERE \"table\" = 'auth_user' ORDER BY commit_position")]
         assert stored[-1] == tr.mask_json_value(key, User.objects.get(pk=user.pk).password)  # as the worker would
 
         call_command("bemi_redact")  # resumable: a second run finds nothing left to do

@@ -151,7 +151,7 @@ def test_a_database_of_the_published_package_switches_to_ours(published_python, 
         conn.execute("INSERT INTO later VALUES (1, 'new')")
         assert Worker(config).run() == 0
         with conn.cursor(row_factory=dict_row) as cur:
-            rows = cur.execute('SELECT "table", operation, before, after, context FROM changes '
+            rows = cur.execute('SELECT "table", operation, before, after, context FROM bemi.changes '
                                "ORDER BY commit_position, change_index").fetchall()
         assert rows == [
             {"table": "todo", "operation": "UPDATE",
@@ -222,14 +222,14 @@ def test_install_sql_run_alone_over_the_published_package_never_cancels_a_write(
         # psql alone cannot tell that this `changes` is the worker's (bemi's own tables are known by oid,
         # registered by migrate bemi and the worker): the trigger of that name is there, per row or ours.
         assert [t[:2] for t in bemi_triggers(conn, "changes")] == [("changes", "_bemi_row_trigger_changes")]
-        conn.execute("INSERT INTO changes (\"database\", \"schema\", \"table\", operation, committed_at, queued_at, "
+        conn.execute("INSERT INTO public.changes (\"database\", \"schema\", \"table\", operation, committed_at, queued_at, "
                      "transaction_id, \"position\") VALUES ('d', 'public', 't', 'CREATE', now(), now(), 1, 1)")
-        conn.execute("DELETE FROM changes")
-        conn.execute("INSERT INTO changes (\"database\", \"schema\", \"table\", operation, committed_at, queued_at, "
+        conn.execute("DELETE FROM public.changes")
+        conn.execute("INSERT INTO public.changes (\"database\", \"schema\", \"table\", operation, committed_at, queued_at, "
                      "transaction_id, \"position\") SELECT 'd', 'public', 't', 'CREATE', now(), now(), 1, g "
                      "FROM generate_series(1, 3) g")
-        conn.execute("UPDATE changes SET operation = 'UPDATE' WHERE \"position\" = 1")
-        assert conn.execute("SELECT count(*), count(*) FILTER (WHERE operation = 'UPDATE') FROM changes").fetchone() \
+        conn.execute("UPDATE public.changes SET operation = 'UPDATE' WHERE \"position\" = 1")
+        assert conn.execute("SELECT count(*), count(*) FILTER (WHERE operation = 'UPDATE') FROM public.changes").fetchone() \
             == (3, 1)
 
 

@@ -83,11 +83,11 @@ def test_every_type_matches_to_jsonb_of_the_source_row(every_type):
     env.execute("UPDATE every_type_w SET b = NOT b WHERE id < 3")
     updated_after = dict(env.execute("SELECT id, to_jsonb(row_)::text FROM every_type_w row_"))
     env.run_once()
-    created = dict(env.execute("SELECT primary_key::bigint, after::text FROM changes WHERE operation = 'CREATE'"))
+    created = dict(env.execute("SELECT primary_key::bigint, after::text FROM bemi.changes WHERE operation = 'CREATE'"))
     assert sorted(created) == [1, 2, 3, 4]
     for key, expected in expected_after.items():
         assert created[key] == expected, f"row {key}"
-    for key, before, after in env.execute("SELECT primary_key::bigint, before::text, after::text FROM changes "
+    for key, before, after in env.execute("SELECT primary_key::bigint, before::text, after::text FROM bemi.changes "
                                           "WHERE operation = 'UPDATE'"):
         assert before == expected_after[key]
         assert after == updated_after[key]

@@ -13,7 +13,7 @@ from tests.test_worker_process import wait_for
 
 def test_first_start_creates_what_is_missing_and_says_so(worker_env, caplog):
     caplog.set_level("INFO", logger="bemi.worker")
-    worker_env.execute("DROP TABLE IF EXISTS changes")
+    worker_env.execute("DROP TABLE IF EXISTS bemi.changes")
     worker_env.run_once()
     text = caplog.text
     assert "created table changes" in text
@@ -62,7 +62,7 @@ def test_create_update_delete_field_by_field(worker_env):
     assert len({created["transaction_id"], updated["transaction_id"], deleted["transaction_id"]}) == 3
     # the checkpoint names the last transaction, and the slot was advanced past it
     (cp_commit, cp_end), = env.execute("SELECT (commit_lsn - '0/0')::int8, (end_lsn - '0/0')::int8 "
-                                       "FROM _bemi_worker_checkpoints WHERE slot = %s", [env.slot])
+                                       "FROM bemi._bemi_worker_checkpoints WHERE slot = %s", [env.slot])
     assert cp_commit == deleted["commit_position"]
     assert po.lsn_to_int(str(env.slot_state()["confirmed_flush_lsn"])) >= cp_end
 
@@ -300,8 +300,8 @@ def test_crash_in_the_middle_of_a_big_transaction_stores_nothing_of_it(worker_en
 
 def test_adopts_a_changes_table_made_by_the_published_worker(worker_env, caplog):
     env = worker_env
-    env.execute("DROP TABLE IF EXISTS changes")
-    env.execute("""CREATE TABLE changes (
+    env.execute("DROP TABLE IF EXISTS bemi.changes")
+    env.execute("""CREATE TABLE bemi.changes (
         "id" uuid PRIMARY KEY DEFAULT gen_random_uuid(), "database" varchar(255) NOT NULL,
         "schema" varchar(255) NOT NULL, "table" varchar(255) NOT NULL, "primary_key" varchar(255),
         "operation" text NOT NULL, "before" jsonb NOT NULL DEFAULT '{}', "after" jsonb NOT NULL DEFAULT '{}',
@@ -309,7 +309,7 @@ def test_adopts_a_changes_table_made_by_the_published_worker(worker_env, caplog)
         "queued_at" timestamptz NOT NULL, "created_at" timestamptz NOT NULL DEFAULT now(),
         "transaction_id" bigint NOT NULL, "position" bigint NOT NULL)""")
     env.execute('CREATE UNIQUE INDEX changes_position_table_schema_database_operation_unique '
-                'ON changes ("position", "table", "schema", "database", "operation")')
+                'ON bemi.changes ("position", "table", "schema", "database", "operation")')
     env.execute("CREATE TABLE adopt_w (id int PRIMARY KEY)")
     caplog.set_level("WARNING", logger="bemi.worker")
     env.run_once()

@@ -10,7 +10,7 @@ from bemi.management.commands.bemi_worker import dsn_for_alias
 from tests.ctxapp.models import Item
 from tests.queryapp.models import Todo
 
-DOCS_QUERY = 'SELECT "primary_key", "table", "operation", "before", "after", "context", "committed_at" FROM changes'
+DOCS_QUERY = 'SELECT "primary_key", "table", "operation", "before", "after", "context", "committed_at" FROM bemi.changes'
 
 
 def run_command(env, **options):

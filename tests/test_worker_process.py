@@ -20,7 +20,7 @@ from tests.db import db_dsn
 from tests.workerapp.harness import ROOT, WorkerEnv
 
 COMPARE = ('SELECT commit_position, change_index, "schema", "table", operation, primary_key, before::text, '
-           'after::text, context::text, position, transaction_id, committed_at FROM changes '
+           'after::text, context::text, position, transaction_id, committed_at FROM bemi.changes '
            'ORDER BY commit_position, change_index')
 
 
@@ -133,14 +133,14 @@ def test_repeated_kill_9_loses_and_duplicates_nothing(worker_env):
         rng = random.Random(11)
         kills = progressed = 0
         while workload.is_alive() or kills < 10:
-            count_before = env.execute("SELECT count(*) FROM changes")[0][0]
+            count_before = env.execute("SELECT count(*) FROM bemi.changes")[0][0]
             proc = env.spawn("--batch-rows", "700", "--poll-interval", "0.02")
             assert wait_for_line(proc, "reading slot")  # set up: from now on it reads and writes
             time.sleep(rng.uniform(0.02, 0.5))
             proc.send_signal(signal.SIGKILL)
             assert proc.wait() == -signal.SIGKILL
             kills += 1
-            progressed += env.execute("SELECT count(*) FROM changes")[0][0] > count_before
+            progressed += env.execute("SELECT count(*) FROM bemi.changes")[0][0] > count_before
         workload.join()
 
         done = env.cli("--once")
@@ -167,14 +167,14 @@ def test_sigterm_finishes_the_batch_commits_and_exits_0(worker_env):
     env.run_once()
     proc = env.spawn("--poll-interval", "0.02")
     env.execute("INSERT INTO sig_w SELECT generate_series(1, 100)")
-    assert wait_for(lambda: env.execute("SELECT count(*) FROM changes")[0][0] == 100)
+    assert wait_for(lambda: env.execute("SELECT count(*) FROM bemi.changes")[0][0] == 100)
     env.execute("INSERT INTO sig_w SELECT generate_series(101, 20100)")
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
     assert "received SIGTERM" in stderr
     assert env.cli("--once").returncode == 0
-    assert env.execute("SELECT count(*), count(DISTINCT primary_key) FROM changes")[0] == (20100, 20100)
+    assert env.execute("SELECT count(*), count(DISTINCT primary_key) FROM bemi.changes")[0] == (20100, 20100)
 
 
 def test_the_log_counts_the_time_spent_writing_not_the_idle_time_before(worker_env):
@@ -323,9 +323,9 @@ def test_configured_by_environment_like_the_published_image(worker_env):
         assert second.returncode == 0, second.stderr
         assert "wrote 1 change in" in second.stderr
         with psycopg.connect(db_dsn(dest_db)) as dest:
-            assert dest.execute('SELECT "table", operation, after::text FROM changes').fetchall() == [
+            assert dest.execute('SELECT "table", operation, after::text FROM bemi.changes').fetchall() == [
                 ("env_w", "CREATE", '{"id": 1}')]
-        assert env.execute("SELECT to_regclass('changes')")[0][0] is None or env.changes() == []
+        assert env.execute("SELECT to_regclass('bemi.changes')")[0][0] is None or env.changes() == []
     finally:
         env.execute(f"DROP DATABASE IF EXISTS {dest_db} WITH (FORCE)")
 
@@ -349,7 +349,7 @@ def test_manage_py_writes_to_the_bemi_alias_when_databases_has_one(worker_env):
         assert second.returncode == 0, second.stderr
         assert f"writing changes to database {dest_db}" in second.stderr
         with psycopg.connect(db_dsn(dest_db)) as dest:
-            assert dest.execute('SELECT "database", "table", primary_key FROM changes').fetchall() == [
+            assert dest.execute('SELECT "database", "table", primary_key FROM bemi.changes').fetchall() == [
                 (source_db, "alias_w", "7")]
     finally:
         env.execute(f"DROP DATABASE IF EXISTS {dest_db} WITH (FORCE)")

@@ -36,7 +36,7 @@ def test_a_walsender_reads_the_slot_and_changes_arrive_without_polling(worker_en
     assert app == "bemi-worker" and state == "streaming"
     started = time.monotonic()
     env.execute(env.context(user_id=1) + "INSERT INTO stream_w VALUES (1, 'a')")
-    assert wait_for(lambda: env.execute("SELECT count(*) FROM changes")[0][0] == 1, timeout=10, interval=0.01)
+    assert wait_for(lambda: env.execute("SELECT count(*) FROM bemi.changes")[0][0] == 1, timeout=10, interval=0.01)
     assert time.monotonic() - started < 2.0  # pushed by the server, not found by a 5 s poll
     # the slot's confirmed position follows the stored commit (status updates)
     commit_position = env.changes()[0]["commit_position"]
@@ -63,7 +63,7 @@ def test_poison_row_goes_to_the_dead_letters_and_the_rest_is_stored_once(worker_
     assert worker.stats.dead_letters == 1
     (dead,) = env.execute(
         'SELECT "table", operation, primary_key, change_index, commit_position, position, sqlstate, error, '
-        "convert_from(change, 'UTF8') FROM _bemi_worker_failures WHERE slot = %s", [env.slot])
+        "convert_from(change, 'UTF8') FROM bemi._bemi_worker_failures WHERE slot = %s", [env.slot])
     table, op, pk, index, commit_position, position, sqlstate, error, change = dead
     assert (table, op, pk, index) == ("poison_w", "CREATE", "3", 1)
     assert sqlstate.startswith("22") and "numeric" in error
@@ -75,8 +75,8 @@ def test_poison_row_goes_to_the_dead_letters_and_the_rest_is_stored_once(worker_
     env.execute("INSERT INTO poison_w VALUES (6, '{\"n\": 6}')")
     env.run_once()
     assert sorted(int(r["primary_key"]) for r in env.changes()) == [1, 2, 4, 5, 6]
-    assert env.execute("SELECT count(*) FROM _bemi_worker_failures WHERE slot = %s", [env.slot])[0][0] == 1
-    env.execute("DELETE FROM _bemi_worker_failures WHERE slot = %s", [env.slot])
+    assert env.execute("SELECT count(*) FROM bemi._bemi_worker_failures WHERE slot = %s", [env.slot])[0][0] == 1
+    env.execute("DELETE FROM bemi._bemi_worker_failures WHERE slot = %s", [env.slot])
 
 
 def test_standby_takes_over_within_seconds_after_sigkill(worker_env):
@@ -88,13 +88,13 @@ def test_standby_takes_over_within_seconds_after_sigkill(worker_env):
     standby = env.spawn("--standby")
     assert wait_for_line(standby, "standby: another worker holds slot")
     env.execute("INSERT INTO standby_w VALUES (1)")
-    assert wait_for(lambda: env.execute("SELECT count(*) FROM changes")[0][0] == 1)
+    assert wait_for(lambda: env.execute("SELECT count(*) FROM bemi.changes")[0][0] == 1)
     active.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     assert active.wait() == -signal.SIGKILL
     env.execute("INSERT INTO standby_w VALUES (2)")
     assert wait_for_line(standby, "taking over slot", timeout=20)
-    assert wait_for(lambda: env.execute("SELECT count(*) FROM changes")[0][0] == 2, timeout=20, interval=0.02)
+    assert wait_for(lambda: env.execute("SELECT count(*) FROM bemi.changes")[0][0] == 2, timeout=20, interval=0.02)
     took = time.monotonic() - killed_at
     assert took < 10, took
     assert [r["primary_key"] for r in env.changes()] == ["1", "2"]
@@ -116,7 +116,7 @@ def test_foreign_messages_are_skipped_without_holding_them(worker_env):
     proc = env.spawn()
     assert wait_for_line(proc, "reading slot")
     env.execute("INSERT INTO foreign_w VALUES (0)")
-    assert wait_for(lambda: env.execute("SELECT count(*) FROM changes")[0][0] == 1)
+    assert wait_for(lambda: env.execute("SELECT count(*) FROM bemi.changes")[0][0] == 1)
     baseline = _rss_kb(proc.pid)
     size = 40 * 1024 * 1024
     with env.conn.transaction():
@@ -124,7 +124,7 @@ def test_foreign_messages_are_skipped_without_holding_them(worker_env):
             env.execute("SELECT pg_logical_emit_message(true, 'not-bemi', repeat('x', %s))", [size])
         env.execute("SELECT pg_logical_emit_message(true, '_bemi', repeat('y', %s))", [2 * 1024 * 1024])
         env.execute("INSERT INTO foreign_w VALUES (1)")
-    assert wait_for(lambda: env.execute("SELECT count(*) FROM changes")[0][0] == 2, timeout=120)
+    assert wait_for(lambda: env.execute("SELECT count(*) FROM bemi.changes")[0][0] == 2, timeout=120)
     peak = _rss_kb(proc.pid)
     grown_mb = (peak - baseline) / 1024
     # One message at a time, never the eight: libpq's input buffer (grown to a power of two) and the
@@ -181,13 +181,13 @@ def test_checkpoint_keyed_by_database_name_is_upgraded_and_adopted(worker_env):
     env.execute("INSERT INTO upgrade_w VALUES (1)")
     env.run_once()
     # the table as earlier releases made it: keyed by (slot, database name), no source column
-    env.execute("ALTER TABLE _bemi_worker_checkpoints DROP COLUMN source")
-    env.execute("ALTER TABLE _bemi_worker_checkpoints ADD PRIMARY KEY (slot, database)")
+    env.execute("ALTER TABLE bemi._bemi_worker_checkpoints DROP COLUMN source")
+    env.execute("ALTER TABLE bemi._bemi_worker_checkpoints ADD PRIMARY KEY (slot, database)")
     # and a stopped-before-advance situation: the slot holds transaction 1 again
     env.execute("INSERT INTO upgrade_w VALUES (2)")
     worker = env.run_once()
     assert sorted(r["primary_key"] for r in env.changes()) == ["1", "2"]
-    (source,), = env.execute("SELECT source FROM _bemi_worker_checkpoints WHERE slot = %s", [env.slot])
+    (source,), = env.execute("SELECT source FROM bemi._bemi_worker_checkpoints WHERE slot = %s", [env.slot])
     assert source == worker.source_identity and "/" in source
 
 
@@ -244,7 +244,7 @@ def test_killed_connections_and_a_server_restart_lose_and_double_nothing():
 
         def stored() -> int:
             with psycopg.connect(dsn) as c:
-                return c.execute("SELECT count(*) FROM changes").fetchone()[0]
+                return c.execute("SELECT count(*) FROM bemi.changes").fetchone()[0]
 
         def kill(query: str) -> None:
             with psycopg.connect(dsn, autocommit=True) as c:
@@ -276,7 +276,7 @@ def test_killed_connections_and_a_server_restart_lose_and_double_nothing():
         assert wait_for(lambda: stored() >= len(done), timeout=60)
         time.sleep(0.5)
         with psycopg.connect(dsn) as c:
-            rows = c.execute("SELECT primary_key::int FROM changes WHERE \"table\" = 'fault_t'").fetchall()
+            rows = c.execute("SELECT primary_key::int FROM bemi.changes WHERE \"table\" = 'fault_t'").fetchall()
         ids = sorted(r[0] for r in rows)
         assert ids == list(range(1, len(done) + 1)), "lost or doubled changes"
         assert len(done) > 200
@@ -309,13 +309,13 @@ def test_bulk_update_with_big_contexts_stays_bounded(worker_env):
         env.execute(env.context(user_id=7, SQL=sql[:4096]))
         env.execute("UPDATE bulk_w SET n = n + 1")
     started = time.monotonic()
-    assert wait_for(lambda: env.execute("SELECT count(*) FROM changes WHERE operation = 'UPDATE'")[0][0] == 20000,
+    assert wait_for(lambda: env.execute("SELECT count(*) FROM bemi.changes WHERE operation = 'UPDATE'")[0][0] == 20000,
                     timeout=180, interval=0.1)
     elapsed = time.monotonic() - started
     grown_mb = (_rss_kb(proc.pid) - baseline) / 1024
     print(f"20,000-row update with 4 kB contexts: stored in {elapsed:.1f} s, worker RSS +{grown_mb:.0f} MB")
     assert grown_mb < 200, grown_mb
-    assert env.execute("SELECT count(DISTINCT context) FROM changes WHERE operation = 'UPDATE'")[0][0] == 1
+    assert env.execute("SELECT count(DISTINCT context) FROM bemi.changes WHERE operation = 'UPDATE'")[0][0] == 1
 
 
 def test_a_slot_dropped_while_running_is_an_exit_2_not_a_retry(worker_env):
@@ -324,7 +324,7 @@ def test_a_slot_dropped_while_running_is_an_exit_2_not_a_retry(worker_env):
     env.run_once()
     env.execute("INSERT INTO dropped_w VALUES (1)")
     proc = env.spawn()
-    assert wait_for(lambda: env.execute("SELECT count(*) FROM changes")[0][0] == 1)
+    assert wait_for(lambda: env.execute("SELECT count(*) FROM bemi.changes")[0][0] == 1)
     # the walsender must go before the slot can be dropped; the worker then finds it missing
     env.execute("SELECT pg_terminate_backend(active_pid), pg_sleep(0.2) FROM pg_replication_slots "
                 "WHERE slot_name = %s", [env.slot])
@@ -371,9 +371,9 @@ def test_a_character_the_destination_cannot_store_is_a_dead_letter(worker_env):
         assert worker.stats.dead_letters == 1
         with psycopg.connect(dest) as conn:
             assert [r[0] for r in conn.execute(
-                "SELECT primary_key FROM changes ORDER BY change_index").fetchall()] == ["1", "3"]
+                "SELECT primary_key FROM bemi.changes ORDER BY change_index").fetchall()] == ["1", "3"]
             (pk, sqlstate, change), = conn.execute(
-                "SELECT primary_key, sqlstate, change FROM _bemi_worker_failures").fetchall()
+                "SELECT primary_key, sqlstate, change FROM bemi._bemi_worker_failures").fetchall()
         assert pk == "2" and sqlstate == "22P05"
         assert "20 \u20ac" in bytes(change).decode("utf-8")  # kept exactly, as UTF-8
     finally:

@@ -18,7 +18,20 @@
 -- changes_identity_index adds it without changing what it identifies. The
 -- published unique key on `position` is not used: every row of one COPY
 -- shares one LSN. The primary key is (id, committed_at) for the same reason.
-CREATE TABLE IF NOT EXISTS public.changes (
+--
+-- In schema `bemi` (bemi/tables.py), owned by the worker's role: the
+-- application's role may neither drop nor replace anything there
+-- (docs/security.md). The worker creates the schema first and checks who
+-- owns it (bemi/trust.py); `psql -f` on a fresh database creates it here.
+DO $$
+BEGIN
+    IF pg_catalog.to_regnamespace('bemi') IS NULL THEN  -- (IF NOT EXISTS would need CREATE on the database)
+        CREATE SCHEMA bemi;
+    END IF;
+END
+$$;
+
+CREATE TABLE IF NOT EXISTS bemi.changes (
     "id" uuid NOT NULL DEFAULT pg_catalog.gen_random_uuid(),
     "database" varchar(255) NOT NULL,
     "schema" varchar(255) NOT NULL,
@@ -38,34 +51,34 @@ CREATE TABLE IF NOT EXISTS public.changes (
     CONSTRAINT changes_pkey PRIMARY KEY ("id", "committed_at")
 ) PARTITION BY RANGE ("committed_at");
 
-CREATE INDEX IF NOT EXISTS changes_committed_at_index ON public.changes ("committed_at");
-CREATE INDEX IF NOT EXISTS changes_table_index ON public.changes ("table");
-CREATE INDEX IF NOT EXISTS changes_primary_key_index ON public.changes ("primary_key");
-CREATE INDEX IF NOT EXISTS changes_operation_index ON public.changes ("operation");
-CREATE INDEX IF NOT EXISTS changes_before_index ON public.changes USING gin ("before" jsonb_path_ops);
-CREATE INDEX IF NOT EXISTS changes_after_index ON public.changes USING gin ("after" jsonb_path_ops);
-CREATE INDEX IF NOT EXISTS changes_context_index ON public.changes USING gin ("context" jsonb_path_ops);
+CREATE INDEX IF NOT EXISTS changes_committed_at_index ON bemi.changes ("committed_at");
+CREATE INDEX IF NOT EXISTS changes_table_index ON bemi.changes ("table");
+CREATE INDEX IF NOT EXISTS changes_primary_key_index ON bemi.changes ("primary_key");
+CREATE INDEX IF NOT EXISTS changes_operation_index ON bemi.changes ("operation");
+CREATE INDEX IF NOT EXISTS changes_before_index ON bemi.changes USING gin ("before" jsonb_path_ops);
+CREATE INDEX IF NOT EXISTS changes_after_index ON bemi.changes USING gin ("after" jsonb_path_ops);
+CREATE INDEX IF NOT EXISTS changes_context_index ON bemi.changes USING gin ("context" jsonb_path_ops);
 CREATE UNIQUE INDEX IF NOT EXISTS changes_identity_index
-    ON public.changes ("database", "commit_position", "change_index", "committed_at");
+    ON bemi.changes ("database", "commit_position", "change_index", "committed_at");
 
 -- The DEFAULT partition (only when `changes` is partitioned: an unpartitioned
 -- table of an earlier version is left as it is until `manage.py bemi_partition`).
 DO $$
 BEGIN
     IF (SELECT c.relkind FROM pg_catalog.pg_class c
-        WHERE c.oid OPERATOR(pg_catalog.=) 'public.changes'::pg_catalog.regclass::pg_catalog.oid)
+        WHERE c.oid OPERATOR(pg_catalog.=) 'bemi.changes'::pg_catalog.regclass::pg_catalog.oid)
        OPERATOR(pg_catalog.=) 'p'::pg_catalog."char"
-       AND pg_catalog.to_regclass('public.changes_default') IS NULL THEN
+       AND pg_catalog.to_regclass('bemi.changes_default') IS NULL THEN
         -- made under a _bemi name so that the `migrate bemi` event triggers leave it alone
-        CREATE TABLE public._bemi_changes_default PARTITION OF public.changes DEFAULT;
-        ALTER TABLE public._bemi_changes_default RENAME TO changes_default;
+        CREATE TABLE bemi._bemi_changes_default PARTITION OF bemi.changes DEFAULT;
+        ALTER TABLE bemi._bemi_changes_default RENAME TO changes_default;
     END IF;
 END
 $$;
 
 -- What was pruned (bemi_prune, the worker's retention): time travel before
 -- `pruned_before` says so instead of answering from incomplete history.
-CREATE TABLE IF NOT EXISTS public._bemi_pruned (
+CREATE TABLE IF NOT EXISTS bemi._bemi_pruned (
     "pruned_before" timestamptz NOT NULL,
     "pruned_at" timestamptz NOT NULL DEFAULT pg_catalog.now(),
     "partitions" text[] NOT NULL DEFAULT '{}',

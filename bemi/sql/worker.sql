@@ -9,7 +9,7 @@
 -- so after a crash the worker knows exactly which transactions the slot may hand
 -- out again and skips them. (Tables made before `source` existed are upgraded by
 -- the worker: bemi/worker/sink.py.)
-CREATE TABLE IF NOT EXISTS public._bemi_worker_checkpoints (
+CREATE TABLE IF NOT EXISTS bemi._bemi_worker_checkpoints (
     "slot" text NOT NULL,
     "database" text NOT NULL,
     "commit_lsn" pg_lsn NOT NULL,
@@ -27,7 +27,7 @@ CREATE TABLE IF NOT EXISTS public._bemi_worker_checkpoints (
 -- cannot store...), as far as it could be built, with its position and the
 -- error. Stored in the same transaction as the changes around it and the
 -- checkpoint: exactly once, like them. See docs/worker.md (inspect and replay).
-CREATE TABLE IF NOT EXISTS public._bemi_worker_failures (
+CREATE TABLE IF NOT EXISTS bemi._bemi_worker_failures (
     "id" bigserial PRIMARY KEY,
     "source" text NOT NULL,
     "slot" text NOT NULL,

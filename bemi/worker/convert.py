@@ -2,7 +2,7 @@
 
 Online, with the worker running, resumable (``manage.py bemi_partition``; docs/retention.md):
 
-1. **prepare** (one transaction): a partitioned ``public._bemi_changes_new`` with the
+1. **prepare** (one transaction): a partitioned ``bemi._bemi_changes_new`` with the
    published columns and indexes, partitions for every period holding changes plus
    the current and next ones, and a row trigger on ``changes`` that copies every
    change stored from then on into it (``ON CONFLICT DO NOTHING`` on the primary
@@ -30,7 +30,9 @@ from typing import Callable
 import psycopg
 from psycopg import sql
 
+from bemi import relocate
 from bemi import sql as bemi_sql
+from bemi.trust import untrusted_tables
 from bemi.worker.partitions import (
     DEFAULT_PARTITION, SCHEMA, TABLE, Partitions, _one, period_end, period_start, table_ident,
 )
@@ -155,15 +157,23 @@ def convert(
     retries: int = 60,
     stop_after_pages: int | None = None,
 ) -> str:
-    """Convert ``public.changes``; returns ``'converted'``, ``'already partitioned'`` or ``'interrupted'``.
+    """Convert ``bemi.changes``; returns ``'converted'``, ``'already partitioned'`` or ``'interrupted'``.
 
     ``conn`` must be in autocommit mode. ``stop_after_pages`` (tests) interrupts the copy.
     """
     if not conn.autocommit:
         raise ValueError("convert() needs an autocommit connection")
+    for name in relocate.move_own(conn):
+        say(f"moved {name} of an earlier version from schema public into schema {SCHEMA}")
+    untrusted = untrusted_tables(conn, [TABLE, STATE, NEW_TABLE, OLD_TABLE])
+    if untrusted:
+        # A view or a table with a trigger planted under one of these names would run its owner's
+        # code as whoever converts (bemi/trust.py); the conversion resumes from STATE.
+        raise ConversionError("refusing to convert: " + ", ".join(t.why for t in untrusted)
+                              + " was made by a role that is neither a superuser nor the worker's; check it")
     partitions = Partitions(conn, interval)
     if not _exists(conn, TABLE):
-        raise ConversionError("there is no table public.changes to convert (the worker creates it partitioned)")
+        raise ConversionError("there is no table bemi.changes to convert (the worker creates it partitioned)")
     if partitions.is_partitioned():
         return "already partitioned"
     if not _one(conn.execute("SELECT pg_catalog.pg_try_advisory_lock(%s::int4, %s::int4)", [0x62656D69, 13]))[0]:

@@ -6,7 +6,7 @@ DEFAULT partition ``changes_default`` that catches a change for which no
 partition exists at that moment, so a write never fails for want of a
 partition (see docs/retention.md). No Django here: psycopg and ``psycopg.sql``.
 
-Every statement names bemi's objects with their schema (``public``) and every
+Every statement names bemi's objects with their schema (``bemi``) and every
 identifier goes through ``sql.Identifier``; nothing depends on ``search_path``.
 Lock waits are bounded (``lock_timeout``): maintenance that cannot get its lock
 gives up and is tried again later, it never stalls the worker or the readers.
@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Iterator
 import psycopg
 from psycopg import sql
 
+from bemi import tables
 from bemi.words import counted
 
 __all__ = [
@@ -37,7 +38,7 @@ log = logging.getLogger("bemi.worker")
 UTC = timezone.utc
 INTERVALS = ("day", "week", "month")
 DEFAULT_INTERVAL = "month"
-SCHEMA = "public"
+SCHEMA = tables.SCHEMA
 TABLE = "changes"
 DEFAULT_PARTITION = "changes_default"
 PRUNE_LOG = "_bemi_pruned"
@@ -152,7 +153,7 @@ class PruneResult:
 
 
 class Partitions:
-    """Partition management of ``public.changes`` over one psycopg connection.
+    """Partition management of ``bemi.changes`` over one psycopg connection.
 
     Every method runs its own short transactions on ``conn``, which must be idle
     (no transaction open) when called. ``clock`` gives "now" (tests move it).
@@ -190,7 +191,7 @@ class Partitions:
         return bool(row[0])
 
     def layout(self) -> list[Partition]:
-        """The partitions of ``public.changes`` (the DEFAULT one last), refreshing the cache."""
+        """The partitions of ``bemi.changes`` (the DEFAULT one last), refreshing the cache."""
         with self._tx():
             # The bounds' text is in the session's TimeZone and DateStyle: the server reads it back.
             rows = self.conn.execute(

@@ -13,10 +13,11 @@ import logging
 import psycopg
 from psycopg import errors, sql
 
+from bemi.trust import untrusted_source_objects
 from bemi.worker.errors import WorkerError
 from bemi.worker.shown import qualified, shown
 
-__all__ = ["Publication", "MANAGED_PUBLICATION_COMMENT"]
+__all__ = ["Publication", "MANAGED_PUBLICATION_COMMENT", "GRANTS_PUBLICATION_COMMENT"]
 
 log = logging.getLogger("bemi.worker")
 
@@ -25,6 +26,14 @@ log = logging.getLogger("bemi.worker")
 # _bemi_publish). The second one is what earlier versions wrote.
 MANAGED_PUBLICATION_COMMENT = "bemi: tracked tables"
 MANAGED_PUBLICATION_COMMENTS = (MANAGED_PUBLICATION_COMMENT, "bemi: tables of schema public")
+#: The publication a superuser's `manage.py bemi_grants` made (bemi/grants.py): every table of the tracked
+#: schemas (all tables before PostgreSQL 15), published from the transaction that creates it. Nobody but
+#: a superuser may change it; the worker records only the tracked tables of it.
+GRANTS_PUBLICATION_COMMENT = "bemi: tables of the tracked schemas (bemi_grants)"
+
+
+#: What refresh_tables() calls in schema public (bemi/sql/tracking.sql).
+_RULE_ROUTINES = ("public._bemi_tracked_tables(jsonb)", "public._bemi_is_tracked(regclass,jsonb)")
 
 
 def _quote_ident(name: str) -> str:
@@ -45,6 +54,7 @@ class Publication:
         self.managed = False  # a publication bemi created: its tables are kept in line
         self.rules: str | None = None  # JSON rules for _bemi_is_tracked (bemi/worker/tracked.py); None: stored
         self._missing_identity_logged: set[str] = set()
+        self._untrusted_logged = False
 
     def ensure_publication(self) -> None:
         """The publication: created (and then kept to exactly the tracked tables) when missing;
@@ -72,6 +82,11 @@ class Publication:
         owner, all_tables, is_member, via_root, comment = row
         self.all_tables = all_tables
         self.managed = not all_tables and comment in MANAGED_PUBLICATION_COMMENTS
+        if comment == GRANTS_PUBLICATION_COMMENT:
+            log.info("publication %s was made by bemi_grants: every new table of its schemas is published from "
+                     "the transaction that creates it (the worker records only the tracked tables)",
+                     self.publication)
+            return
         if not self.managed:
             log.info("publication %s was not created by bemi: used as it is, its tables are left alone "
                      "(the worker still records only the tracked tables)", self.publication)
@@ -102,6 +117,13 @@ class Publication:
         so it gets REPLICA IDENTITY FULL when we own it, and is left out (and named) otherwise.
         """
         if not self.managed:
+            return []
+        untrusted = untrusted_source_objects(self.control, _RULE_ROUTINES)
+        if untrusted:  # in schema public, which the application's role may own: never run as the worker
+            if not self._untrusted_logged:
+                self._untrusted_logged = True
+                log.warning("not keeping publication %s in line: %s (have a superuser run manage.py bemi_grants: "
+                            "its publication needs no upkeep)", self.publication, ", ".join(u.why for u in untrusted))
             return []
         pub = sql.Identifier(self.publication)
         rows = self.control.execute(

@@ -3,7 +3,7 @@
 Pins ``search_path = pg_catalog, pg_temp`` before anything else (with ``SET``,
 so not even a function is looked up first): no function or operator planted in
 another schema can be picked up by the worker's queries, which also qualify
-bemi's own tables (``public.changes``) and cast their parameters.
+bemi's own tables (``bemi.changes``) and cast their parameters.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ SESSION_SETTINGS = {
     "extra_float_digits": "1",
     "bytea_output": "hex",
     "lock_timeout": "5s",
+    # A row-level security policy of a table another role owns would run its owner's code as the worker:
+    # with row_security off, such a read fails instead (bemi/trust.py, worker/tracked.py).
+    "row_security": "off",
     # A worker whose host vanished releases the slot soon (standby takeover).
     "tcp_keepalives_idle": "5",
     "tcp_keepalives_interval": "2",

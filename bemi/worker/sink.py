@@ -21,8 +21,8 @@ import psycopg
 from psycopg import errors, sql
 from psycopg.pq import TransactionStatus
 
+from bemi import relocate, tables
 from bemi import sql as bemi_sql
-from bemi import tables
 from bemi.trust import BEMI_TABLES, untrusted_tables
 from bemi.worker import pgoutput as po
 from bemi.worker.errors import WorkerError
@@ -36,7 +36,7 @@ log = logging.getLogger("bemi.worker")
 
 #: The columns in the order Sink.write() puts them (the texts that may need escapes last).
 COPY_CHANGES = (
-    'COPY public.changes ("database", "operation", "context", "committed_at", "queued_at", "transaction_id", '
+    'COPY bemi.changes ("database", "operation", "context", "committed_at", "queued_at", "transaction_id", '
     '"position", "commit_position", "change_index", "primary_key", "schema", "table", "before", "after") '
     'FROM STDIN'
 )
@@ -98,20 +98,23 @@ class Sink:
             pass
 
     def ensure_tables(self, before_commit: Callable[[psycopg.Connection], None] | None = None) -> None:
-        """Create ``changes`` (+ indexes) and the worker's tables when missing, and say so.
+        """Create bemi's schema, ``changes`` (+ indexes) and the worker's tables when missing (moving
+        those of an earlier version out of schema public), and say so.
 
         ``before_commit(conn)`` runs in the transaction that created them (the
         runner registers them there as bemi's own: ``TrackedTables.claim_new_tables``).
         """
         conn = self.conn
+        self._ensure_schema()
         self._refuse_untrusted_tables()
-        names = ("public.changes", "public._bemi_worker_checkpoints", "public.changes_identity_index",
-                 "public._bemi_worker_failures", "public._bemi_pruned")
+        self._move_legacy_tables()
+        names = ("bemi.changes", "bemi._bemi_worker_checkpoints", "bemi.changes_identity_index",
+                 "bemi._bemi_worker_failures", "bemi._bemi_pruned")
         existed = {name.split(".")[1]: one_row(conn.execute(
             "SELECT pg_catalog.to_regclass(%s::text) IS NOT NULL", [name]))[0] for name in names}
         keyed = existed["_bemi_worker_checkpoints"] and one_row(conn.execute(
             "SELECT EXISTS (SELECT FROM pg_catalog.pg_attribute WHERE attrelid OPERATOR(pg_catalog.=) "
-            "'public._bemi_worker_checkpoints'::pg_catalog.regclass AND attname OPERATOR(pg_catalog.=) 'source' "
+            "'bemi._bemi_worker_checkpoints'::pg_catalog.regclass AND attname OPERATOR(pg_catalog.=) 'source' "
             "AND NOT attisdropped)"))[0]
         if all(existed.values()) and keyed:
             # Nothing to create: no DDL (it would need CREATE on the schema and take table locks).
@@ -142,40 +145,90 @@ class Sink:
             ) from exc
         except psycopg.errors.InsufficientPrivilege as exc:
             conn.rollback()
-            user = conn.info.user
-            raise WorkerError(
-                f"cannot create the changes table in the destination: role {user!r} needs CREATE on schema "
-                f"public (GRANT CREATE ON SCHEMA public TO {sql.Identifier(user).as_string(conn)};): {exc}"
-            ) from exc
+            raise WorkerError(f"cannot create the changes table in schema {tables.SCHEMA} of the destination: "
+                              f"{exc}".strip() + f". To fix, {self._grants_hint()}.") from exc
         if not existed["changes"]:
-            log.info("created table changes and its indexes in database %s", conn.info.dbname)
+            log.info("created table changes and its indexes in schema %s of database %s", tables.SCHEMA, conn.info.dbname)
         if not existed["_bemi_worker_checkpoints"]:
-            log.info("created table _bemi_worker_checkpoints (the worker's checkpoint) in database %s",
-                     conn.info.dbname)
+            log.info("created table _bemi_worker_checkpoints (the worker's checkpoint) in schema %s of database %s",
+                     tables.SCHEMA, conn.info.dbname)
         if not existed["_bemi_worker_failures"]:
-            log.info("created table _bemi_worker_failures (changes the destination rejected) in database %s",
+            log.info("created table _bemi_worker_failures (changes the destination rejected) in schema %s of database %s",
+                     tables.SCHEMA, conn.info.dbname)
+
+    def _grants_hint(self) -> str:
+        me = self.conn.info.user
+        return (f"have a superuser run `python manage.py bemi_grants --app-role <the application's role> "
+                f"--worker-role {sql.Identifier(me).as_string(self.conn)}` (docs/security.md)")
+
+    def _ensure_schema(self) -> None:
+        """bemi's schema (tables.SCHEMA), made by this role when missing."""
+        conn = self.conn
+        if relocate.schema_owner(conn) is None:
+            try:
+                conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(tables.schema()))
+                conn.commit()
+            except psycopg.errors.InsufficientPrivilege as exc:
+                conn.rollback()
+                me = sql.Identifier(conn.info.user).as_string(conn)
+                raise WorkerError(
+                    f"cannot create schema {tables.SCHEMA} for the changes table in the destination: run "
+                    f"GRANT CREATE ON DATABASE {sql.Identifier(conn.info.dbname).as_string(conn)} TO {me}; or "
+                    f"{self._grants_hint()}: {exc}".strip()) from exc
+            log.info("created schema %s (changes and the worker's tables) in database %s", tables.SCHEMA,
                      conn.info.dbname)
+        conn.rollback()
+
+    def _move_legacy_tables(self) -> None:
+        """Move bemi's tables of an earlier version from schema public into bemi's schema.
+
+        Only tables this role may move (owns, or is a superuser); one a superuser or another
+        worker's role made stops the worker with what to run (its history must not be left
+        behind); one another role made is not bemi's and is left alone."""
+        conn = self.conn
+        superuser = one_row(conn.execute(
+            "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) CURRENT_USER"))[0]
+        legacy = relocate.legacy_tables(conn)
+        conn.rollback()
+        movable = [t for t in legacy if (t.mine or superuser) and t.kind in ("r", "p")]
+        stuck = [t for t in legacy if t not in movable and t.trusted_owner]
+        for t in legacy:
+            if t not in movable and t not in stuck:
+                log.warning("left %s.%s alone: role %s made it, not a worker (bemi's tables live in schema %s)",
+                            tables.LEGACY_SCHEMA, t.name, t.owner, tables.SCHEMA)
+        if stuck:
+            listed = ", ".join(f"{tables.LEGACY_SCHEMA}.{t.name} (owner {t.owner})" for t in stuck)
+            raise WorkerError(
+                f"bemi's tables of an earlier version are in schema {tables.LEGACY_SCHEMA} and this role may not "
+                f"move them into schema {tables.SCHEMA}: {listed}. To move them, {self._grants_hint()}.")
+        if not movable:
+            return
+        with conn.transaction():
+            for statement in relocate.move_statements(movable):
+                conn.execute(statement)
+        conn.commit()
+        log.warning("moved %s from schema %s into schema %s (owned by the worker's role: the application's role "
+                    "cannot drop them there; docs/security.md)", ", ".join(t.name for t in movable),
+                    tables.LEGACY_SCHEMA, tables.SCHEMA)
 
     def _refuse_untrusted_tables(self) -> None:
-        """bemi's tables must be tables owned by this role or a superuser.
+        """bemi's schema and tables must be owned by this role or a superuser.
 
-        They are created with ``CREATE TABLE IF NOT EXISTS``: a role that may CREATE in schema
-        public could make one first and, as its owner, give it a trigger, a rule or a default
-        that the worker would then run with its own privileges on every write.
+        They are created with ``CREATE ... IF NOT EXISTS``: a role that could make one first could
+        give it a trigger, a rule or a default that the worker would then run with its own
+        privileges on every write (bemi/trust.py).
         """
         conn = self.conn
-        rows = untrusted_tables(conn, BEMI_TABLES)
+        rows = untrusted_tables(conn, BEMI_TABLES, strict=True)
         conn.rollback()
         if rows:
             me = conn.info.user
-            owner_to = " ".join(sql.SQL("ALTER TABLE {} OWNER TO {};").format(
-                sql.Identifier("public", t.name), sql.Identifier(me)).as_string(conn) for t in rows)
             listed = ", ".join(t.why for t in rows)
             raise WorkerError(
-                f"refusing to write to bemi's tables created by another role: {listed}. Their owner could run "
-                f"code with the worker's privileges (role {me!r}) through a trigger, rule or default on them. "
-                "Check them (\\d+ in psql); if their owner is trusted, have a superuser run: "
-                f"{owner_to} Otherwise drop them and start the worker again: it creates its own."
+                f"refusing to write to bemi's tables: {listed}. Their owner could run code with the worker's "
+                f"privileges (role {me!r}) through a trigger, rule or default on them, or rewrite them. "
+                f"Check them (\\dn+ and \\d+ in psql); to fix, {self._grants_hint()}: it sets aside what the "
+                "worker may not trust, and makes the worker's role the owner of the rest."
             )
 
     def _upgrade_checkpoints(self) -> None:
@@ -184,15 +237,15 @@ class Sink:
         Its rows get their ``source`` when their worker starts (``checkpoint()``
         adopts the row of its slot and database name)."""
         conn = self.conn
-        conn.execute('ALTER TABLE public._bemi_worker_checkpoints ADD COLUMN IF NOT EXISTS "source" text')
+        conn.execute('ALTER TABLE bemi._bemi_worker_checkpoints ADD COLUMN IF NOT EXISTS "source" text')
         for (name,) in conn.execute(
             "SELECT conname::text FROM pg_catalog.pg_constraint WHERE conrelid OPERATOR(pg_catalog.=) "
-            "'public._bemi_worker_checkpoints'::pg_catalog.regclass AND contype OPERATOR(pg_catalog.=) 'p'"
+            "'bemi._bemi_worker_checkpoints'::pg_catalog.regclass AND contype OPERATOR(pg_catalog.=) 'p'"
         ).fetchall():
-            conn.execute(sql.SQL("ALTER TABLE public._bemi_worker_checkpoints DROP CONSTRAINT {}").format(
+            conn.execute(sql.SQL("ALTER TABLE bemi._bemi_worker_checkpoints DROP CONSTRAINT {}").format(
                 sql.Identifier(name)))
         conn.execute('CREATE UNIQUE INDEX IF NOT EXISTS _bemi_worker_checkpoints_source_slot '
-                     'ON public._bemi_worker_checkpoints ("source", "slot")')
+                     'ON bemi._bemi_worker_checkpoints ("source", "slot")')
         log.warning("upgraded _bemi_worker_checkpoints: keyed by the source's identity (system identifier "
                     "and database oid) instead of the database name")
 
@@ -206,11 +259,11 @@ class Sink:
         conn = self.conn
         columns = {r[0] for r in conn.execute(
             "SELECT attname::text FROM pg_catalog.pg_attribute WHERE attrelid OPERATOR(pg_catalog.=) "
-            "'public.changes'::pg_catalog.regclass AND attnum OPERATOR(pg_catalog.>) 0 "
+            "'bemi.changes'::pg_catalog.regclass AND attnum OPERATOR(pg_catalog.>) 0 "
             "AND NOT attisdropped").fetchall()}
         missing = [c for c in ("commit_position", "change_index") if c not in columns]
         if missing:
-            conn.execute('ALTER TABLE public.changes ADD COLUMN IF NOT EXISTS "commit_position" bigint, '
+            conn.execute('ALTER TABLE bemi.changes ADD COLUMN IF NOT EXISTS "commit_position" bigint, '
                          'ADD COLUMN IF NOT EXISTS "change_index" integer')
             log.warning("added columns %s to the existing changes table (they identify a change: "
                         "commit position and order in its transaction)", ", ".join(missing))
@@ -219,7 +272,7 @@ class Sink:
             "JOIN pg_catalog.pg_class ci ON ci.oid OPERATOR(pg_catalog.=) i.indexrelid "
             "LEFT JOIN pg_catalog.pg_constraint c ON c.conindid OPERATOR(pg_catalog.=) i.indexrelid "
             "AND c.conrelid OPERATOR(pg_catalog.=) i.indrelid "
-            "WHERE i.indrelid OPERATOR(pg_catalog.=) 'public.changes'::pg_catalog.regclass AND i.indisunique "
+            "WHERE i.indrelid OPERATOR(pg_catalog.=) 'bemi.changes'::pg_catalog.regclass AND i.indisunique "
             "AND NOT i.indisprimary "
             "AND (SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attname) FROM pg_catalog.pg_attribute a "
             "     WHERE a.attrelid OPERATOR(pg_catalog.=) i.indrelid "
@@ -227,22 +280,22 @@ class Sink:
             "    OPERATOR(pg_catalog.=) ARRAY['database', 'operation', 'position', 'schema', 'table']"
         ).fetchall():
             if constraint:
-                conn.execute(sql.SQL("ALTER TABLE public.changes DROP CONSTRAINT {}").format(
+                conn.execute(sql.SQL("ALTER TABLE bemi.changes DROP CONSTRAINT {}").format(
                     sql.Identifier(constraint)))
             else:
-                conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier("public", name)))
+                conn.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(tables.SCHEMA, name)))
             log.warning("dropped the unique index %s of the published changes table: every row written by one "
                         "COPY shares one position, so it would drop changes (ours is changes_identity_index)", name)
 
     def checkpoint(self) -> Checkpoint | None:
         query = ("SELECT (commit_lsn OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8, "
                  "(end_lsn OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8 "
-                 "FROM public._bemi_worker_checkpoints WHERE slot OPERATOR(pg_catalog.=) %s::text AND ")
+                 "FROM bemi._bemi_worker_checkpoints WHERE slot OPERATOR(pg_catalog.=) %s::text AND ")
         row = self.conn.execute(query + "source OPERATOR(pg_catalog.=) %s::text", [self.slot, self.source]).fetchone()
         if row is None:
             # A row written before checkpoints were keyed by the source's identity: adopt it.
             adopted = self.conn.execute(
-                "UPDATE public._bemi_worker_checkpoints SET source = %s::text WHERE slot OPERATOR(pg_catalog.=) "
+                "UPDATE bemi._bemi_worker_checkpoints SET source = %s::text WHERE slot OPERATOR(pg_catalog.=) "
                 "%s::text AND database OPERATOR(pg_catalog.=) %s::text AND source IS NULL",
                 [self.source, self.slot, self.database])
             if adopted.rowcount:
@@ -443,7 +496,7 @@ class Sink:
                   + "}").encode("utf-8", "surrogatepass")
         texts = [self.source, self.slot, self.database, row.schema, row.table, row.operation, row.primary_key,
                  str(exc).strip()]
-        query = ("INSERT INTO public._bemi_worker_failures (source, slot, database, schema, \"table\", operation, "
+        query = ("INSERT INTO bemi._bemi_worker_failures (source, slot, database, schema, \"table\", operation, "
                  "primary_key, error, transaction_id, position, commit_position, change_index, committed_at, "
                  "change, sqlstate) VALUES (%s::text, %s::text, %s::text, %s::text, %s::text, %s::text, %s::text, "
                  "%s::text, %s::int8, %s::int8, %s::int8, %s::int4, %s::timestamptz, %s::bytea, %s::text)")

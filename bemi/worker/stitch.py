@@ -268,7 +268,7 @@ class Stitcher:
         tracking = self.tracking
         own = self.is_own(rel.relid) if self.is_own is not None else False
         if own is None:  # the relation is gone from the catalog: a partition of changes by its name
-            own = rel.namespace == "public" and _CHANGES_PARTITION.match(rel.name) is not None
+            own = rel.namespace == tables.SCHEMA and _CHANGES_PARTITION.match(rel.name) is not None
         excluded = (rel.relid in self.own_tables or own
                     or (tracking is not None and not tracking.tracks(rel.namespace, rel.name)))
         masked, ignored = (tracking.columns(rel.namespace, rel.name, names) if tracking is not None

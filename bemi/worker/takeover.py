@@ -52,7 +52,7 @@ BYTES_PER_KEY = 8 + 8 + 4  # position, tag, count
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 
 _PUBLISHED_ROWS = (
-    'SELECT "position", "schema"::text, "table"::text, "operation"::text, count(*) FROM public.changes '
+    'SELECT "position", "schema"::text, "table"::text, "operation"::text, count(*) FROM bemi.changes '
     'WHERE commit_position IS NULL AND "database" = %s::text AND "position" >= %s::int8 '
     "GROUP BY 1, 2, 3, 4 ORDER BY 1"
 )
@@ -200,7 +200,7 @@ def warn_if_published_rows(sink_conn: psycopg.Connection, database: str) -> None
         # Once per new slot; on a big table of our own rows this would read it all: give up after 2 s.
         sink_conn.execute("SET LOCAL statement_timeout = '2s'")
         found = sink_conn.execute(
-            'SELECT EXISTS (SELECT 1 FROM public.changes WHERE commit_position IS NULL AND "database" = %s::text)',
+            'SELECT EXISTS (SELECT 1 FROM bemi.changes WHERE commit_position IS NULL AND "database" = %s::text)',
             [database],
         ).fetchone()
     except psycopg.errors.QueryCanceled:

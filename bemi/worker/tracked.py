@@ -18,6 +18,7 @@ objects and casts its parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
@@ -28,7 +29,7 @@ from psycopg import errors, sql
 from bemi import sql as bemi_sql
 from bemi import tables
 from bemi import tracking as tr
-from bemi.trust import untrusted_tables
+from bemi.trust import untrusted_source_objects
 from bemi.worker.errors import WorkerError
 from bemi.worker.shown import shown
 
@@ -46,6 +47,11 @@ def _own_oids(conn: psycopg.Connection) -> tuple:
 
 
 _FUNCTIONS = ("public._bemi_is_tracked(regclass,jsonb)", "public._bemi_tracked_tables(jsonb)")
+#: What _align_triggers() calls, and what those call (bemi/sql/install.sql, tracking.sql).
+_ALIGN_ROUTINES = ("public._bemi_create_triggers()", "public._bemi_set_replica_identity()",
+                   "public._bemi_create_trigger(regclass)", "public._bemi_set_replica_identity_on(regclass)",
+                   "public._bemi_tables()", "public._bemi_tracked_tables(jsonb)", "public._bemi_is_tracked(regclass)",
+                   "public._bemi_is_tracked(regclass,jsonb)")
 
 
 class TrackedTables:
@@ -57,6 +63,7 @@ class TrackedTables:
         self.tracking = tr.Tracking.build()
         self.own_tables: frozenset[int] = frozenset()
         self.key = b""
+        self.writable = True  # public._bemi_tracking is a superuser's or ours (ensure_rule)
 
     # -- the rule ----------------------------------------------------------------------------
 
@@ -65,15 +72,23 @@ class TrackedTables:
             "SELECT pg_catalog.to_regclass('public._bemi_tracking') IS NOT NULL AND "
             + " AND ".join("pg_catalog.to_regprocedure(%s) IS NOT NULL" for _ in _FUNCTIONS), list(_FUNCTIONS),
         ).fetchone()
-        untrusted = untrusted_tables(self.control, ["_bemi_tracking"])
-        if untrusted:
+        untrusted = untrusted_source_objects(self.control)
+        self.writable = not untrusted
+        if untrusted and untrusted[0].kind == "r":
+            # Read only: a plain table runs no code of its owner on SELECT (the session has row_security
+            # off, so a policy would be an error, never run). Written by a superuser's or our own only.
+            log.warning("%s is neither a superuser's nor role %s's: the worker reads the settings there but writes "
+                        "nothing into it (not its flags, its own tables or a masking key). Have a superuser run "
+                        "`python manage.py bemi_grants` (docs/security.md)", untrusted[0].why, self.user)
+        elif untrusted:
             raise WorkerError(
-                f"refusing to use {untrusted[0].why}: its triggers, rules or defaults would run as role "
-                f"{self.user!r}. Check it, then DROP TABLE public._bemi_tracking; and run "
-                "`python manage.py migrate bemi` (or start the worker again: it installs the rule)."
+                f"refusing to use {untrusted[0].why}: it is neither a superuser's nor role {self.user!r}'s, so "
+                f"its triggers, rules or defaults would run as role {self.user!r}. Have a superuser run "
+                "`python manage.py bemi_grants --app-role <the application's role> --worker-role "
+                f"{self.user}` (it makes it again, keeping the settings; docs/security.md)."
             )
-        if present and present[0]:
-            return
+        if (present and present[0]) or not self.writable:
+            return  # (tracking.sql refuses to install over a settings table another role owns)
         try:
             with self.control.transaction():
                 self.control.execute(bemi_sql.read("tracking.sql"))
@@ -92,6 +107,8 @@ class TrackedTables:
         if given is not None:
             rules, settings = json.dumps(given.sql_rules()), given.source_json()
             try:
+                if not self.writable:
+                    raise errors.InsufficientPrivilege("public._bemi_tracking is not a superuser's nor ours")
                 changed = self.control.execute(
                     "UPDATE public._bemi_tracking SET rules = %s::jsonb, settings = %s::jsonb, "
                     "updated_at = pg_catalog.now(), updated_by = 'bemi-worker' "
@@ -115,10 +132,11 @@ class TrackedTables:
             except tr.TrackingError as exc:
                 raise WorkerError(f"the tracking settings stored in public._bemi_tracking are invalid: {exc}")
         log.info("tracking: %s", self.tracking.describe())
-        # The settings table itself is bemi's own (a FOR ALL TABLES publication publishes its updates).
-        row = self.control.execute("SELECT pg_catalog.to_regclass('public._bemi_tracking')::oid").fetchone()
-        if row and row[0] is not None:
-            self.own_tables = self.own_tables | {int(row[0])}
+        # What is tracked is on the record: the settings table's changes are recorded like any table's when
+        # the publication has it (bemi_grants' does), but never the masking key kept in it.
+        key = tr.Pattern.parse("public._bemi_tracking.generated_key", "built-in", columns=True)
+        self.tracking = dataclasses.replace(self.tracking, ignored_columns=self.tracking.ignored_columns + (key,),
+                                            masked_columns=self.tracking.masked_columns + (key,))
         return self.tracking
 
     def _align_triggers(self, identity: bool = True) -> None:
@@ -127,6 +145,11 @@ class TrackedTables:
             "SELECT pg_catalog.to_regprocedure('public._bemi_create_triggers()') IS NOT NULL "
             "AND pg_catalog.to_regprocedure('public._bemi_set_replica_identity()') IS NOT NULL").fetchone()
         if not (row and row[0]):
+            return
+        untrusted = untrusted_source_objects(self.control, _ALIGN_ROUTINES)
+        if untrusted:  # in schema public, which the application's role may own: never run as the worker
+            log.warning("not bringing the triggers in line with the tracking settings: %s; run `python manage.py "
+                        "migrate bemi`, or have a superuser run bemi_grants", ", ".join(u.why for u in untrusted))
             return
         notices: list[str] = []
 
@@ -231,6 +254,8 @@ class TrackedTables:
         own = frozenset(int(o) for o in oids if o is not None)
         self.own_tables = self.own_tables | own
         try:
+            if not self.writable:
+                raise errors.InsufficientPrivilege("public._bemi_tracking is not a superuser's nor ours")
             registered = self.control.execute(
                 "UPDATE public._bemi_tracking SET own_tables = ARRAY(SELECT DISTINCT u FROM "
                 "pg_catalog.unnest(own_tables || %s::oid[]) u WHERE EXISTS "
@@ -268,6 +293,8 @@ class TrackedTables:
             row = self.control.execute("SELECT generated_key FROM public._bemi_tracking").fetchone()
             key = row[0] if row else None
             if key is None:
+                if not self.writable:
+                    raise errors.InsufficientPrivilege("public._bemi_tracking is not a superuser's nor ours")
                 key = secrets.token_bytes(32)
                 self.control.execute(
                     "UPDATE public._bemi_tracking SET generated_key = %s::bytea WHERE generated_key IS NULL", [key])

@@ -365,7 +365,7 @@ def worker_rows() -> dict[str, int]:
     """``changes`` rows the worker stored for the tracked tables, by the operation in their context."""
     with connection.cursor() as cur:
         cur.execute(
-            'SELECT context->>\'op\', count(*) FROM changes WHERE "table" = ANY(%s) GROUP BY 1',
+            'SELECT context->>\'op\', count(*) FROM bemi.changes WHERE "table" = ANY(%s) GROUP BY 1',
             [list(TRACKED_TABLES)],
         )
         return {op or "": n for op, n in cur.fetchall()}

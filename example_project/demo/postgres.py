@@ -150,6 +150,6 @@ def slot_ready(cluster: Cluster) -> bool:
 def count_changes(cluster: Cluster, table: str) -> int:
     """Rows the worker wrote for ``table`` (0 while ``changes`` does not exist)."""
     with psycopg.connect(cluster.dsn(DB_NAME), autocommit=True) as conn:
-        if conn.execute("SELECT to_regclass('public.changes')").fetchone()[0] is None:
+        if conn.execute("SELECT to_regclass('bemi.changes')").fetchone()[0] is None:
             return 0
-        return conn.execute('SELECT count(*) FROM changes WHERE "table" = %s', [table]).fetchone()[0]
+        return conn.execute('SELECT count(*) FROM bemi.changes WHERE "table" = %s', [table]).fetchone()[0]

@@ -13,9 +13,9 @@ import subprocess
 import psycopg
 
 COLUMNS = ["primary_key", "table", "operation", "before", "after", "context", "committed_at"]
-QUERY = "SELECT " + ", ".join(f'"{c}"' for c in COLUMNS) + ' FROM changes ORDER BY "committed_at";'
+QUERY = "SELECT " + ", ".join(f'"{c}"' for c in COLUMNS) + ' FROM bemi.changes ORDER BY "committed_at";'
 # The same rows as PostgreSQL's text, for the layout done here when psql is missing.
-_TEXT_QUERY = "SELECT " + ", ".join(f'"{c}"::text' for c in COLUMNS) + ' FROM changes ORDER BY "committed_at"'
+_TEXT_QUERY = "SELECT " + ", ".join(f'"{c}"::text' for c in COLUMNS) + ' FROM bemi.changes ORDER BY "committed_at"'
 
 
 def command_line(uri: str) -> str:

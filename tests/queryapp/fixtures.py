@@ -17,11 +17,11 @@ def recorder(db):
 def tx_recorder(transactional_db):
     """The same for tests that commit: leaves `changes` as it found it (absent, or emptied)."""
     with connection.cursor() as cursor:
-        cursor.execute("SELECT to_regclass('changes') IS NOT NULL")
+        cursor.execute("SELECT to_regclass('bemi.changes') IS NOT NULL")
         existed = cursor.fetchone()[0]
     create_changes_table()
     with connection.cursor() as cursor:
-        cursor.execute("TRUNCATE changes")
+        cursor.execute("TRUNCATE bemi.changes")
     yield Recorder()
     with connection.cursor() as cursor:
-        cursor.execute("TRUNCATE changes" if existed else "DROP TABLE changes")
+        cursor.execute("TRUNCATE bemi.changes" if existed else "DROP TABLE bemi.changes")

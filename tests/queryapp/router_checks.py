@@ -13,7 +13,7 @@ pytestmark = pytest.mark.django_db(databases=["default", "bemi"])
 
 def count_changes(alias):
     with connections[alias].cursor() as cursor:
-        cursor.execute("SELECT count(*) FROM changes")
+        cursor.execute("SELECT count(*) FROM bemi.changes")
         return cursor.fetchone()[0]
 
 
@@ -26,7 +26,7 @@ def test_changes_are_read_and_written_on_the_bemi_alias():
         Todo.objects.filter(id=1).update(task="Nap")
     assert count_changes("bemi") == 2
     with pytest.raises(ProgrammingError), transaction.atomic(using="default"), connections["default"].cursor() as cursor:
-        cursor.execute("SELECT 1 FROM changes")  # nothing on the source database
+        cursor.execute("SELECT 1 FROM bemi.changes")  # nothing on the source database
     assert BemiChange.objects.db == "bemi" and BemiChange.objects.all().db == "bemi"
 
     todo = Todo.objects.get(id=1)

@@ -34,10 +34,13 @@ class WorkerEnv:
         self.publication = self.slot
         self.conn = psycopg.connect(dsn, autocommit=True)
         self.conn.execute("SET TimeZone = 'UTC'")
+        # The tests' own convenience: partitions of bemi.changes by their bare names (bemi's code qualifies
+        # every name and pins its own search_path; tables the tests create still go to public).
+        self.conn.execute("SET search_path = public, bemi")
         self.processes: list[subprocess.Popen] = []
         # leave the database as we found it: drop the tables the worker created
         self.preexisting = {name for name in ("changes", "_bemi_worker_checkpoints", "_bemi_pruned")
-                            if self.execute("SELECT to_regclass(%s)", [name])[0][0]}
+                            if self.execute("SELECT to_regclass(%s)", [f"bemi.{name}"])[0][0]}
 
     # -- the source database --------------------------------------------------------------
     def execute(self, query: str, params: Any = None) -> list[tuple]:
@@ -74,7 +77,7 @@ class WorkerEnv:
     # -- reading the result ---------------------------------------------------------------
     def changes(self, where: str = "TRUE", params: Any = None) -> list[dict]:
         with self.conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(f"SELECT * FROM changes WHERE {where} ORDER BY commit_position, change_index", params)
+            cur.execute(f"SELECT * FROM bemi.changes WHERE {where} ORDER BY commit_position, change_index", params)
             return cur.fetchall()
 
     def slot_state(self) -> dict | None:
@@ -100,11 +103,11 @@ class WorkerEnv:
         self.execute(f'DROP PUBLICATION IF EXISTS "{self.publication}"')
         for name in ("changes", "_bemi_worker_checkpoints", "_bemi_pruned"):
             if name not in self.preexisting:
-                self.execute(f"DROP TABLE IF EXISTS {name}")
-        if self.execute("SELECT to_regclass('changes')")[0][0]:
-            self.execute("TRUNCATE changes")
-        if self.execute("SELECT to_regclass('_bemi_worker_checkpoints')")[0][0]:
-            self.execute("DELETE FROM _bemi_worker_checkpoints WHERE slot = %s", [self.slot])
+                self.execute(f"DROP TABLE IF EXISTS bemi.{name}")
+        if self.execute("SELECT to_regclass('bemi.changes')")[0][0]:
+            self.execute("TRUNCATE bemi.changes")
+        if self.execute("SELECT to_regclass('bemi._bemi_worker_checkpoints')")[0][0]:
+            self.execute("DELETE FROM bemi._bemi_worker_checkpoints WHERE slot = %s", [self.slot])
         self.conn.close()
 
 

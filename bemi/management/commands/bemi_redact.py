@@ -22,6 +22,8 @@ from psycopg import sql
 from bemi import conf, exactjson
 from bemi import tracking as tr
 from bemi.models import BemiChange
+from bemi.tables import CHANGES
+from bemi.trust import untrusted_tables
 from bemi.worker.stitch import PRIMARY_KEY_MAX
 
 #: Values held per batch at most (their stored size), whatever --batch-size says.
@@ -77,7 +79,14 @@ class Command(BaseCommand):
             raise CommandError(f"no database alias {alias!r} in DATABASES")
         self.connection = connections[alias]
         # Qualified: Django's connection has the application's search_path, which may find another `changes`.
-        self.table = sql.Identifier("public", BemiChange._meta.db_table)
+        self.table = CHANGES
+        self.connection.ensure_connection()
+        with self.connection.connection.cursor() as cursor:  # psycopg's own: every name in it is qualified
+            untrusted = untrusted_tables(cursor, ["changes"])
+        if untrusted:  # its owner's triggers would run with this command's privileges (bemi/trust.py)
+            raise CommandError("refusing to rewrite changes: " + ", ".join(t.why for t in untrusted)
+                               + " was not made by the worker's role nor a superuser; check it, then have a superuser "
+                               "run manage.py bemi_grants")
         self.batch = max(1, options["batch_size"])
         self.progress = not options["no_progress"] and options["verbosity"] > 0
         key = tr.derive_key(conf.masking_secret())

@@ -28,7 +28,7 @@ REWRITE = ("UPDATE", "DELETE", "TRUNCATE")
 @dataclass
 class Plan:
     """What ``grant_statements`` found, for the command's report."""
-    statements: list[sql.Composed] = field(default_factory=list)
+    statements: list[sql.Composable] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)  # what needs a person's decision first
     tables: list[str] = field(default_factory=list)  # bemi's tables once done
@@ -116,9 +116,9 @@ def grant_statements(cursor: Any, app_role: str, worker_role: str) -> Plan:
     return plan
 
 
-def _role_statements(cursor: Any, plan: Plan, app_role: str, worker_role: str) -> list[sql.Composed]:
+def _role_statements(cursor: Any, plan: Plan, app_role: str, worker_role: str) -> list[sql.Composable]:
     """The worker's role: REPLICATION, and no membership either way with the application's role."""
-    out: list[sql.Composed] = []
+    out: list[sql.Composable] = []
     worker, app = sql.Identifier(worker_role), sql.Identifier(app_role)
     rows = _rows(cursor, "SELECT r.rolname::text, r.rolsuper, r.rolreplication FROM pg_catalog.pg_roles r "
                          "WHERE r.rolname OPERATOR(pg_catalog.=) ANY (%s::pg_catalog.name[])", [[app_role, worker_role]])
@@ -256,13 +256,13 @@ def _json(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def publication_statements(cursor: Any, plan: Plan, publication: str, schemas: list[str]) -> list[sql.Composed]:
+def publication_statements(cursor: Any, plan: Plan, publication: str, schemas: list[str]) -> list[sql.Composable]:
     """The publication, owned by the superuser: ``FOR TABLES IN SCHEMA`` the tracked schemas (PostgreSQL
     15+), ``FOR ALL TABLES`` before (the worker skips its own tables by oid). Either publishes a table
     from the transaction that creates it, and neither the application's nor the worker's role may change
     it. Tables of those schemas without a usable replica identity get ``REPLICA IDENTITY FULL``: published
     without one, their UPDATE and DELETE would fail."""
-    out: list[sql.Composed] = []
+    out: list[sql.Composable] = []
     pub = sql.Identifier(publication)
     version = _rows(cursor, "SELECT pg_catalog.current_setting('server_version_num')::int4")[0][0]
     by_schema = version >= 150000

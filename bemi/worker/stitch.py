@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, cast
 
+from bemi import tables
 from bemi import tracking as tr
 from bemi.limits import MAX_CONTEXT_BYTES
 from bemi.worker import pgoutput as po

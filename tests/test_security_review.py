@@ -229,7 +229,7 @@ CREATE TRIGGER squat BEFORE INSERT ON bemi._bemi_pruned FOR EACH ROW EXECUTE FUN
 
 
 def test_bemi_prune_refuses_bookkeeping_another_role_made(scene):
-    """bemi_prune (run by an administrator) records what it pruned in public._bemi_pruned."""
+    """bemi_prune (run by an administrator) records what it pruned in bemi._bemi_pruned."""
     import os
     import subprocess
     import sys

@@ -89,7 +89,7 @@ def test_bemi_redact_applies_the_settings_to_history_recorded_before(worker_env,
                                         "WHERE c::text LIKE '%%leakedsessionkey%%'")
                 shadow = cursor.fetchone()[0]
                 cursor.execute("DROP SCHEMA redact_shadow CASCADE")
-        assert shadow == 1  # untouched: bemi_redact works on public.changes only
+        assert shadow == 1  # untouched: bemi_redact works on bemi.changes only
         text = all_changes_text(env)
         assert "leakedsessionkey" not in text and not any(h in text for h in hashes)
         key = tr.column_key(tr.derive_key("bemi-tests"), "public", "auth_user", "password")  # tests.settings.SECRET_KEY
@@ -115,15 +115,15 @@ def test_bemi_redact_masks_a_masked_primary_key_in_primary_key_too(worker_env, c
         env.execute(f"DELETE FROM public.{table} WHERE key = 'tok-secret-1'")
         run_worker(env)
         where = f"\"table\" = '{table}'"
-        assert env.execute(f"SELECT count(*) FROM changes WHERE {where} AND primary_key LIKE 'tok-secret-%%'")[0][0] == 4
+        assert env.execute(f"SELECT count(*) FROM bemi.changes WHERE {where} AND primary_key LIKE 'tok-secret-%%'")[0][0] == 4
         # As an earlier bemi_redact left a change: before/after masked with the one key, primary_key raw.
         legacy = tr.legacy_marker(tr.derive_key("bemi-tests"), b"tok-secret-2")
-        env.execute(f"UPDATE changes SET after = jsonb_set(after, '{{key}}', to_jsonb(%s::text)), "
+        env.execute(f"UPDATE bemi.changes SET after = jsonb_set(after, '{{key}}', to_jsonb(%s::text)), "
                     f"before = jsonb_set(before, '{{key}}', to_jsonb(%s::text)) "
                     f"WHERE {where} AND operation = 'UPDATE'", [legacy, legacy])
         with override_settings(BEMI_MASKED_COLUMNS=[f"{table}.key"]):
             call_command("bemi_redact", no_progress=True)
-            rows = env.execute(f"SELECT operation, primary_key, before->>'key', after->>'key' FROM changes "
+            rows = env.execute(f"SELECT operation, primary_key, before->>'key', after->>'key' FROM bemi.changes "
                                f"WHERE {where} ORDER BY commit_position, change_index")
             assert "tok-secret" not in all_changes_text(env)
             key = tr.column_key(tr.derive_key("bemi-tests"), "public", table, "key")

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Iterable, NamedTuple
 
 from bemi.tables import SCHEMA, STORED_TABLES
+from bemi.worker.shown import qualified, shown
 
 __all__ = ["BEMI_TABLES", "Untrusted", "untrusted_tables"]
 
@@ -38,10 +39,12 @@ class Untrusted(NamedTuple):
 
     @property
     def why(self) -> str:
+        """One line for a log or an error (names another role chose are shown escaped)."""
         if self.kind == "schema":
-            return f"schema {self.name} (owned by role {self.owner!r}, neither a superuser nor the worker's role)"
-        what = "" if self.kind in ("r", "p") else f", relkind {self.kind!r}: not a table"
-        return f"{self.schema}.{self.name} (owned by role {self.owner!r}{what})"
+            return (f"schema {shown(self.name)} (owned by role {self.owner!r}, neither a superuser nor the worker's "
+                    "role)")
+        what = "" if self.kind in ("r", "p", "routine") else f", relkind {self.kind!r}: not a table"
+        return f"{qualified(self.schema, self.name)} (owned by role {self.owner!r}{what})"
 
 
 UNTRUSTED = """

@@ -28,6 +28,7 @@ from bemi.worker import pgoutput as po
 from bemi.worker.errors import WorkerError
 from bemi.worker.partitions import Partitions
 from bemi.worker.session import connect, one_row
+from bemi.worker.shown import qualified, shown
 from bemi.worker.stitch import ChangeRow
 
 __all__ = ["Sink", "Checkpoint", "CheckpointMoved", "is_rejection"]
@@ -194,10 +195,10 @@ class Sink:
         stuck = [t for t in legacy if t not in movable and t.trusted_owner]
         for t in legacy:
             if t not in movable and t not in stuck:
-                log.warning("left %s.%s alone: role %s made it, not a worker (bemi's tables live in schema %s)",
-                            tables.LEGACY_SCHEMA, t.name, t.owner, tables.SCHEMA)
+                log.warning("left %s alone: role %s made it, not a worker (bemi's tables live in schema %s)",
+                            qualified(tables.LEGACY_SCHEMA, t.name), shown(t.owner), tables.SCHEMA)
         if stuck:
-            listed = ", ".join(f"{tables.LEGACY_SCHEMA}.{t.name} (owner {t.owner})" for t in stuck)
+            listed = ", ".join(f"{qualified(tables.LEGACY_SCHEMA, t.name)} (owner {t.owner!r})" for t in stuck)
             raise WorkerError(
                 f"bemi's tables of an earlier version are in schema {tables.LEGACY_SCHEMA} and this role may not "
                 f"move them into schema {tables.SCHEMA}: {listed}. To move them, {self._grants_hint()}.")
@@ -208,7 +209,7 @@ class Sink:
                 conn.execute(statement)
         conn.commit()
         log.warning("moved %s from schema %s into schema %s (owned by the worker's role: the application's role "
-                    "cannot drop them there; docs/security.md)", ", ".join(t.name for t in movable),
+                    "cannot drop them there; docs/security.md)", ", ".join(shown(t.name) for t in movable),
                     tables.LEGACY_SCHEMA, tables.SCHEMA)
 
     def _refuse_untrusted_tables(self) -> None:

@@ -63,7 +63,7 @@ def fill(rows: int, after: int, other: int) -> None:
         started = time.perf_counter()
         cursor.execute("INSERT INTO todo (id, task, is_completed) SELECT i, 'task ' || i, i %% 3 = 0 "
                        "FROM generate_series(1, %s) i", [rows])
-        common = ("INSERT INTO changes (database, schema, \"table\", primary_key, operation, before, after, context, "
+        common = ("INSERT INTO bemi.changes (database, schema, \"table\", primary_key, operation, before, after, context, "
                   "committed_at, queued_at, created_at, transaction_id, position, commit_position, change_index) ")
         # a CREATE per row, a day before the instant; other tables' changes around it
         cursor.execute(common + "SELECT 'bench', 'public', 'todo', i::text, 'CREATE', '{}', to_jsonb(t), "
@@ -94,9 +94,9 @@ def fill(rows: int, after: int, other: int) -> None:
         cursor.execute("INSERT INTO todo (id, task, is_completed) SELECT id, 'new ' || id, false FROM later WHERE kind = 5")
         cursor.execute("SELECT count(*) FROM later")
         stored = cursor.fetchone()[0]
-        cursor.execute("VACUUM ANALYZE changes")
+        cursor.execute("VACUUM ANALYZE bemi.changes")
         cursor.execute("VACUUM ANALYZE todo")
-        cursor.execute("SELECT count(*) FROM changes")
+        cursor.execute("SELECT count(*) FROM bemi.changes")
         total = cursor.fetchone()[0]
     print(f"todo: {rows:,} rows; changes: {total:,} rows, {stored:,} of todo after the instant; "
           f"filled in {time.perf_counter() - started:.1f} s")

@@ -98,15 +98,15 @@ def test_keyset_pages_without_count(activity, staff, monkeypatch):
     monkeypatch.setattr(admin_activity, "PAGE_SIZE", 2)
     with CaptureQueriesContext(connection) as queries:
         first = staff.get("/admin/bemi/bemichange/activity/")
-    on_changes = [q["sql"] for q in queries if 'FROM "changes"' in q["sql"]]
+    on_changes = [q["sql"] for q in queries if 'FROM "bemi"."changes"' in q["sql"]]
     assert len(on_changes) == 1 and "COUNT(" not in on_changes[0].upper() and "OFFSET" not in on_changes[0]
     assert on_changes[0].endswith("LIMIT 3")
     assert [r[-1] for r in rows(first)] == ["CREATE queryapp_project 1", "DELETE todo 2"]
     older = re.search(r'href="\?([^"]+)" id="bemi-older"', first.content.decode()).group(1)
     with CaptureQueriesContext(connection) as queries:
         second = staff.get("/admin/bemi/bemichange/activity/?" + older.replace("&amp;", "&"))
-    keyset = [q["sql"] for q in queries if 'FROM "changes"' in q["sql"]][0]
-    assert '"changes"."committed_at" <= ' in keyset  # a bound the committed_at index can start from
+    keyset = [q["sql"] for q in queries if 'FROM "bemi"."changes"' in q["sql"]][0]
+    assert '"bemi"."changes"."committed_at" <= ' in keyset  # a bound the committed_at index can start from
     assert [r[-1] for r in rows(second)] == ["UPDATE todo 1", "CREATE todo 2"]
     third = re.search(r'href="\?([^"]+)" id="bemi-older"', second.content.decode()).group(1)
     assert [r[-1] for r in rows(staff.get("/admin/bemi/bemichange/activity/?" + third.replace("&amp;", "&")))] == [

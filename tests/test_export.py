@@ -31,7 +31,7 @@ def changes(recorder):
                  committed_at=BASE + dt.timedelta(days=2))
     recorder.add("todo", None, "TRUNCATE", committed_at=BASE + dt.timedelta(days=3))
     with connection.cursor() as cursor:  # a value Python's float would round, and text needing escapes
-        cursor.execute("UPDATE changes SET before = %s::jsonb WHERE operation = 'DELETE'", [EXACT])
+        cursor.execute("UPDATE bemi.changes SET before = %s::jsonb WHERE operation = 'DELETE'", [EXACT])
     return recorder
 
 
@@ -46,7 +46,7 @@ def stored(operation: str) -> dict:
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT to_jsonb(c) - 'before' - 'after' - 'context', before::text, after::text, context::text "
-            "FROM changes c WHERE operation = %s", [operation])
+            "FROM bemi.changes c WHERE operation = %s", [operation])
         row, before, after, context = cursor.fetchone()
     return {**(json.loads(row) if isinstance(row, str) else row), "before": before, "after": after, "context": context}
 
@@ -120,7 +120,7 @@ def test_streamed_through_a_server_side_cursor(changes):
         export()
     sql = [q["sql"] for q in queries]
     assert len(sql) == 1 and sql[0].startswith('DECLARE "_django_curs_') and " CURSOR " in sql[0]
-    assert 'FROM "changes"' in sql[0] and "COUNT(" not in sql[0]  # no progress bar: stderr is not a terminal
+    assert 'FROM "bemi"."changes"' in sql[0] and "COUNT(" not in sql[0]  # no progress bar: stderr is not a terminal
 
 
 @pytest.mark.django_db(transaction=True)
@@ -128,7 +128,7 @@ def test_memory_stays_bounded_on_a_large_export(tx_recorder):
     """100 MB of changes exported in a subprocess: its peak memory grows by far less than the data."""
     with connection.cursor() as cursor:
         cursor.execute(
-            "INSERT INTO changes (database, schema, \"table\", primary_key, operation, before, after, context, "
+            "INSERT INTO bemi.changes (database, schema, \"table\", primary_key, operation, before, after, context, "
             "committed_at, queued_at, created_at, transaction_id, position, commit_position, change_index) "
             "SELECT 'test_bemi', 'public', 'big', g::text, 'UPDATE', jsonb_build_object('v', repeat(md5(g::text), 80)), "
             "jsonb_build_object('v', repeat(md5((g + 1)::text), 80)), '{}', %s::timestamptz + g * interval '1 ms', "

@@ -74,7 +74,7 @@ def test_a_filter_selects_rows_by_their_values_then(todos):
 def test_one_query_on_changes_and_one_on_the_table(todos):
     with CaptureQueriesContext(connection) as queries:
         Todo.bemi_table_as_of(at(3), task__startswith="b")
-    on_changes = [q["sql"] for q in queries if 'FROM "changes"' in q["sql"]]
+    on_changes = [q["sql"] for q in queries if 'FROM "bemi"."changes"' in q["sql"]]
     assert len(on_changes) == 1 and "DISTINCT ON" in on_changes[0] and '"committed_at" >' in on_changes[0]
     rebuilt = [q["sql"] for q in queries if q["sql"].startswith('WITH "todo" AS')]
     assert len(rebuilt) == 1 and '"todo"."task"::text LIKE' in rebuilt[0]
@@ -166,7 +166,7 @@ def test_a_masked_primary_key_is_an_error(recorder):
 
 def test_pruned_history_is_an_error(todos):
     with connection.cursor() as cursor:
-        cursor.execute("INSERT INTO _bemi_pruned (pruned_before) VALUES (%s)", [at(5)])
+        cursor.execute("INSERT INTO bemi._bemi_pruned (pruned_before) VALUES (%s)", [at(5)])
     with pytest.raises(HistoryPrunedError, match="Cannot tell the table public.todo as of .* was pruned") as caught:
         Todo.bemi_table_as_of(at(3))
     assert caught.value.pruned_before == at(5)

@@ -8,7 +8,7 @@ from django.db import migrations
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('bemi', '0004_tracking'),
+        ('bemi', '0005_bemichange_revert_permission'),
     ]
 
     operations = [

@@ -118,7 +118,7 @@ class Bench:
         startup_s = self.startup(slot)
         net_s = max(worker_s - startup_s, 1e-3)
         if self.baseline:
-            self.conn.execute("TRUNCATE changes")  # its rows again (same identities)
+            self.conn.execute("TRUNCATE bemi.changes")  # its rows again (same identities)
             base_s, base_written, _rss = self.worker_once(f"base{self.n}", self.baseline)
             assert base_written == changes, (base_written, changes)
             base_startup_s = self.startup(f"base{self.n}", self.baseline)

@@ -203,8 +203,8 @@ class TrackedTables:
         tracked". Without the privileges for it, nothing is undone here and
         ``register_own_tables`` does it after the commit, as before.
         """
-        if not self._same_database(destination):
-            return
+        if not self._same_database(destination) or not self.writable:
+            return  # (not writable: a settings table another role made, whose triggers would run as us)
         own = [o for o in _own_oids(destination) if o is not None]
         if not own:
             return

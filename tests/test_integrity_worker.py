@@ -306,3 +306,28 @@ def test_a_worker_that_lost_the_slot_cannot_commit_over_the_one_that_took_it(wor
         ("100",)]
     assert env.execute("SELECT (end_lsn - '0/0')::int8 FROM _bemi_worker_checkpoints WHERE slot = %s",
                        [env.slot]) == [(end + 108,)]
+
+
+def test_a_login_role_holding_the_old_partition_lock_does_not_stall_partition_upkeep(worker_env, login_role):
+    """Partition upkeep took an advisory lock (class 0x62656D69, key 12) that any role can hold:
+    every pass then waited out its lock_timeout and made no partition, so changes piled up in
+    changes_default. It now locks the parent table, which a LOGIN role may not."""
+    from datetime import datetime, timezone
+
+    from bemi.worker.partitions import Partitions
+
+    env = worker_env
+    env.run_once()
+    _, hostile = login_role
+    assert hostile.execute("SELECT pg_try_advisory_lock(%s, %s)", [0x62656D69, 12]).fetchone()[0]
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        hostile.execute("BEGIN; LOCK TABLE bemi.changes IN SHARE UPDATE EXCLUSIVE MODE")
+    hostile.execute("ROLLBACK")
+    with psycopg.connect(env.dsn, autocommit=True) as conn:
+        manager = Partitions(conn, "month", clock=lambda: datetime(2031, 5, 20, tzinfo=timezone.utc),
+                             lock_timeout_ms=200)
+        made = manager.ensure_ahead()
+    try:
+        assert made == ["changes_p20310501", "changes_p20310601"]
+    finally:
+        env.execute("DROP TABLE IF EXISTS bemi.changes_p20310501, bemi.changes_p20310601")

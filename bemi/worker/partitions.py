@@ -44,8 +44,6 @@ DEFAULT_PARTITION = "changes_default"
 PRUNE_LOG = "_bemi_pruned"
 _STAGING = "_bemi_new_partition"
 #: Advisory lock key (the first int4 of two) serialising partition DDL between processes.
-_LOCK_SPACE = 0x62656D69  # "bemi"
-_LOCK_DDL = 12
 
 
 
@@ -301,7 +299,10 @@ class Partitions:
         conn = self.conn
         try:
             with self._tx(), _settings(conn, lock_timeout=f"{self.lock_timeout_ms}ms"):
-                conn.execute("SELECT pg_catalog.pg_advisory_xact_lock(%s::int4, %s::int4)", [_LOCK_SPACE, _LOCK_DDL])
+                # One maintainer at a time, on a lock only the table's owner and roles that may rewrite
+                # it can take (an advisory lock is anyone's: a LOGIN role holding it stalled every pass).
+                # ATTACH PARTITION takes this mode on the parent anyway; reads and the worker's COPY go on.
+                conn.execute(sql.SQL("LOCK TABLE {} IN SHARE UPDATE EXCLUSIVE MODE").format(self.ident))
                 if _one(conn.execute("SELECT pg_catalog.to_regclass(%s)", [f"{SCHEMA}.{name}"]))[0]:
                     return None  # made meanwhile by another process
                 has_default = _one(conn.execute("SELECT pg_catalog.to_regclass(%s)",

@@ -280,3 +280,21 @@ def test_a_table_named_with_a_newline_cannot_forge_a_log_line(env, caplog):
     assert about, messages
     assert all("\n" not in m and "\x1b" not in m for m in messages)
     assert any(repr(forged) in m for m in about)
+
+
+def test_a_lock_held_elsewhere_never_fails_a_create_table(env):
+    """_bemi_publish runs with lock_timeout = 20ms; its look-ups sat outside its EXCEPTION block, so a
+    lock held by another session made the application's CREATE TABLE fail with LockNotAvailable."""
+    import psycopg
+
+    table = name("locked")
+    env.made.append(f"DROP TABLE IF EXISTS {table}")
+    with psycopg.connect(env.dsn) as holder:
+        holder.execute("LOCK TABLE pg_catalog.pg_publication IN ACCESS EXCLUSIVE MODE")
+        with psycopg.connect(env.dsn, autocommit=True) as app:
+            notices: list[str] = []
+            app.add_notice_handler(lambda diag: notices.append(diag.message_primary or ""))
+            app.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
+        holder.rollback()
+    assert env.execute("SELECT to_regclass(%s) IS NOT NULL", [table]) == [(True,)]
+    assert any("could not publish" in n for n in notices), notices

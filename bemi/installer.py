@@ -163,7 +163,7 @@ def upgrade(apps: Any, schema_editor: Any) -> None:
 
 def _has_recorded_history() -> bool:
     """Does the database the ``changes`` model reads from hold any change (an upgrade, not a new install)?"""
-    from django.db import DatabaseError, router, transaction
+    from django.db import DatabaseError, connections, router, transaction
 
     from bemi.models import BemiChange
 
@@ -171,7 +171,13 @@ def _has_recorded_history() -> bool:
     try:
         with transaction.atomic(using=alias):
             return BemiChange.objects.using(alias).exists()
-    except DatabaseError:  # no changes table (yet): a new install
+    except DatabaseError:  # not in schema bemi (yet): a new install, or an earlier version's in public
+        pass
+    try:  # (moved into schema bemi at the worker's next start: bemi/relocate.py)
+        with transaction.atomic(using=alias), connections[alias].cursor() as cursor:
+            cursor.execute("SELECT EXISTS (SELECT FROM public.changes)")
+            return bool(cursor.fetchone()[0])
+    except DatabaseError:
         return False
 
 

@@ -78,7 +78,7 @@ def test_the_workers_first_start_does_not_untrack_its_own_new_tables(pg_server, 
     assert Worker(Config(source_dsn=dsn, slot=slot, publication=slot, once=True)).run() == 0
     assert "no longer tracked" not in caplog.text and "removed" not in caplog.text
     with psycopg.connect(dsn, autocommit=True) as conn:
-        assert conn.execute("SELECT count(*) FROM changes WHERE \"table\" = 'todo'").fetchone()[0] == 1
+        assert conn.execute("SELECT count(*) FROM bemi.changes WHERE \"table\" = 'todo'").fetchone()[0] == 1
 
 
 @pytest.fixture
@@ -94,7 +94,7 @@ def test_each_notice_of_a_migration_is_printed_once(pg_server, scratch, settings
     with psycopg.connect(pg_server.dsn(scratch), autocommit=True) as conn:
         conn.execute("CREATE TABLE todo (id int PRIMARY KEY, task text)")
         conn.execute(PREVIOUS_CHANGES)
-        conn.execute("INSERT INTO changes (database, schema, \"table\", operation, committed_at, transaction_id, "
+        conn.execute("INSERT INTO public.changes (database, schema, \"table\", operation, committed_at, transaction_id, "
                      "position, commit_position, change_index) VALUES ('x', 'public', 'todo', 'CREATE', now(), 1, "
                      "1, 1, 0)")
     result = manage(["migrate", "bemi"], scratch)

@@ -130,7 +130,7 @@ def test_two_databases_on_one_server_each_with_its_own_slot(worker_env, pg_serve
         conn.execute("INSERT INTO todo VALUES (1, 'second')")
         result = manage(["bemi_worker", "--once", "--verbosity", "0"], scratch, settings_dir, "second_settings")
         assert result.returncode == 0, result.stdout + result.stderr
-        assert conn.execute("SELECT after->>'task' FROM changes").fetchall() == [("second",)]
+        assert conn.execute("SELECT after->>'task' FROM bemi.changes").fetchall() == [("second",)]
         assert conn.execute("SELECT database::text FROM pg_replication_slots WHERE slot_name = %s",
                             [slot]).fetchall() == [(scratch,)]
     result = manage(["bemi_status", "--json"], scratch, settings_dir, "second_settings")

@@ -41,6 +41,8 @@ table `_bemi_worker_checkpoints`. It never drops or recreates a slot.
 EPILOG = """\
 `bemi-worker status` (see `bemi-worker status --help`) tells whether tracking works:
 slot, retained WAL, lag, worker, tables; exit status 0 when healthy.
+`bemi-worker verify` (see `bemi-worker verify --help`) checks the chain of stored
+changes: exit status 0 when intact, 1 when tampered with, 2 when it cannot check.
 
 exit status: 0 done (--once, or stopped by SIGINT/SIGTERM after committing the batch
 in hand); 1 unexpected database error in a --once run; 2 something to fix
@@ -115,6 +117,8 @@ def add_worker_arguments(parser, names_from_settings: bool = False) -> None:
                              "(200 while streaming, else 503); needs pip install prometheus_client")
     parser.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                         help="address for --metrics-port (default: 127.0.0.1; 0.0.0.0 for every interface)")
+    # Benchmarks only (bench/ingest.py): changes stored without links fail bemi_verify.
+    parser.add_argument("--no-chain", action="store_true", help=argparse.SUPPRESS)
     add_tracking_arguments(parser)
 
 
@@ -200,6 +204,7 @@ def config_from_options(options, source_dsn: str, destination_dsn: str | None, t
         metrics_host=getattr(options, "metrics_host", "127.0.0.1"),
         tracking=tracking,
         masking_key=masking_key,
+        chain=not getattr(options, "no_chain", False),
     )
 
 
@@ -229,10 +234,36 @@ def status_main(argv: list[str]) -> int:
     return status.run(source, destination, options, sys.stdout, sys.stderr)
 
 
+def build_verify_parser() -> argparse.ArgumentParser:
+    from bemi.verify import add_verify_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="bemi-worker verify",
+        description="Recompute the chain of stored changes and compare it with the stored links: exit 0 when "
+                    "intact, 1 when a change was altered, removed or inserted after the fact, 2 when it cannot "
+                    "check. Reads the destination (DESTINATION_DB_*, else DB_*). See docs/security.md.")
+    add_verify_arguments(parser)
+    parser.add_argument("--dsn", help="libpq connection string of the source database (overrides DB_*)")
+    parser.add_argument("--destination-dsn",
+                        help="libpq connection string of the destination (overrides DESTINATION_DB_*)")
+    return parser
+
+
+def verify_main(argv: list[str]) -> int:
+    from bemi import verify
+
+    options = build_verify_parser().parse_args(argv)
+    dsn = (options.destination_dsn or _dsn_from_env("DESTINATION_DB_") or options.dsn or _dsn_from_env("DB_")
+           or "")
+    return verify.run(dsn, options, sys.stdout, sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["status"]:
         return status_main(argv[1:])
+    if argv[:1] == ["verify"]:
+        return verify_main(argv[1:])
     parser = build_parser()
     options = parser.parse_args(argv)
     try:

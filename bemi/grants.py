@@ -20,8 +20,8 @@ from bemi import relocate
 from bemi.tables import LEGACY_SCHEMA, SCHEMA
 from bemi.worker.publication import GRANTS_PUBLICATION_COMMENT
 
-#: bemi's tables the application reads (BemiChange, time travel's pruned horizon).
-READ_BY_APP = ("changes", "_bemi_pruned")
+#: bemi's tables the application reads (BemiChange, time travel's pruned horizon, where the chain was cut).
+READ_BY_APP = ("changes", "_bemi_pruned", "_bemi_chain_cuts")
 REWRITE = ("UPDATE", "DELETE", "TRUNCATE")
 
 

@@ -97,7 +97,7 @@ def store_tracking(connection: Any, by: str = "migrate bemi") -> bool:
                     "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
                     "WHERE n.nspname OPERATOR(pg_catalog.=) ANY ('{bemi,public}'::pg_catalog.name[]) "
                     "AND c.relname OPERATOR(pg_catalog.=) ANY ('{changes,_bemi_worker_checkpoints,"
-                    "_bemi_worker_failures}'::pg_catalog.name[]) "
+                    "_bemi_worker_failures,_bemi_chain_cuts}'::pg_catalog.name[]) "
                     "AND c.relkind OPERATOR(pg_catalog.=) ANY ('{r,p}'::pg_catalog.\"char\"[]) "
                     "AND (n.nspname OPERATOR(pg_catalog.=) 'bemi' OR EXISTS (SELECT FROM pg_catalog.pg_roles r "
                     "WHERE r.oid OPERATOR(pg_catalog.=) c.relowner AND (r.rolsuper OR r.rolreplication))))) u)")

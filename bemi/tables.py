@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from psycopg import sql
 
-__all__ = ["SCHEMA", "LEGACY_SCHEMA", "CHANGES", "CHECKPOINTS", "FAILURES", "PRUNED", "STORED_TABLES",
+__all__ = ["SCHEMA", "LEGACY_SCHEMA", "CHANGES", "CHECKPOINTS", "FAILURES", "PRUNED", "CHAIN_CUTS", "STORED_TABLES",
            "qualified", "schema"]
 
 #: The schema of ``changes``, its partitions and the worker's bookkeeping tables.
@@ -19,7 +19,7 @@ SCHEMA = "bemi"
 #: Where earlier versions (and the published Docker worker) kept them: moved from there (bemi/relocate.py).
 LEGACY_SCHEMA = "public"
 #: bemi's stored tables by name (partitions of ``changes`` are found through the catalog).
-STORED_TABLES = ("changes", "_bemi_worker_checkpoints", "_bemi_worker_failures", "_bemi_pruned")
+STORED_TABLES = ("changes", "_bemi_worker_checkpoints", "_bemi_worker_failures", "_bemi_pruned", "_bemi_chain_cuts")
 
 
 def qualified(name: str) -> sql.Identifier:
@@ -35,3 +35,4 @@ CHANGES = qualified("changes")
 CHECKPOINTS = qualified("_bemi_worker_checkpoints")
 FAILURES = qualified("_bemi_worker_failures")
 PRUNED = qualified("_bemi_pruned")
+CHAIN_CUTS = qualified("_bemi_chain_cuts")

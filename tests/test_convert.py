@@ -11,6 +11,7 @@ import pytest
 from django.core.management import call_command
 
 from bemi import sql as bemi_sql
+from bemi import verify
 from bemi.worker.convert import convert
 from bemi_devtools.legacy import PREVIOUS_CHANGES, PUBLISHED_CHANGES
 
@@ -100,6 +101,12 @@ def test_convert_while_the_worker_writes(worker_env, ddl):
     assert {"changes_p20240101", "changes_p20240201", "changes_p20240301", "changes_p20240401",
             "changes_p20240501", "changes_default"} <= partitions
     assert env.execute("SELECT count(*) FROM bemi.changes_default") == [(0,)]
+    # The chain (issue 18) survives the conversion: the links were copied with the rows.
+    with verify.connect(env.dsn) as conn:
+        report = verify.verify(conn)
+    assert report.exit_code == 0, verify.render_text(report)
+    ours = [c for c in report.chains if c.database == env.conn.info.dbname]
+    assert ours[0].checked == len(written)
     if ddl is PREVIOUS_CHANGES:  # the same table as a fresh install's
         converted = catalog(env, "changes")
         env.execute("DROP TABLE bemi.changes, bemi.changes_unpartitioned")

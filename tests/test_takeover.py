@@ -19,6 +19,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from bemi import verify
 from bemi.worker.runner import Config, Worker
 from bemi_devtools.legacy import PUBLISHED_CHANGES
 from bemi.worker.errors import WorkerError
@@ -187,5 +188,10 @@ def test_taking_over_the_published_workers_slot(pg_server, scratch, mode, caplog
     expected = Counter({(str(i), "CREATE"): 1 for i in [*range(1, 16), 20, 21, 22, *range(30, 40)]})
     expected.update({("1", "UPDATE"): 1, ("2", "DELETE"): 1, ("100", "CREATE"): 1, ("3", "DELETE"): 1})
     assert counts == expected, "every change once"
+    # The chain (issue 18) starts after what the published worker stored: it verifies.
+    with verify.connect(dsn) as conn:
+        report = verify.verify(conn)
+    assert report.exit_code == 0, verify.render_text(report)
+    assert [(c.checked, c.unlinked) for c in report.chains] == [(len(ours), published)]
     print(f"\ntakeover counts ({mode}): {published} rows stored by the published worker, "
           f"{replayed - 5} replayed by the slot and skipped, {len(ours)} stored by ours, {len(rows)} in all")

@@ -12,6 +12,9 @@
 -- Published columns first (compat.md). Ours, after them:
 --   commit_position  LSN of the source transaction's commit
 --   change_index     order of the change inside that transaction (0-based)
+--   chain_link       sha256 of the previous change's link and this change's
+--                    canonical bytes, per database in commit order (bemi/chain.py;
+--                    bemi_verify checks it; NULL on changes stored before it existed)
 -- A change is identified by (database, commit_position, change_index); a
 -- unique index on a partitioned table must contain the partition key, and
 -- committed_at is the same for every change of one transaction, so
@@ -48,6 +51,7 @@ CREATE TABLE IF NOT EXISTS bemi.changes (
     "position" bigint NOT NULL,
     "commit_position" bigint NOT NULL,
     "change_index" integer NOT NULL,
+    "chain_link" bytea,
     CONSTRAINT changes_pkey PRIMARY KEY ("id", "committed_at")
 ) PARTITION BY RANGE ("committed_at");
 

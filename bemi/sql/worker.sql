@@ -8,7 +8,8 @@
 -- stored, written in the same destination transaction as those `changes` rows,
 -- so after a crash the worker knows exactly which transactions the slot may hand
 -- out again and skips them. (Tables made before `source` existed are upgraded by
--- the worker: bemi/worker/sink.py.)
+-- the worker: bemi/worker/sink.py.) `chain_head`: the link of the last change
+-- stored (bemi/chain.py), committed with it: where the chain continues.
 CREATE TABLE IF NOT EXISTS bemi._bemi_worker_checkpoints (
     "slot" text NOT NULL,
     "database" text NOT NULL,
@@ -19,6 +20,7 @@ CREATE TABLE IF NOT EXISTS bemi._bemi_worker_checkpoints (
     "changes" bigint NOT NULL DEFAULT 0,
     "updated_at" timestamptz NOT NULL DEFAULT pg_catalog.now(),
     "source" text NOT NULL,
+    "chain_head" bytea,
     PRIMARY KEY ("source", "slot")
 );
 

@@ -55,9 +55,9 @@ COLUMNS = [
     ("before", "jsonb", "'{}'::jsonb"), ("after", "jsonb", "'{}'::jsonb"), ("context", "jsonb", "'{}'::jsonb"),
     ("committed_at", "timestamptz", None), ("queued_at", "timestamptz", "pg_catalog.now()"),
     ("created_at", "timestamptz", "pg_catalog.now()"), ("transaction_id", "bigint", None), ("position", "bigint", None),
-    ("commit_position", "bigint", None), ("change_index", "integer", None),
+    ("commit_position", "bigint", None), ("change_index", "integer", None), ("chain_link", "bytea", None),
 ]
-NULLABLE = {"primary_key"}
+NULLABLE = {"primary_key", "chain_link"}
 # (suffix, method, column expression) of the indexes of changes.sql; names are TABLE + suffix.
 INDEXES = [
     ("_committed_at_index", "btree", '"committed_at"'), ("_table_index", "btree", '"table"'),

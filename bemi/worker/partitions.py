@@ -27,6 +27,7 @@ from psycopg import sql
 
 from bemi import tables
 from bemi.words import counted
+from bemi import chainstore
 
 __all__ = [
     "INTERVALS", "DEFAULT_INTERVAL", "Partition", "Partitions", "PruneResult", "parse_retention",
@@ -416,13 +417,13 @@ class Partitions:
             if dry_run:
                 say(f"would drop partition {SCHEMA}.{part.name} ({_span(part)}, {counted(rows, 'change')})")
             else:
-                if not self._detach_and_drop(part.name, retries):
+                if not self._detach_and_drop(part.name, retries, by, rows):
                     continue
                 say(f"dropped partition {SCHEMA}.{part.name} ({_span(part)}, {counted(rows, 'change')})")
             result.dropped.append(part)
             result.dropped_rows += rows
         for part in straddling:
-            count = self._trim(part.name, cutoff, batch_rows, dry_run)
+            count = self._trim(part.name, cutoff, batch_rows, dry_run, by)
             if count:
                 result.trimmed[part.name] = count
                 verb = "would delete" if dry_run else "deleted"
@@ -437,12 +438,16 @@ class Partitions:
         with self._tx():
             return int(_one(self.conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table_ident(name))))[0])
 
-    def _detach_and_drop(self, name: str, retries: int) -> bool:
-        """DETACH then DROP, one transaction (milliseconds: no row is read or written; an interruption
-        leaves no detached orphan). A busy lock is retried after a pause instead of queueing readers."""
+    def _detach_and_drop(self, name: str, retries: int, by: str = "bemi_prune", rows: int = 0) -> bool:
+        """DETACH then DROP, one transaction (milliseconds: no row is written; an interruption
+        leaves no detached orphan). A busy lock is retried after a pause instead of queueing readers.
+        The chain's cut (its newest change per database, one index probe each) is recorded in it."""
+        chained = self._chained()
         for attempt in range(retries):
             try:
                 with self._tx(), _settings(self.conn, lock_timeout=f"{self.lock_timeout_ms}ms"):
+                    for cut in chainstore.cut_at(self.conn, table_ident(name)) if chained else []:
+                        chainstore.record_cut(self.conn, cut._replace(reason=by, changes=rows))
                     self.conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(
                         self.ident, table_ident(name)))
                     self.conn.execute(sql.SQL("DROP TABLE {}").format(table_ident(name)))
@@ -455,20 +460,33 @@ class Partitions:
         log.warning("could not detach partition %s.%s after %d tries (lock busy); it is kept", SCHEMA, name, retries)
         return False
 
-    def _trim(self, name: str, cutoff: datetime, batch_rows: int, dry_run: bool) -> int:
+    def _chained(self) -> bool:
+        with self._tx():
+            return chainstore.has_chain(self.conn)
+
+    def _trim(self, name: str, cutoff: datetime, batch_rows: int, dry_run: bool, by: str = "bemi_prune") -> int:
         target = table_ident(name)
         if dry_run:
             with self._tx():
                 return int(_one(self.conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE committed_at < %s").format(
                     target), [cutoff]))[0])
         total = 0
+        chained = self._chained()
+        # With the chain: the newest deleted change per database is the cut, recorded in the same transaction.
         query = sql.SQL(
-            "DELETE FROM {t} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {t} WHERE committed_at < %s LIMIT %s))"
-        ).format(t=target)
+            "WITH gone AS (DELETE FROM {t} WHERE ctid = ANY (ARRAY(SELECT ctid FROM {t} WHERE committed_at < %s "
+            "LIMIT %s)) RETURNING database, commit_position, change_index, {link}) "
+            "SELECT newest.*, (SELECT pg_catalog.count(*) FROM gone) FROM ("
+            "SELECT DISTINCT ON (database) database, commit_position, change_index, link FROM gone "
+            "ORDER BY database, commit_position DESC NULLS LAST, change_index DESC) newest"
+        ).format(t=target, link=sql.SQL("chain_link AS link" if chained else "NULL::bytea AS link"))
         while True:
             try:
                 with self._tx():
-                    deleted = self.conn.execute(query, [cutoff, batch_rows]).rowcount
+                    rows = self.conn.execute(query, [cutoff, batch_rows]).fetchall()
+                    deleted = int(rows[0][4]) if rows else 0
+                    for cut in chainstore.newest_of([r[:4] for r in rows]):
+                        chainstore.record_cut(self.conn, cut._replace(reason=by, changes=deleted))
             except psycopg.errors.UndefinedTable:
                 break
             total += deleted

@@ -78,6 +78,7 @@ class Config:
     metrics_host: str = "127.0.0.1"
     tracking: Any = None  # bemi.tracking.Tracking from flags; None: the settings stored in the source database
     masking_key: str | None = None  # None: the random key kept in the source database
+    chain: bool = True  # give every stored change its link of the chain (bemi/chain.py); off only for bench/
 
 
 @dataclass
@@ -150,7 +151,8 @@ class Worker:
         stream = source.open_stream(self.stats)
         self._walsenders.add(stream.conn.info.backend_pid)
         self.source_identity = source.identity
-        self.sink = sink = Sink(cfg.destination_dsn or cfg.source_dsn, cfg.slot, source.database, source.identity)
+        self.sink = sink = Sink(cfg.destination_dsn or cfg.source_dsn, cfg.slot, source.database, source.identity,
+                                chain=cfg.chain)
         sink.ensure_tables(before_commit=tracked.claim_new_tables)
         tracked.register_own_tables(sink.conn)  # before its partitions are made: they are decided by it
         self._maintain_partitions(force=True)
@@ -593,9 +595,11 @@ class Worker:
         busy, self._log_busy = max(self._log_busy, 1e-6), 0.0
         lag_seconds = (datetime.now(timezone.utc) - commit.commit_time).total_seconds()
         lag_bytes = max(self.stats.server_wal_end - commit.end_lsn, 0)
-        log.info("wrote %s in %.3f s (%.0f changes/s); up to %s; lag %d bytes, %.1f s",
+        chain = self.sink.chain if self.sink is not None else None
+        head = f"; chain head {chain.head.hex()}" if chain is not None else ""
+        log.info("wrote %s in %.3f s (%.0f changes/s); up to %s; lag %d bytes, %.1f s%s",
                  counted(count, "change"), busy, count / busy, po.int_to_lsn(commit.end_lsn),
-                 lag_bytes, max(lag_seconds, 0.0))
+                 lag_bytes, max(lag_seconds, 0.0), head)
 
 
 class _Stopped(Exception):

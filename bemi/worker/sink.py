@@ -21,8 +21,9 @@ import psycopg
 from psycopg import errors, sql
 from psycopg.pq import TransactionStatus
 
-from bemi import relocate, tables
+from bemi import chainstore, relocate, tables
 from bemi import sql as bemi_sql
+from bemi.chain import Chain, epoch_micros
 from bemi.trust import BEMI_TABLES, untrusted_tables
 from bemi.worker import pgoutput as po
 from bemi.worker.errors import WorkerError
@@ -38,8 +39,8 @@ log = logging.getLogger("bemi.worker")
 #: The columns in the order Sink.write() puts them (the texts that may need escapes last).
 COPY_CHANGES = (
     'COPY bemi.changes ("database", "operation", "context", "committed_at", "queued_at", "transaction_id", '
-    '"position", "commit_position", "change_index", "primary_key", "schema", "table", "before", "after") '
-    'FROM STDIN'
+    '"position", "commit_position", "change_index", "chain_link", "primary_key", "schema", "table", "before", '
+    '"after") FROM STDIN'
 )
 
 
@@ -74,7 +75,7 @@ class Checkpoint:
 
 
 class Sink:
-    def __init__(self, dsn: str, slot: str, database: str, source: str = "") -> None:
+    def __init__(self, dsn: str, slot: str, database: str, source: str = "", chain: bool = True) -> None:
         self.conn = connect(dsn, "destination")
         self.conn.execute("SET client_encoding TO 'UTF8'")  # write() encodes the COPY data as UTF-8
         self.conn.autocommit = False
@@ -91,6 +92,10 @@ class Sink:
         self._stored: int | None = None  # end_lsn of the checkpoint as last read or written (None: no row)
         #: Set by the runner when `changes` is partitioned (bemi/worker/partitions.py).
         self.partitions: Partitions | None = None
+        #: The chain of this source database (bemi/chain.py), set by checkpoint(); None: not chained.
+        self.chain: Chain | None = None
+        self._chained = chain
+        self._committed_head = b""  # the chain's head as of the last destination commit
 
     def close(self) -> None:
         try:
@@ -117,7 +122,8 @@ class Sink:
             "SELECT EXISTS (SELECT FROM pg_catalog.pg_attribute WHERE attrelid OPERATOR(pg_catalog.=) "
             "'bemi._bemi_worker_checkpoints'::pg_catalog.regclass AND attname OPERATOR(pg_catalog.=) 'source' "
             "AND NOT attisdropped)"))[0]
-        if all(existed.values()) and keyed:
+        chained = all(existed.values()) and not chainstore.needs_upgrade(conn)
+        if all(existed.values()) and keyed and chained:
             # Nothing to create: no DDL (it would need CREATE on the schema and take table locks).
             conn.rollback()
             return
@@ -132,6 +138,7 @@ class Sink:
             if existed["_bemi_worker_checkpoints"] and not keyed:
                 self._upgrade_checkpoints()
             conn.execute(bemi_sql.read("worker.sql"))
+            chainstore.ensure(conn)
             if before_commit is not None:
                 before_commit(conn)
             conn.commit()
@@ -289,8 +296,9 @@ class Sink:
                         "COPY shares one position, so it would drop changes (ours is changes_identity_index)", name)
 
     def checkpoint(self) -> Checkpoint | None:
+        """The checkpoint of this (source, slot), and the chain continued from its head."""
         query = ("SELECT (commit_lsn OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8, "
-                 "(end_lsn OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8 "
+                 "(end_lsn OPERATOR(pg_catalog.-) '0/0'::pg_catalog.pg_lsn)::int8, chain_head "
                  "FROM bemi._bemi_worker_checkpoints WHERE slot OPERATOR(pg_catalog.=) %s::text AND ")
         row = self.conn.execute(query + "source OPERATOR(pg_catalog.=) %s::text", [self.slot, self.source]).fetchone()
         if row is None:
@@ -306,7 +314,12 @@ class Sink:
                                         [self.slot, self.source]).fetchone()
         self.conn.commit()
         self._stored = row[1] if row else None
-        return Checkpoint(*row) if row else None
+        if self._chained:
+            head = chainstore.start_head(self.conn, self.database, bytes(row[2]) if row and row[2] else None)
+            self.conn.commit()
+            self.chain = Chain(head, self.database)
+            self._committed_head = head
+        return Checkpoint(row[0], row[1]) if row else None
 
     def write(self, rows: list[ChangeRow], queued_at: datetime) -> None:
         """Stream rows into ``changes`` inside the open destination transaction (not committed).
@@ -331,6 +344,8 @@ class Sink:
         last_at: datetime | None = None
         last_ctx_text = last_at_text = ""
         queued = queued_at.isoformat()
+        chain = self.chain
+        queued_us = epoch_micros(queued_at)
         search, escapes = _NEEDS_ESCAPE.search, _COPY_ESCAPES
         # Rows come in runs of one table and operation: count runs, not rows (the same str objects).
         run_table, run_op, run = "", "", 0
@@ -356,8 +371,12 @@ class Sink:
             texts = "\0".join((r.schema, table, r.before, r.after))
             if search(texts):
                 texts = texts.translate(escapes)
+            # The change's link of the chain (bemi/chain.py), as bytea hex (no escapes needed).
+            link = "\\N" if chain is None else "\\\\x" + chain.append(
+                r.schema, table, r.primary_key, op, r.before, r.after, r.context, r.committed_at, queued_us,
+                r.transaction_id, r.position, r.commit_position, r.change_index).hex()
             append(f"{prefix}\t{op}\t{last_ctx_text}\t{last_at_text}\t{queued}\t{r.transaction_id}\t{r.position}\t"
-                   f"{r.commit_position}\t{r.change_index}\t{pk}\t{texts}")
+                   f"{r.commit_position}\t{r.change_index}\t{link}\t{pk}\t{texts}")
         if run:
             pending[run_table, run_op] += run
         append("")
@@ -405,31 +424,35 @@ class Sink:
         stored anything meanwhile (it took the slot while this one had lost it), ``CheckpointMoved``
         is raised and nothing is committed, so the two never both store a transaction."""
         self._end_copy()
+        head = self.chain.head if self.chain is not None else None  # committed with the rows
         values = [self.database, po.int_to_lsn(last.commit_lsn), po.int_to_lsn(last.end_lsn), xid,
                   last.commit_time]
         if self._stored is None:
             stored = self.conn.execute(
                 sql.SQL(
                     "INSERT INTO {} (source, slot, database, commit_lsn, end_lsn, transaction_id, committed_at, "
-                    "changes, updated_at) VALUES (%s::text, %s::text, %s::text, %s::pg_catalog.pg_lsn, "
-                    "%s::pg_catalog.pg_lsn, %s::int8, %s::timestamptz, %s::int8, pg_catalog.now()) "
+                    "changes, updated_at, chain_head) VALUES (%s::text, %s::text, %s::text, %s::pg_catalog.pg_lsn, "
+                    "%s::pg_catalog.pg_lsn, %s::int8, %s::timestamptz, %s::int8, pg_catalog.now(), %s::bytea) "
                     "ON CONFLICT (source, slot) DO NOTHING").format(tables.CHECKPOINTS),
-                [self.source, self.slot, *values, changes]).rowcount
+                [self.source, self.slot, *values, changes, head]).rowcount
         else:
             stored = self.conn.execute(
                 sql.SQL(
                     "UPDATE {} SET database = %s::text, commit_lsn = %s::pg_catalog.pg_lsn, "
                     "end_lsn = %s::pg_catalog.pg_lsn, transaction_id = %s::int8, committed_at = %s::timestamptz, "
-                    "changes = changes OPERATOR(pg_catalog.+) %s::int8, updated_at = pg_catalog.now() "
+                    "changes = changes OPERATOR(pg_catalog.+) %s::int8, updated_at = pg_catalog.now(), "
+                    "chain_head = %s::bytea "
                     "WHERE source OPERATOR(pg_catalog.=) %s::text AND slot OPERATOR(pg_catalog.=) %s::text "
                     "AND end_lsn OPERATOR(pg_catalog.=) %s::pg_catalog.pg_lsn").format(tables.CHECKPOINTS),
-                [*values, changes, self.source, self.slot, po.int_to_lsn(self._stored)]).rowcount
+                [*values, changes, head, self.source, self.slot, po.int_to_lsn(self._stored)]).rowcount
         if stored != 1:
             raise CheckpointMoved(
                 f"the checkpoint of slot {self.slot!r} moved since this worker read it (another worker stored "
                 "changes from the slot meanwhile); nothing of this batch was stored")
         self.conn.commit()
         self._stored = last.end_lsn
+        if self.chain is not None:
+            self._committed_head = self.chain.head
         self.in_transaction = False
         written, self.pending = self.pending, Counter()
         self.pending_dead = 0
@@ -450,6 +473,8 @@ class Sink:
         self.in_transaction = True
         conn = self.conn
         before = self.pending.copy()
+        chain = self.chain
+        mark = chain.mark() if chain is not None else b""
         conn.execute("SAVEPOINT bemi_chunk")
         try:
             self.write(rows, queued_at)
@@ -463,8 +488,11 @@ class Sink:
             conn.execute("ROLLBACK TO SAVEPOINT bemi_chunk")
             conn.execute("RELEASE SAVEPOINT bemi_chunk")
             self.pending = before
+            if chain is not None:
+                chain.reset(mark)
         failed: list[tuple[ChangeRow, Exception]] = []
         for row in rows:
+            mark = chain.mark() if chain is not None else b""
             conn.execute("SAVEPOINT bemi_row")
             try:
                 self.write([row], queued_at)
@@ -476,6 +504,8 @@ class Sink:
                     raise
                 conn.execute("ROLLBACK TO SAVEPOINT bemi_row")
                 conn.execute("RELEASE SAVEPOINT bemi_row")
+                if chain is not None:
+                    chain.reset(mark)  # a dead letter is not stored: not chained
                 self.pending[row.table, row.operation] -= 1
                 self._dead_letter(row, exc)
                 failed.append((row, exc))
@@ -528,3 +558,5 @@ class Sink:
         self.in_transaction = False
         self.pending = Counter()
         self.pending_dead = 0
+        if self.chain is not None:
+            self.chain.reset(self._committed_head)  # the rows rolled back are not chained

@@ -41,9 +41,11 @@ log = logging.getLogger("bemi.worker")
 
 def _own_oids(conn: psycopg.Connection) -> tuple:
     """Oids of the tables registered as bemi's own (``changes``'s partitions are decided by their root)."""
-    names = [table.as_string(conn) for table in (tables.CHANGES, tables.CHECKPOINTS, tables.FAILURES)]
+    names = [table.as_string(conn) for table in (tables.CHANGES, tables.CHECKPOINTS, tables.FAILURES,
+                                                  tables.CHAIN_CUTS)]
     return conn.execute("SELECT pg_catalog.to_regclass(%s::text)::oid, pg_catalog.to_regclass(%s::text)::oid, "
-                        "pg_catalog.to_regclass(%s::text)::oid", names).fetchone() or ()
+                        "pg_catalog.to_regclass(%s::text)::oid, pg_catalog.to_regclass(%s::text)::oid",
+                        names).fetchone() or ()
 
 
 _FUNCTIONS = ("public._bemi_is_tracked(regclass,jsonb)", "public._bemi_tracked_tables(jsonb)")

@@ -39,7 +39,8 @@ class WorkerEnv:
         self.conn.execute("SET search_path = public, bemi")
         self.processes: list[subprocess.Popen] = []
         # leave the database as we found it: drop the tables the worker created
-        self.preexisting = {name for name in ("changes", "_bemi_worker_checkpoints", "_bemi_pruned")
+        self.preexisting = {name for name in ("changes", "_bemi_worker_checkpoints", "_bemi_pruned",
+                                                 "_bemi_chain_cuts")
                             if self.execute("SELECT to_regclass(%s)", [f"bemi.{name}"])[0][0]}
 
     # -- the source database --------------------------------------------------------------
@@ -101,11 +102,13 @@ class WorkerEnv:
         self.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s",
                      [self.slot])
         self.execute(f'DROP PUBLICATION IF EXISTS "{self.publication}"')
-        for name in ("changes", "_bemi_worker_checkpoints", "_bemi_pruned"):
+        for name in ("changes", "_bemi_worker_checkpoints", "_bemi_pruned", "_bemi_chain_cuts"):
             if name not in self.preexisting:
                 self.execute(f"DROP TABLE IF EXISTS bemi.{name}")
         if self.execute("SELECT to_regclass('bemi.changes')")[0][0]:
             self.execute("TRUNCATE bemi.changes")
+        if self.execute("SELECT to_regclass('bemi._bemi_chain_cuts')")[0][0]:
+            self.execute("TRUNCATE bemi._bemi_chain_cuts")
         if self.execute("SELECT to_regclass('bemi._bemi_worker_checkpoints')")[0][0]:
             self.execute("DELETE FROM bemi._bemi_worker_checkpoints WHERE slot = %s", [self.slot])
         self.conn.close()

@@ -26,6 +26,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row, tuple_row
 
+from bemi import tables
 from bemi.leftovers import find_leftovers
 from bemi.tables import SCHEMA as BEMI_SCHEMA
 from bemi.trust import BEMI_TABLES, untrusted_tables
@@ -156,6 +157,9 @@ class Status:
     checked_at: str
     #: Slots and publications an earlier Bemi worker left (bemi.leftovers), with the statement that drops each.
     leftovers: list[dict[str, Any]] = field(default_factory=list)
+    #: The newest link of the chain of this source database (hex; bemi/chain.py): keep it outside the
+    #: database, ``bemi_verify --head`` checks it later. None: no chain (yet), or not readable.
+    chain_head: str | None = None
 
     @property
     def worker_running(self) -> bool:
@@ -550,7 +554,29 @@ def collect(source: psycopg.Connection, destination: psycopg.Connection | None =
         max_lag_seconds=max_lag_seconds, max_retained_bytes=max_retained_bytes,
         checked_at=now.astimezone(timezone.utc).isoformat(timespec="seconds"),
         leftovers=[leftover.as_dict() for leftover in leftovers],
+        chain_head=_chain_head(destination, database),
     )
+
+
+def _chain_head(conn: psycopg.Connection, database: str) -> str | None:
+    """The head of this database's chain: its checkpoint's (committed with the rows), else the newest
+    stored link or cut (a role that may not read the checkpoints)."""
+    heads = []
+    for query in (sql.SQL("SELECT chain_head AS link FROM {} WHERE database = %s::text AND chain_head IS NOT NULL "
+                          "ORDER BY commit_lsn DESC LIMIT 1").format(tables.CHECKPOINTS),
+                  sql.SQL("SELECT chain_link AS link FROM {} WHERE database = %s::text AND chain_link IS NOT NULL "
+                          "AND commit_position IS NOT NULL ORDER BY commit_position DESC, change_index DESC "
+                          "LIMIT 1").format(tables.CHANGES)):
+        try:
+            with conn.transaction():
+                row = _one(conn, query, [database])
+        except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedTable,
+                psycopg.errors.UndefinedColumn):
+            continue
+        if row is not None:
+            heads.append(bytes(row["link"]).hex())
+            break
+    return heads[0] if heads else None
 
 
 # -- the screen ---------------------------------------------------------------------------
@@ -602,6 +628,8 @@ def render_text(status: Status) -> str:
         row(f"checkpoint    last stored commit {c.commit_lsn} committed {c.committed_at} ({_ago(c.age_seconds)})")
     else:
         row("checkpoint    none (nothing stored from this slot yet)")
+    if s.chain_head:
+        row(f"chain head    {s.chain_head} (keep it elsewhere; bemi_verify --head checks it)")
     lag_b = "unknown" if s.lag_bytes is None else format_bytes(s.lag_bytes)
     if s.lag_seconds is None:
         row(f"lag           {lag_b}; seconds: {s.lag_seconds_source}")

@@ -67,7 +67,7 @@ class Bench:
         for (slot,) in c.execute("SELECT slot_name FROM pg_replication_slots").fetchall():
             c.execute("SELECT pg_drop_replication_slot(%s)", [slot])
         c.execute("DROP TABLE IF EXISTS todo, bemi.changes, bemi._bemi_worker_checkpoints, bemi._bemi_worker_failures, "
-                  "changes_stage, changes_ceiling")
+                  "changes_stage, changes_ceiling, bemi._bemi_chain_cuts, bemi._bemi_pruned")
         c.execute("DROP PUBLICATION IF EXISTS bemi")
         c.execute("CREATE TABLE todo (id bigserial PRIMARY KEY, task text NOT NULL, is_completed bool NOT NULL)")
         c.execute("ALTER TABLE todo REPLICA IDENTITY FULL")
@@ -368,6 +368,54 @@ def masking(bench: Bench, rows: int, repeats: int) -> None:
               f"ratio to plain {median / base:.3f}", flush=True)
 
 
+def chain(bench: Bench, rows: int, small_tx: int, repeats: int, verify_rows: int) -> None:
+    """The chain's cost (docs/security.md): the same WAL drained by two workers, each on its own slot created
+    at the same position, with and without the chain (--no-chain, for this comparison only); median of
+    `repeats` runs, drain order alternated. Then `bemi-worker verify` over `verify_rows` chained changes."""
+    variants = {"chain": ["--schemas", "public"], "no chain": ["--schemas", "public", "--no-chain"]}
+    workloads = {f"{rows:,} inserts + {rows // 2:,} updates in two transactions": bench.one_big_transaction(rows),
+                 f"{small_tx:,} single-row transactions": bench.single_row_transactions(small_tx)}
+    for workload, load in workloads.items():
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for repeat in range(repeats):
+            bench.reset()
+            slots = {}
+            for name, flags in variants.items():
+                bench.n += 1
+                slots[name] = f"chain{bench.n}"
+                subprocess.run(worker_cmd(bench.dsn, slots[name], "--once", *flags), check=True, cwd=ROOT)
+            load()
+            if "updates" in workload:
+                bench.conn.execute("UPDATE todo SET task = task || '!' WHERE id % 2 = 0")
+            expected = bench.conn.execute("SELECT count(*) FROM todo").fetchone()[0]
+            expected += expected // 2 if "updates" in workload else 0
+            order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
+            for name in order:
+                bench.conn.execute("TRUNCATE changes")
+                started = time.perf_counter()
+                subprocess.run(worker_cmd(bench.dsn, slots[name], "--once", *variants[name]), check=True, cwd=ROOT)
+                times[name].append(time.perf_counter() - started)
+                written = bench.conn.execute("SELECT count(*) FROM changes").fetchone()[0]
+                assert written == expected, (name, written, expected)
+        base = statistics.median(times["no chain"])
+        for name, values in times.items():
+            median = statistics.median(values)
+            print(f"chain: {workload}: {name}: {expected:,} changes in {median:.2f} s median of {repeats} "
+                  f"({expected / median:,.0f}/s); throughput ratio to no chain {base / median:.3f}x", flush=True)
+    if verify_rows:
+        bench.reset()
+        slot, _recv = bench.setup_slots()
+        bench.one_big_transaction(verify_rows)()
+        _s, written, _rss = bench.worker_once(slot)
+        cmd = [sys.executable, "-m", "bemi.cli", "verify", "--dsn", bench.dsn]
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        elapsed = time.perf_counter() - started
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        print(f"chain: bemi-worker verify over {written:,} changes: {elapsed:.1f} s ({written / elapsed:,.0f} "
+              f"changes/s), exit {proc.returncode}: {proc.stdout.strip()[:120]}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of steady load (default 60)")
@@ -385,6 +433,10 @@ def main() -> None:
     parser.add_argument("--baseline", metavar="CHECKOUT", default=None,
                         help="another checkout (e.g. `git worktree add /tmp/base main`) whose worker also drains "
                              "the bulk workloads, on a copy of the slot: before/after ratios in one run")
+    parser.add_argument("--chain", action="store_true",
+                        help="only the chain's cost (with / without, same WAL) and the speed of bemi-worker verify")
+    parser.add_argument("--chain-rows", type=int, default=100_000, help="rows of the chain comparison")
+    parser.add_argument("--verify-rows", type=int, default=1_000_000, help="changes verified (0: skip)")
     options = parser.parse_args()
 
     cluster = Cluster(settings={"track_commit_timestamp": "on", "max_wal_size": "4GB",
@@ -394,6 +446,9 @@ def main() -> None:
           f"python {sys.version.split()[0]}; psycopg {psycopg.__version__} ({psycopg.pq.__impl__})", flush=True)
     if options.masking:
         masking(bench, options.masking_rows, options.repeats)
+        return
+    if options.chain:
+        chain(bench, options.chain_rows, options.small_tx, options.repeats, options.verify_rows)
         return
     bench.bulk(f"{options.big_rows:,} rows in one transaction", bench.one_big_transaction(options.big_rows))
     bench.bulk(f"{options.small_tx:,} single-row transactions", bench.single_row_transactions(options.small_tx))

@@ -130,6 +130,10 @@ def test_an_intact_trail_verifies(worker_env):
     assert head == bytes(rows[-1]["chain_link"]).hex()
     (checkpoint,), = env.execute("SELECT chain_head FROM _bemi_worker_checkpoints WHERE slot = %s", [env.slot])
     assert bytes(checkpoint).hex() == head
+    # Published outside the database: `bemi-worker status --json | jq .chain_head` (and bemi_status).
+    status = subprocess.run([sys.executable, "-m", "bemi.cli", "status", "--json", "--dsn", env.dsn, "--slot", env.slot,
+                             "--publication", env.publication], capture_output=True, text=True, cwd=ROOT)
+    assert json.loads(status.stdout)["chain_head"] == head, status.stderr
     assert verify_cli(env, "--head", head)[0] == 0
     code, out = verify_command("--head", head)
     assert code == 0 and "intact" in out and "found in the chain" in out

@@ -106,8 +106,7 @@ def test_convert_while_the_worker_writes(worker_env, ddl):
         report = verify.verify(conn)
     assert report.exit_code == 0, verify.render_text(report)
     ours = [c for c in report.chains if c.database == env.conn.info.dbname]
-    assert ours[0].checked == env.execute("SELECT count(*) FROM changes WHERE database = current_database() "
-                                          "AND chain_link IS NOT NULL")[0][0] >= len(written)
+    assert ours[0].checked >= len(written)  # and whatever else the running worker stored meanwhile
     if ddl is PREVIOUS_CHANGES:  # the same table as a fresh install's
         converted = catalog(env, "changes")
         env.execute("DROP TABLE bemi.changes, bemi.changes_unpartitioned")

@@ -391,11 +391,11 @@ def chain(bench: Bench, rows: int, small_tx: int, repeats: int, verify_rows: int
             expected += expected // 2 if "updates" in workload else 0
             order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
             for name in order:
-                bench.conn.execute("TRUNCATE changes")
+                bench.conn.execute("TRUNCATE bemi.changes")
                 started = time.perf_counter()
                 subprocess.run(worker_cmd(bench.dsn, slots[name], "--once", *variants[name]), check=True, cwd=ROOT)
                 times[name].append(time.perf_counter() - started)
-                written = bench.conn.execute("SELECT count(*) FROM changes").fetchone()[0]
+                written = bench.conn.execute("SELECT count(*) FROM bemi.changes").fetchone()[0]
                 assert written == expected, (name, written, expected)
         base = statistics.median(times["no chain"])
         for name, values in times.items():

@@ -9,6 +9,7 @@ from django.test import Client
 
 from bemi.models import BemiChange
 from tests.queryapp.models import Todo
+from tests.queryapp.fixtures import record_a_request
 
 REQUEST = {"user_id": 7, "path": "/todo/bulk", "request_id": "r-1"}
 MASK_A = "bemi-masked:0123456789abcdef01234567"
@@ -16,16 +17,7 @@ MASK_B = "bemi-masked:ffffffffffffffffffffffff"
 
 
 def make_request_changes(recorder):
-    """Before the request: todos 1 and 2. The request creates 3, completes 1 and deletes 2."""
-    Todo.objects.create(id=1, task="Sleep")
-    Todo.objects.create(id=2, task="Eat")
-    with recorder.track(Todo, 3, REQUEST):
-        Todo.objects.create(id=3, task="Repeat")
-    with recorder.track(Todo, 1, REQUEST):
-        Todo.objects.filter(id=1).update(is_completed=True, task="Slept")
-    with recorder.track(Todo, 2, REQUEST):
-        Todo.objects.filter(id=2).delete()
-    return recorder
+    return record_a_request(recorder, REQUEST)
 
 
 @pytest.fixture

@@ -25,3 +25,18 @@ def tx_recorder(transactional_db):
     yield Recorder()
     with connection.cursor() as cursor:
         cursor.execute("TRUNCATE bemi.changes" if existed else "DROP TABLE bemi.changes")
+
+
+def record_a_request(recorder, context):
+    """Before the request: todos 1 and 2. The request creates 3, completes 1 and deletes 2."""
+    from tests.queryapp.models import Todo
+
+    Todo.objects.create(id=1, task="Sleep")
+    Todo.objects.create(id=2, task="Eat")
+    with recorder.track(Todo, 3, context):
+        Todo.objects.create(id=3, task="Repeat")
+    with recorder.track(Todo, 1, context):
+        Todo.objects.filter(id=1).update(is_completed=True, task="Slept")
+    with recorder.track(Todo, 2, context):
+        Todo.objects.filter(id=2).delete()
+    return recorder

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import threading
 import time
+import uuid
 
 import psycopg
 import pytest
@@ -14,6 +15,7 @@ from bemi import sql as bemi_sql
 from bemi import verify
 from bemi.worker.convert import convert
 from bemi_devtools.legacy import PREVIOUS_CHANGES, PUBLISHED_CHANGES
+from tests.db import db_dsn
 
 
 def fill(env, rows: int, identity: bool = True) -> None:
@@ -122,3 +124,77 @@ def test_convert_says_when_there_is_nothing_to_do(worker_env):
     out = io.StringIO()
     call_command("bemi_partition", stdout=out)
     assert "changes: already partitioned" in out.getvalue()
+
+
+def _unpartitioned(env, rows: int) -> None:
+    """An earlier version's unpartitioned changes, moved into schema bemi as the worker does at start."""
+    from bemi import relocate
+
+    env.execute("DROP TABLE IF EXISTS bemi.changes")
+    env.execute(PREVIOUS_CHANGES)
+    fill(env, rows)
+    with psycopg.connect(env.dsn, autocommit=True) as conn:
+        assert relocate.move_own(conn) == ["changes"]
+
+
+def test_a_login_role_holding_the_old_conversion_lock_does_not_stop_bemi_partition(worker_env):
+    """bemi_partition took a session advisory lock (class 0x62656D69, key 13) that any role can hold:
+    every run then refused ("another bemi_partition is running") for as long as that role liked.
+    Its steps now lock bemi.changes or the conversion's state row, which a role that may only read
+    changes (the application's, after bemi_grants) cannot lock in those modes."""
+    env = worker_env
+    _unpartitioned(env, 600)
+    role = f"login_{uuid.uuid4().hex[:8]}"
+    env.execute(f'CREATE ROLE "{role}" LOGIN NOSUPERUSER')
+    env.execute(f'GRANT USAGE ON SCHEMA bemi TO "{role}"; GRANT SELECT ON bemi.changes TO "{role}"')
+    try:
+        with psycopg.connect(db_dsn(), user=role, autocommit=True) as hostile:
+            assert hostile.execute("SELECT pg_try_advisory_lock(%s, %s)", [0x62656D69, 13]).fetchone()[0]
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                hostile.execute("BEGIN; LOCK TABLE bemi.changes IN SHARE ROW EXCLUSIVE MODE")
+            hostile.execute("ROLLBACK")
+            with psycopg.connect(env.dsn, autocommit=True) as conn:
+                assert convert(conn, "month", batch_pages=3) == "converted"  # was: "another bemi_partition is running"
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                hostile.execute("BEGIN; SELECT * FROM bemi.changes_unpartitioned FOR UPDATE")
+            hostile.execute("ROLLBACK")
+        assert env.execute("SELECT relkind FROM pg_class WHERE oid = 'bemi.changes'::regclass") == [("p",)]
+        assert env.execute("SELECT count(*), count(DISTINCT id) FROM bemi.changes WHERE \"table\" = 'old_t'") == [
+            (600, 600)]
+    finally:
+        env.execute("DROP TABLE IF EXISTS bemi.changes_unpartitioned")
+        env.execute(f'DROP OWNED BY "{role}"; DROP ROLE "{role}"')
+
+
+def test_two_bemi_partition_runs_at_once_finish_one_conversion(worker_env):
+    """Without a session lock, concurrent runs take turns on each step's lock and look again at what
+    the other did: one swaps, the other finds the table partitioned; every row once."""
+    env = worker_env
+    _unpartitioned(env, 3000)
+    results: list[str] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(2)
+
+    def run() -> None:
+        try:
+            with psycopg.connect(env.dsn, autocommit=True) as conn:
+                start.wait()
+                results.append(convert(conn, "month", batch_pages=2))
+        except BaseException as exc:  # reported below, with the other thread's result
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    try:
+        assert not errors, errors
+        assert "converted" in results and len(results) == 2, results
+        assert env.execute("SELECT relkind FROM pg_class WHERE oid = 'bemi.changes'::regclass") == [("p",)]
+        assert env.execute("SELECT count(*), count(DISTINCT id) FROM bemi.changes WHERE \"table\" = 'old_t'") == [
+            (3000, 3000)]
+        assert env.execute("SELECT to_regclass('bemi._bemi_changes_conversion'), "
+                           "to_regclass('bemi._bemi_changes_new')") == [(None, None)]
+    finally:
+        env.execute("DROP TABLE IF EXISTS bemi.changes_unpartitioned")

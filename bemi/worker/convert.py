@@ -176,18 +176,16 @@ def convert(
         raise ConversionError("there is no table bemi.changes to convert (the worker creates it partitioned)")
     if partitions.is_partitioned():
         return "already partitioned"
-    if not _one(conn.execute("SELECT pg_catalog.pg_try_advisory_lock(%s::int4, %s::int4)", [0x62656D69, 13]))[0]:
-        raise ConversionError("another bemi_partition is running")
-    try:
-        if not _exists(conn, STATE):
-            _prepare(conn, interval, say)
-        else:
-            say("resuming the conversion")
-        if not _copy(conn, batch_pages, progress, stop_after_pages):
-            return "interrupted"
-        _swap(conn, lock_timeout_ms, retries, say)
-    finally:
-        conn.execute("SELECT pg_catalog.pg_advisory_unlock(%s::int4, %s::int4)", [0x62656D69, 13])
+    # No session lock: any role may hold an advisory lock (one held by a LOGIN role made every run
+    # refuse). Each step instead runs in a transaction that locks what only the worker's role (the
+    # owner) may lock, and looks again at what another run may have done meanwhile: concurrent runs
+    # take turns and finish the same conversion.
+    if _prepare(conn, interval, say) == "already partitioned":
+        return "already partitioned"
+    if not _copy(conn, batch_pages, progress, stop_after_pages):
+        return "interrupted"
+    if not _swap(conn, lock_timeout_ms, retries, say):
+        return "already partitioned"
     with conn.transaction():
         conn.execute(bemi_sql.read("changes.sql"))  # _bemi_pruned (and nothing else: all exists)
     Partitions(conn, interval).maintain()  # rows the trigger put in changes_default, if a period began meanwhile
@@ -201,8 +199,17 @@ def convert(
     return "converted"
 
 
-def _prepare(conn: psycopg.Connection, interval: str, say: Callable[[str], None]) -> None:
+def _prepare(conn: psycopg.Connection, interval: str, say: Callable[[str], None]) -> str:
+    """'prepared', 'resuming' (prepared before, by this or another run) or 'already partitioned'."""
     with conn.transaction():
+        # The mode CREATE TRIGGER takes anyway, taken first: one run prepares at a time, and only
+        # roles that may write changes can take it (the application's role may only read it).
+        conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(table_ident(TABLE)))
+        if Partitions(conn, interval).is_partitioned():
+            return "already partitioned"  # swapped by another run meanwhile
+        if _exists(conn, STATE):
+            say("resuming the conversion")
+            return "resuming"
         if _exists(conn, OLD_TABLE):
             raise ConversionError(f"{SCHEMA}.{OLD_TABLE} exists (an earlier conversion?): rename or drop it first")
         old = _old_columns(conn)
@@ -226,44 +233,55 @@ def _prepare(conn: psycopg.Connection, interval: str, say: Callable[[str], None]
         conn.execute(sql.SQL("INSERT INTO {} VALUES (0, NULL, 0)").format(table_ident(STATE)))
     say(f"prepared {SCHEMA}.{NEW_TABLE} with {len(starts)} partitions; changes stored from now on are copied "
         "into it by a trigger")
+    return "prepared"
 
 
 def _copy(conn: psycopg.Connection, batch_pages: int, progress, stop_after_pages: int | None) -> bool:
+    """Copy the older rows in ranges of pages; False when stopped early (``stop_after_pages``).
+
+    Each range is one transaction that first locks the state's row (only its owner, the worker's
+    role, may): a concurrent run copies the next range, never the same one, and resumes from it."""
     state = table_ident(STATE)
-    with conn.transaction():
-        next_page, total, copied = _one(conn.execute(sql.SQL("SELECT next_page, total_pages, copied FROM {}").format(
-            state)))
-        if total is None:  # measured after the trigger exists: every older row lies in these pages
-            total = _one(conn.execute(
-                "SELECT pg_catalog.pg_relation_size(%s::regclass) / pg_catalog.current_setting('block_size')::int",
-                [f"{SCHEMA}.{TABLE}"]))[0]
-            conn.execute(sql.SQL("UPDATE {} SET total_pages = %s").format(state), [total])
     columns = sql.SQL(", ").join(map(sql.Identifier, _common_columns(conn)))
     query = sql.SQL(
         "INSERT INTO {new} ({cols}) SELECT {cols} FROM {old} WHERE ctid >= %s::tid AND ctid < %s::tid "
         "ON CONFLICT (\"id\", \"committed_at\") DO NOTHING").format(
         new=table_ident(NEW_TABLE), old=table_ident(TABLE), cols=columns)
     done_now = 0
-    while next_page < total:
-        upper = min(next_page + batch_pages, total)
-        with conn.transaction():
-            count = conn.execute(query, [f"({next_page},0)", f"({upper},0)"]).rowcount
-            conn.execute(sql.SQL("UPDATE {} SET next_page = %s, copied = copied + %s").format(state), [upper, count])
+    while True:
+        try:
+            with conn.transaction():
+                next_page, total, copied = _one(conn.execute(sql.SQL(
+                    "SELECT next_page, total_pages, copied FROM {} FOR UPDATE").format(state)))
+                if total is None:  # measured after the trigger exists: every older row lies in these pages
+                    total = _one(conn.execute(
+                        "SELECT pg_catalog.pg_relation_size(%s::regclass) / "
+                        "pg_catalog.current_setting('block_size')::int", [f"{SCHEMA}.{TABLE}"]))[0]
+                    conn.execute(sql.SQL("UPDATE {} SET total_pages = %s").format(state), [total])
+                if next_page >= total:
+                    return True
+                upper = min(next_page + batch_pages, total)
+                count = conn.execute(query, [f"({next_page},0)", f"({upper},0)"]).rowcount
+                conn.execute(sql.SQL("UPDATE {} SET next_page = %s, copied = copied + %s").format(state),
+                             [upper, count])
+        except psycopg.errors.UndefinedTable:
+            return True  # another run finished the copy and swapped meanwhile (_swap sees it)
         done_now += upper - next_page
-        next_page, copied = upper, copied + count
         if progress:
-            progress(next_page, total, copied)
-        if stop_after_pages is not None and done_now >= stop_after_pages and next_page < total:
+            progress(upper, total, copied + count)
+        if stop_after_pages is not None and done_now >= stop_after_pages and upper < total:
             return False
-    return True
 
 
-def _swap(conn: psycopg.Connection, lock_timeout_ms: int, retries: int, say: Callable[[str], None]) -> None:
+def _swap(conn: psycopg.Connection, lock_timeout_ms: int, retries: int, say: Callable[[str], None]) -> bool:
+    """True once swapped; False when another run swapped first."""
     for attempt in range(retries):
         try:
             with conn.transaction():
                 conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{lock_timeout_ms}ms")))
                 conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table_ident(TABLE)))
+                if not _exists(conn, STATE):
+                    return False  # another run swapped meanwhile
                 conn.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(TRIGGER), table_ident(TABLE)))
                 conn.execute(sql.SQL("DROP FUNCTION {}()").format(table_ident(FUNCTION)))
                 conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(table_ident(TABLE),
@@ -282,7 +300,7 @@ def _swap(conn: psycopg.Connection, lock_timeout_ms: int, retries: int, say: Cal
                         table_ident(NEW_TABLE + suffix), sql.Identifier(TABLE + suffix)))
                 conn.execute(sql.SQL("DROP TABLE {}").format(table_ident(STATE)))
             say(f"swapped: {SCHEMA}.{TABLE} is partitioned")
-            return
+            return True
         except psycopg.errors.LockNotAvailable:
             time.sleep(min(0.2 * (attempt + 1), 2.0))
     raise ConversionError(f"could not lock changes for the swap after {retries} tries (a long transaction "

@@ -78,6 +78,9 @@ class Config:
     metrics_host: str = "127.0.0.1"
     tracking: Any = None  # bemi.tracking.Tracking from flags; None: the settings stored in the source database
     masking_key: str | None = None  # None: the random key kept in the source database
+    # The walsender's logical_decoding_work_mem, at least (MiB; 0: the server's). A destination transaction
+    # larger than it is spilled to disk by the walsender and read back at its commit (session.decoding_memory).
+    decoding_memory_mb: int = 256
     chain: bool = True  # give every stored change its link of the chain (bemi/chain.py); off only for bench/
 
 
@@ -140,7 +143,7 @@ class Worker:
         """Connect, check, create what is missing; leaves the stream ready to start."""
         cfg = self.config
         check_psycopg()
-        self.source = source = Source(cfg.source_dsn, cfg.slot, cfg.publication)
+        self.source = source = Source(cfg.source_dsn, cfg.slot, cfg.publication, cfg.decoding_memory_mb * 1024)
         source.check_privileges()
         self._wait_for_slot(source)
         # What is tracked (bemi/tracking.py): the same rule as the triggers and the event trigger.

@@ -33,7 +33,7 @@ from psycopg import errors, pq
 from bemi.worker import pgoutput as po
 from bemi.worker.errors import WorkerError
 from bemi.worker.publication import MANAGED_PUBLICATION_COMMENT, Publication
-from bemi.worker.session import SESSION_SETTINGS, connect, one_row
+from bemi.worker.session import SESSION_SETTINGS, connect, decoding_memory, one_row
 from bemi.worker.slot import SlotHolder, SlotState, check_slot
 from bemi.worker.stats import WorkerStats
 from bemi.worker.values import BUILTIN_TYPES, TypeSpec
@@ -83,13 +83,14 @@ def _repl_string(value: str) -> str:
 class Source:
     """The source database's control session; ``open_stream()`` opens the replication stream."""
 
-    def __init__(self, dsn: str, slot: str, publication: str) -> None:
+    def __init__(self, dsn: str, slot: str, publication: str, decoding_memory_kb: int = 0) -> None:
         if not SLOT_NAME.match(slot):
             raise WorkerError(f"invalid slot name {slot!r}: use lower-case letters, digits and underscores "
                               "(at most 63)")
         self.dsn = dsn
         self.slot = slot
         self.publication = publication
+        self.decoding_memory_kb = decoding_memory_kb  # the walsender's logical_decoding_work_mem, at least
         self.control = connect(dsn, "source")
         row = one_row(self.control.execute(
             "SELECT pg_catalog.current_database()::text, CURRENT_USER::text, r.rolsuper, r.rolreplication, "
@@ -187,7 +188,8 @@ class Source:
                 self.stream.conn.close()
             except Exception:  # pragma: no cover
                 pass
-        conn = connect(self.dsn, "source", replication="database")
+        raise_memory = decoding_memory(self.decoding_memory_kb) if self.decoding_memory_kb > 0 else None
+        conn = connect(self.dsn, "source", raise_memory, replication="database")
         row = one_row(conn.execute("IDENTIFY_SYSTEM"))
         self.system_id = str(row[0])
         self.stream = Stream(conn, self.slot, self.publication, stats or WorkerStats())

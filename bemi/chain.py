@@ -104,6 +104,10 @@ def canonical_json(text: str) -> str:
         return f'"{_NUMBER}deep"'
 
 
+_sha256 = hashlib.sha256
+_OPERATIONS = {op: encode_basestring(op) for op in ("CREATE", "UPDATE", "DELETE", "TRUNCATE")}
+
+
 def epoch_micros(moment: datetime) -> int:
     """Microseconds since 1970-01-01 UTC (what ``EXTRACT(EPOCH FROM t) * 1000000`` gives back)."""
     return (moment - _EPOCH) // _MICROSECOND
@@ -150,7 +154,7 @@ class Chain:
     failed destination transaction), so the chain only ever holds stored changes.
     """
 
-    __slots__ = ("head", "database", "_db", "_texts", "_json_in", "_json_out", "_at", "_at_us")
+    __slots__ = ("head", "database", "_db", "_texts", "_json_in", "_json_out", "_at", "_queued", "_middle")
 
     def __init__(self, head: bytes, database: str) -> None:
         self.head = head
@@ -160,26 +164,33 @@ class Chain:
         self._json_in: str | None = None  # the last context seen, by identity (shared by many rows)
         self._json_out = ""
         self._at: datetime | None = None
-        self._at_us = 0
+        self._queued = -1
+        self._middle = ""  # ",context,committed_at,queued_at," of the last change
 
     def append(self, schema: str, table: str, primary_key: str | None, operation: str, before: str, after: str,
                context: str, committed_at: datetime, queued_at: int, transaction_id: int, position: int,
-               commit_position: int, change_index: int) -> bytes:
-        """The link of the next change (``queued_at`` in epoch microseconds); advances the head."""
+               commit_position: int, change_index: int, canonical: bool = False) -> bytes:
+        """The link of the next change (``queued_at`` in epoch microseconds); advances the head.
+
+        ``canonical``: ``before`` and ``after`` are known to be in canonical form already (the
+        worker writes them so for tables of canonical types): hashed as they are, not parsed again."""
         names = self._texts.get((schema, table))
         if names is None:
-            names = self._texts[schema, table] = encode_basestring(schema) + "," + encode_basestring(table)
-        if context is not self._json_in:
-            self._json_in, self._json_out = context, canonical_json(context)
-        if committed_at is not self._at:
-            self._at, self._at_us = committed_at, (committed_at - _EPOCH) // _MICROSECOND
-        key = "null" if primary_key is None else encode_basestring(primary_key)
-        before = before if before == "{}" else canonical_json(before)
-        after = after if after == "{}" else canonical_json(after)
-        data = (f"[{self._db},{names},{key},{encode_basestring(operation)},{before},{after},{self._json_out},"
-                f"{self._at_us},{queued_at},{transaction_id},{position},{commit_position},{change_index}]"
+            names = self._texts[schema, table] = f"[{self._db},{encode_basestring(schema)},{encode_basestring(table)},"
+        if context is not self._json_in or committed_at is not self._at or queued_at != self._queued:
+            # Shared by the changes of a transaction (of a batch: queued_at): one text for them.
+            if context is not self._json_in:
+                self._json_in, self._json_out = context, canonical_json(context)
+            self._at, self._queued = committed_at, queued_at
+            self._middle = f",{self._json_out},{(committed_at - _EPOCH) // _MICROSECOND},{queued_at},"
+        op = _OPERATIONS.get(operation) or encode_basestring(operation)
+        if not canonical:
+            before = before if before == "{}" else canonical_json(before)
+            after = after if after == "{}" else canonical_json(after)
+        data = (f"{names}{'null' if primary_key is None else encode_basestring(primary_key)},{op},{before},{after}"
+                f"{self._middle}{transaction_id},{position},{commit_position},{change_index}]"
                 ).encode("utf-8", "surrogatepass")
-        self.head = new = hashlib.sha256(self.head + data).digest()
+        self.head = new = _sha256(self.head + data).digest()
         return new
 
     def mark(self) -> bytes:

@@ -374,7 +374,7 @@ class Sink:
             # The change's link of the chain (bemi/chain.py), as bytea hex (no escapes needed).
             link = "\\N" if chain is None else "\\\\x" + chain.append(
                 r.schema, table, r.primary_key, op, r.before, r.after, r.context, r.committed_at, queued_us,
-                r.transaction_id, r.position, r.commit_position, r.change_index).hex()
+                r.transaction_id, r.position, r.commit_position, r.change_index, r.canonical).hex()
             append(f"{prefix}\t{op}\t{last_ctx_text}\t{last_at_text}\t{queued}\t{r.transaction_id}\t{r.position}\t"
                    f"{r.commit_position}\t{r.change_index}\t{link}\t{pk}\t{texts}")
         if run:

@@ -24,6 +24,7 @@ import functools
 import json
 import logging
 import re
+from operator import itemgetter
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, cast
@@ -61,6 +62,9 @@ class ChangeRow:
     position: int  # LSN of the change
     commit_position: int  # LSN of the transaction's commit record
     change_index: int  # order of the change inside its transaction (0-based)
+    #: ``before`` and ``after`` are already in the chain's canonical form (bemi/chain.py): keys sorted,
+    #: compact, every value as it parses back; the chain then hashes them as they are.
+    canonical: bool = False
 
 
 # -- context ------------------------------------------------------------------------------
@@ -131,6 +135,11 @@ class _Rel:
     relation: po.Relation
     keys: list[str]  # column names as JSON strings, followed by ':'
     formats: list[Callable[[bytes], str]]
+    order: list[int]  # column positions in the order of their names (the chain's canonical key order)
+    sorted_keys: list[str]  # ``keys`` and ``formats`` in that order
+    sorted_formats: list[Callable[[bytes], str]]
+    pick: Callable[[list], Any] | None  # a tuple's values in that order (None: already in it)
+    canonical: bool  # every column's JSON text is canonical as formatted (JsonValues.is_canonical)
     key_flags: list[bool]  # replica identity key columns (for 'K' old tuples)
     pk: list[int]  # positions of the primary key columns
     excluded: bool
@@ -277,10 +286,21 @@ class Stitcher:
         formats = [self.values.format(c.type_oid) for c in rel.columns]
         for i in masked:  # a masked column's value is formatted straight into its marker (a key per column)
             formats[i] = self._masker(formats[i], tr.column_key(self.masking_key, rel.namespace, rel.name, names[i]))
+        keys = [json.dumps(n, ensure_ascii=False) + ":" for n in names]
+        # Objects are written with their keys in the order of the names (what the chain's canonical form
+        # sorts them into), so that for tables of canonical types the chain hashes the text as it is.
+        order = sorted(range(len(names)), key=names.__getitem__)
+        is_canonical = self.values.is_canonical
         self.relations[rel.relid] = _Rel(
             relation=rel,
-            keys=[json.dumps(n, ensure_ascii=False) + ":" for n in names],
+            keys=keys,
             formats=formats,
+            order=order,
+            sorted_keys=[keys[i] for i in order],
+            sorted_formats=[formats[i] for i in order],
+            pick=None if order == list(range(len(order))) else _picker(order),
+            # a masked value is a marker string: canonical whatever the column's type
+            canonical=all(i in masked or is_canonical(c.type_oid) for i, c in enumerate(rel.columns)),
             key_flags=[bool(c.flags & 1) for c in rel.columns],
             pk=pk,
             excluded=excluded,
@@ -299,10 +319,11 @@ class Stitcher:
 
     def _object(self, rel: _Rel, values: list, key_only: bool = False, fallback: list | None = None) -> str:
         try:
-            if not key_only and po.UNCHANGED not in values:  # the common case, kept fast
+            if not key_only and po.UNCHANGED not in values and len(values) == len(rel.keys):  # the common case
                 return "{" + ",".join([
                     key + ("null" if value is None else fmt(value))
-                    for key, fmt, value in zip(rel.keys, rel.formats, values)
+                    for key, fmt, value in zip(rel.sorted_keys, rel.sorted_formats,
+                                               values if rel.pick is None else rel.pick(values))
                 ]) + "}"
             return self._object_parts(rel, rel.formats, values, key_only, fallback)
         except Exception:
@@ -335,9 +356,11 @@ class Stitcher:
     def _object_parts(self, rel: _Rel, formats: list, values: list, key_only: bool, fallback: list | None) -> str:
         parts = []
         keys = rel.keys
-        for i, value in enumerate(values):
-            if key_only and not rel.key_flags[i]:
+        count = len(values)
+        for i in rel.order:
+            if i >= count or key_only and not rel.key_flags[i]:
                 continue
+            value = values[i]
             if value is po.UNCHANGED:
                 # An unchanged TOASTed value is not sent: take it from the old row.
                 value = fallback[i] if fallback is not None and i < len(fallback) else po.UNCHANGED
@@ -375,8 +398,11 @@ class Stitcher:
             self._row(out, lsn, relid, "CREATE", None, False, new)
             return
         try:  # an Insert's tuple holds no unchanged-TOAST marker
+            if len(new) != len(rel.keys):
+                raise ValueError("a tuple of another shape than its relation")
             after = "{" + ",".join([
-                key + ("null" if value is None else fmt(value)) for key, fmt, value in zip(rel.keys, rel.formats, new)
+                key + ("null" if value is None else fmt(value))
+                for key, fmt, value in zip(rel.sorted_keys, rel.sorted_formats, new if rel.pick is None else rel.pick(new))
             ]) + "}"
         except Exception:
             after = self._object(rel, new)
@@ -388,6 +414,7 @@ class Stitcher:
             rel.relation.namespace, rel.relation.name,
             None if value is None else value.decode("utf-8", "replace")[:PRIMARY_KEY_MAX],
             "CREATE", "{}", after, self._context, begin.commit_time, begin.xid, lsn, begin.final_lsn, index,
+            rel.canonical,
         ))
 
     def _row(self, out: list, lsn: int, relid: int, op: str, old: list | None, old_is_key: bool, new: list | None) -> None:
@@ -430,4 +457,12 @@ class Stitcher:
             position=lsn,
             commit_position=begin.final_lsn,
             change_index=index,
+            canonical=rel.canonical,
         )
+
+
+def _picker(order: list[int]) -> Callable[[list], Any]:
+    """values -> the values at ``order`` (a C itemgetter; a sequence even for one position)."""
+    if len(order) == 1:
+        return lambda values, i=order[0]: (values[i],)
+    return itemgetter(*order)

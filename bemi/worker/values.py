@@ -91,6 +91,8 @@ def _builtin_types() -> dict[int, TypeSpec]:
 
 
 BUILTIN_TYPES: dict[int, TypeSpec] = _builtin_types()
+_CANONICAL = frozenset(("string", "bool", "date", "timestamp", "timestamptz"))
+_INTEGERS = frozenset(pg_types[name].oid for name in ("int2", "int4", "int8"))
 
 # -- JSON text helpers -------------------------------------------------------------------
 
@@ -218,6 +220,17 @@ class JsonValues:
         if spec is None and self._resolve is not None:
             spec = self._resolve(oid)
         return spec or TypeSpec("string")
+
+    def is_canonical(self, oid: int) -> bool:
+        """Is every fragment of this type already in the chain's canonical form (bemi/chain.py), i.e.
+        does it parse and serialise back to the same text? Strings (escaped by the C encoder the
+        canonical form uses), booleans, dates and timestamps, integers and arrays of those are;
+        ``numeric`` and floats are not (the canonical form keeps a fraction as text, ``1e2`` as ``100``),
+        nor ``json``/``jsonb`` (their keys are sorted) or composites."""
+        spec = self.spec(oid)
+        if spec.category == "array":
+            return self.is_canonical(spec.elem_oid)
+        return spec.category in _CANONICAL or oid in _INTEGERS
 
     def format(self, oid: int) -> Format:
         fmt = self._cache.get(oid)

@@ -94,8 +94,9 @@ class Bench:
         subprocess.run(args, check=True)
         return time.perf_counter() - started
 
-    def worker_once(self, slot: str, root: str = ROOT) -> tuple[float, int, int]:
-        """Wall time, changes written and peak RSS (kB) of one `bemi-worker --once` process."""
+    def worker_once(self, slot: str, root: str = ROOT) -> tuple[float, int, int, float]:
+        """Wall time, changes written, peak RSS (kB) and CPU time (user + system, s) of one
+        `bemi-worker --once` process."""
         before = self.conn.execute("SELECT count(*) FROM bemi.changes").fetchone()[0]
         started = time.perf_counter()
         proc = subprocess.Popen(worker_cmd(self.dsn, slot, "--once"), cwd=root, env=worker_env(root))
@@ -104,7 +105,7 @@ class Bench:
         proc.returncode = os.waitstatus_to_exitcode(status)
         assert proc.returncode == 0, proc.returncode
         after = self.conn.execute("SELECT count(*) FROM bemi.changes").fetchone()[0]
-        return elapsed, after - before, usage.ru_maxrss
+        return elapsed, after - before, usage.ru_maxrss, usage.ru_utime + usage.ru_stime
 
     def bulk(self, name: str, load) -> dict:
         self.reset()
@@ -112,34 +113,37 @@ class Bench:
         load()
         changes = self.conn.execute("SELECT count(*) FROM todo").fetchone()[0]
         recv_s = self.recvlogical(recv)
-        worker_s, written, rss = self.worker_once(slot)
+        worker_s, written, rss, cpu_s = self.worker_once(slot)
         assert written == changes, (written, changes)
         ceiling_s = self.insert_ceiling()
-        startup_s = self.startup(slot)
+        startup_s, startup_cpu = self.startup(slot)
         net_s = max(worker_s - startup_s, 1e-3)
         if self.baseline:
             self.conn.execute("TRUNCATE bemi.changes")  # its rows again (same identities)
-            base_s, base_written, _rss = self.worker_once(f"base{self.n}", self.baseline)
+            base_s, base_written, _rss, base_cpu = self.worker_once(f"base{self.n}", self.baseline)
             assert base_written == changes, (base_written, changes)
-            base_startup_s = self.startup(f"base{self.n}", self.baseline)
+            base_startup_s, base_startup_cpu = self.startup(f"base{self.n}", self.baseline)
             base_net_s = max(base_s - base_startup_s, 1e-3)
-            print(f"{name}: baseline worker ({self.baseline}) {base_s:.2f} s, start-up {base_startup_s:.2f} s; "
-                  f"vs the ceiling {ceiling_s / base_s:.2f}x ({ceiling_s / base_net_s:.2f}x without the start-up); "
-                  f"this worker vs the baseline {base_s / worker_s:.2f}x ({base_net_s / net_s:.2f}x without the "
-                  "start-up)", flush=True)
+            print(f"{name}: baseline worker ({self.baseline}) {base_s:.2f} s, CPU {base_cpu:.2f} s, start-up "
+                  f"{base_startup_s:.2f} s (CPU {base_startup_cpu:.2f} s); vs the ceiling {ceiling_s / base_s:.2f}x "
+                  f"({ceiling_s / base_net_s:.2f}x without the start-up); this worker vs the baseline "
+                  f"{base_s / worker_s:.2f}x ({base_net_s / net_s:.2f}x without the start-up; by CPU time "
+                  f"{base_cpu / cpu_s:.2f}x, {(base_cpu - base_startup_cpu) / max(cpu_s - startup_cpu, 1e-3):.2f}x "
+                  "without the start-up)", flush=True)
         result = {
             "workload": name, "changes": written, "pg_recvlogical_s": recv_s, "worker_s": worker_s,
             "ceiling_ratio": ceiling_s / worker_s, "ceiling_ratio_net": ceiling_s / net_s,
             "pg_recvlogical_rate": written / recv_s, "worker_rate": written / worker_s,
             "ratio": recv_s / worker_s, "worker_rss_mb": rss / 1024, "insert_ceiling_s": ceiling_s,
-            "startup_s": startup_s,
+            "startup_s": startup_s, "cpu_s": cpu_s, "startup_cpu_s": startup_cpu,
         }
         print(f"{name}: {written:,} changes; pg_recvlogical {recv_s:.2f} s ({written / recv_s:,.0f}/s); "
               f"worker {worker_s:.2f} s ({written / worker_s:,.0f}/s); ratio {recv_s / worker_s:.2f}x; "
               f"worker peak RSS {rss / 1024:.0f} MB; server-side INSERT of the same rows into an indexed "
               f"copy of changes alone {ceiling_s:.2f} s ({written / ceiling_s:,.0f}/s); worker start-up "
               f"(an empty --once) {startup_s:.2f} s; worker vs that ceiling {ceiling_s / worker_s:.2f}x "
-              f"({ceiling_s / net_s:.2f}x without the start-up)", flush=True)
+              f"({ceiling_s / net_s:.2f}x without the start-up); worker CPU {cpu_s:.2f} s (start-up {startup_cpu:.2f} s)",
+              flush=True)
         return result
 
     def wait_streaming(self, timeout: float = 60) -> None:
@@ -151,14 +155,17 @@ class Bench:
                 raise RuntimeError("the worker did not start streaming")
             time.sleep(0.05)
 
-    def startup(self, slot: str, root: str = ROOT) -> float:
-        """Median wall time of `bemi-worker --once` on an empty slot: the process start-up and setup."""
-        times = []
+    def startup(self, slot: str, root: str = ROOT) -> tuple[float, float]:
+        """Median wall and CPU time of `bemi-worker --once` on an empty slot: the process start-up and setup."""
+        times, cpu = [], []
         for _ in range(3):
             started = time.perf_counter()
-            subprocess.run(worker_cmd(self.dsn, slot, "--once"), check=True, cwd=root, env=worker_env(root))
+            proc = subprocess.Popen(worker_cmd(self.dsn, slot, "--once"), cwd=root, env=worker_env(root))
+            _, status, usage = os.wait4(proc.pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, status
             times.append(time.perf_counter() - started)
-        return statistics.median(times)
+            cpu.append(usage.ru_utime + usage.ru_stime)
+        return statistics.median(times), statistics.median(cpu)
 
     def insert_ceiling(self) -> float:
         """Seconds PostgreSQL alone needs to insert the rows the worker wrote into a `changes` with the same
@@ -417,7 +424,7 @@ def chain(bench: Bench, rows: int, small_tx: int, repeats: int, verify_rows: int
         bench.reset()
         slot, _recv = bench.setup_slots()
         bench.one_big_transaction(verify_rows)()
-        _s, written, _rss = bench.worker_once(slot)
+        _s, written, _rss, _cpu = bench.worker_once(slot)
         cmd = [sys.executable, "-m", "bemi.cli", "verify", "--dsn", bench.dsn]
         started = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -450,6 +457,10 @@ def main() -> None:
     parser.add_argument("--verify-rows", type=int, default=1_000_000, help="changes verified (0: skip)")
     options = parser.parse_args()
 
+    for root in filter(None, (ROOT, options.baseline)):
+        # As installed: byte-compiled (with PYTHONDONTWRITEBYTECODE set, every start would compile bemi again).
+        subprocess.run([sys.executable, "-m", "compileall", "-q", os.path.join(root, "bemi")], check=True,
+                       stdout=subprocess.DEVNULL)
     cluster = Cluster(settings={"track_commit_timestamp": "on", "max_wal_size": "4GB",
                                 "synchronous_commit": "on"}).start_throwaway()
     bench = Bench(cluster, options.baseline and os.path.abspath(options.baseline))

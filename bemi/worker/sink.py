@@ -76,8 +76,8 @@ class Checkpoint:
 
 class Sink:
     def __init__(self, dsn: str, slot: str, database: str, source: str = "", chain: bool = True) -> None:
-        self.conn = connect(dsn, "destination")
-        self.conn.execute("SET client_encoding TO 'UTF8'")  # write() encodes the COPY data as UTF-8
+        # write() encodes the COPY data as UTF-8 (set in the round trip of the session settings)
+        self.conn = connect(dsn, "destination", sql.SQL("SET client_encoding TO 'UTF8'"))
         self.conn.autocommit = False
         self.slot = slot
         self.database = database
@@ -116,8 +116,9 @@ class Sink:
         self._move_legacy_tables()
         names = ("bemi.changes", "bemi._bemi_worker_checkpoints", "bemi.changes_identity_index",
                  "bemi._bemi_worker_failures", "bemi._bemi_pruned")
-        existed = {name.split(".")[1]: one_row(conn.execute(
-            "SELECT pg_catalog.to_regclass(%s::text) IS NOT NULL", [name]))[0] for name in names}
+        found = one_row(conn.execute(
+            "SELECT " + ", ".join(["pg_catalog.to_regclass(%s::text) IS NOT NULL"] * len(names)), names))
+        existed = {name.split(".")[1]: bool(there) for name, there in zip(names, found)}
         keyed = existed["_bemi_worker_checkpoints"] and one_row(conn.execute(
             "SELECT EXISTS (SELECT FROM pg_catalog.pg_attribute WHERE attrelid OPERATOR(pg_catalog.=) "
             "'bemi._bemi_worker_checkpoints'::pg_catalog.regclass AND attname OPERATOR(pg_catalog.=) 'source' "

@@ -118,6 +118,7 @@ class Bench:
         ceiling_s = self.insert_ceiling()
         startup_s, startup_cpu = self.startup(slot)
         net_s = max(worker_s - startup_s, 1e-3)
+        base: dict = {}
         if self.baseline:
             self.conn.execute("TRUNCATE bemi.changes")  # its rows again (same identities)
             base_s, base_written, _rss, base_cpu = self.worker_once(f"base{self.n}", self.baseline)
@@ -130,7 +131,9 @@ class Bench:
                   f"{base_s / worker_s:.2f}x ({base_net_s / net_s:.2f}x without the start-up; by CPU time "
                   f"{base_cpu / cpu_s:.2f}x, {(base_cpu - base_startup_cpu) / max(cpu_s - startup_cpu, 1e-3):.2f}x "
                   "without the start-up)", flush=True)
-        result = {
+            base = {"base_ceiling_ratio": ceiling_s / base_s, "base_ceiling_ratio_net": ceiling_s / base_net_s,
+                    "base_startup_s": base_startup_s, "base_cpu_s": base_cpu}
+        result = {**base, 
             "workload": name, "changes": written, "pg_recvlogical_s": recv_s, "worker_s": worker_s,
             "ceiling_ratio": ceiling_s / worker_s, "ceiling_ratio_net": ceiling_s / net_s,
             "pg_recvlogical_rate": written / recv_s, "worker_rate": written / worker_s,
@@ -472,17 +475,60 @@ def main() -> None:
     if options.chain:
         chain(bench, options.chain_rows, options.small_tx, options.repeats, options.verify_rows)
         return
-    bench.bulk(f"{options.big_rows:,} rows in one transaction", bench.one_big_transaction(options.big_rows))
-    bench.bulk(f"{options.small_tx:,} single-row transactions", bench.single_row_transactions(options.small_tx))
-    bench.steady(options.rate, options.duration)
+    loads = [os.getloadavg()[0]]
+    big = bench.bulk(f"{options.big_rows:,} rows in one transaction", bench.one_big_transaction(options.big_rows))
+    small = bench.bulk(f"{options.small_tx:,} single-row transactions",
+                       bench.single_row_transactions(options.small_tx))
+    loads.append(os.getloadavg()[0])
+    steady = bench.steady(options.rate, options.duration)
+    loads.append(os.getloadavg()[0])
+    after = base_after = None
     if options.after_big_rows:
-        bench.after_big_transaction(options.after_big_rows)
+        after = bench.after_big_transaction(options.after_big_rows)
         if bench.baseline:
-            bench.after_big_transaction(options.after_big_rows, root=bench.baseline)
-    if options.faults:
-        bench.faults(seconds=options.faults)
+            base_after = bench.after_big_transaction(options.after_big_rows, root=bench.baseline)
+    faults = bench.faults(seconds=options.faults) if options.faults else None
+    huge = None
     if options.rss_rows:
-        bench.bulk(f"{options.rss_rows:,} rows in one transaction (RSS)", bench.one_big_transaction(options.rss_rows))
+        huge = bench.bulk(f"{options.rss_rows:,} rows in one transaction (RSS)",
+                          bench.one_big_transaction(options.rss_rows))
+    loads.append(os.getloadavg()[0])
+    summary(options, big, small, steady, after, base_after, faults, huge, loads)
+
+
+def summary(options, big: dict, small: dict, steady: dict, after: dict | None, base_after: dict | None,
+            faults: dict | None, huge: dict | None, loads: list[float]) -> None:
+    """Issue 20's figures in one table (this run), against its targets; with --baseline, the baseline's too."""
+    def bulk_text(r: dict, base: bool = False) -> str:
+        k = "base_" if base else ""
+        if k + "ceiling_ratio" not in r:
+            return ""
+        return (f"{r[k + 'ceiling_ratio']:.2f}x ({r[k + 'ceiling_ratio_net']:.2f}x without the start-up of "
+                f"{r[k + 'startup_s']:.2f} s)")
+
+    rows = [
+        (f"{options.big_rows:,} rows, one transaction: worker / ceiling", bulk_text(big), bulk_text(big, True),
+         ">= 0.7x without start-up; start-up <= 0.3 s"),
+        (f"{options.small_tx:,} one-row transactions: worker / ceiling", bulk_text(small), bulk_text(small, True),
+         ">= 0.5x without start-up"),
+        (f"steady {options.rate} tx/s: commit to visible", f"p50 {steady['p50_ms']:.0f} ms, p99 "
+         f"{steady['p99_ms']:.0f} ms", "", "p50 <= 3 ms, p99 <= 25 ms"),
+    ]
+    if after:
+        rows.append((f"first single write after a {options.after_big_rows:,}-row transaction",
+                     f"{after['first_ms']:.0f} ms (p50 of 40: {after['p50_ms']:.0f} ms)",
+                     f"{base_after['first_ms']:.0f} ms (p50 {base_after['p50_ms']:.0f} ms)" if base_after else "",
+                     "<= 100 ms"))
+    if huge:
+        rows.append((f"{options.rss_rows:,} rows, one transaction: worker / ceiling, peak RSS",
+                     f"{huge['ceiling_ratio']:.2f}x ({huge['ceiling_ratio_net']:.2f}x without start-up), "
+                     f"{huge['worker_rss_mb']:.0f} MB", bulk_text(huge, True), ">= 0.8x, <= 150 MB"))
+    if faults:
+        rows.append(("faults: lost / doubled", f"{faults['lost']} / {faults['doubled']}", "", "0 / 0"))
+    print(f"\nSummary (load average {' -> '.join(f'{x:.1f}' for x in loads)} during the run):", flush=True)
+    print("| figure | this worker | baseline | target |\n| --- | --- | --- | --- |")
+    for figure, value, base, target in rows:
+        print(f"| {figure} | {value} | {base or '-'} | {target} |")
 
 
 if __name__ == "__main__":

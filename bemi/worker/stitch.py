@@ -464,5 +464,10 @@ class Stitcher:
 def _picker(order: list[int]) -> Callable[[list], Any]:
     """values -> the values at ``order`` (a C itemgetter; a sequence even for one position)."""
     if len(order) == 1:
-        return lambda values, i=order[0]: (values[i],)
+        only = order[0]
+
+        def one(values: list) -> tuple:
+            return (values[only],)
+
+        return one
     return itemgetter(*order)

@@ -135,7 +135,7 @@ class _Rel:
     relation: po.Relation
     keys: list[str]  # column names as JSON strings, followed by ':'
     formats: list[Callable[[bytes], str]]
-    order: list[int]  # column positions in the order of their names (the chain's canonical key order)
+    order: list[int]  # column positions in the order of their names (the chain's key order) when canonical
     sorted_keys: list[str]  # ``keys`` and ``formats`` in that order
     sorted_formats: list[Callable[[bytes], str]]
     pick: Callable[[list], Any] | None  # a tuple's values in that order (None: already in it)
@@ -287,10 +287,12 @@ class Stitcher:
         for i in masked:  # a masked column's value is formatted straight into its marker (a key per column)
             formats[i] = self._masker(formats[i], tr.column_key(self.masking_key, rel.namespace, rel.name, names[i]))
         keys = [json.dumps(n, ensure_ascii=False) + ":" for n in names]
-        # Objects are written with their keys in the order of the names (what the chain's canonical form
-        # sorts them into), so that for tables of canonical types the chain hashes the text as it is.
-        order = sorted(range(len(names)), key=names.__getitem__)
+        # a masked value is a marker string: canonical whatever the column's type
         is_canonical = self.values.is_canonical
+        canonical = all(i in masked or is_canonical(c.type_oid) for i, c in enumerate(rel.columns))
+        # Objects of tables of canonical types are written with their keys in the order of the names (what
+        # the chain's canonical form sorts them into), so that the chain hashes their text as it is.
+        order = sorted(range(len(names)), key=names.__getitem__) if canonical else list(range(len(names)))
         self.relations[rel.relid] = _Rel(
             relation=rel,
             keys=keys,
@@ -299,8 +301,7 @@ class Stitcher:
             sorted_keys=[keys[i] for i in order],
             sorted_formats=[formats[i] for i in order],
             pick=None if order == list(range(len(order))) else _picker(order),
-            # a masked value is a marker string: canonical whatever the column's type
-            canonical=all(i in masked or is_canonical(c.type_oid) for i, c in enumerate(rel.columns)),
+            canonical=canonical,
             key_flags=[bool(c.flags & 1) for c in rel.columns],
             pk=pk,
             excluded=excluded,

@@ -14,8 +14,9 @@ class BemiConfig(AppConfig):
         from bemi.wrapper import install_execute_wrapper
 
         install_execute_wrapper()
-        from django.db.models.signals import post_migrate
+        from django.db.models.signals import post_migrate, pre_migrate
 
-        from bemi.installer import sync_tracking
+        from bemi.installer import forget_installs, sync_tracking
 
+        pre_migrate.connect(forget_installs, sender=self, dispatch_uid="bemi.forget_installs")
         post_migrate.connect(sync_tracking, sender=self, dispatch_uid="bemi.sync_tracking")

@@ -124,11 +124,22 @@ def _changes_live_here(connection: Any) -> bool:
     return (router.db_for_write(BemiChange) or "default") == connection.alias
 
 
+# Aliases whose functions a migration of the running `migrate` has installed (emptied by pre_migrate):
+# 0007 then has nothing to add, and no notice of the install is printed twice.
+_installed_now: set[str] = set()
+
+
+def forget_installs(sender: Any = None, using: str = "default", **kwargs: Any) -> None:
+    """pre_migrate: a new `migrate` starts; what an earlier one in this process installed counts for nothing."""
+    _installed_now.discard(using)
+
+
 def install(apps: Any, schema_editor: Any) -> None:
     """The tracking rule and the settings first, then the triggers that follow them."""
     connection = schema_editor.connection
     if connection.vendor != "postgresql":
         return
+    _installed_now.add(connection.alias)
     with connection.cursor() as cursor:
         cursor.execute(INSTALLED_BY_SUPERUSER)
         found = cursor.fetchone()
@@ -156,9 +167,21 @@ def upgrade(apps: Any, schema_editor: Any) -> None:
     connection = schema_editor.connection
     if connection.vendor != "postgresql":
         return
-    install(apps, schema_editor)
+    reinstall(apps, schema_editor)
     if _has_recorded_history():
         tell(UPGRADE_NOTICE, blank_line=True)
+
+
+def reinstall(apps: Any, schema_editor: Any) -> None:
+    """Install this version's functions unless this `migrate` already did (0003, 0004, 0007).
+
+    Migration 0007 (and any later one that changes bemi/sql): only 0001, 0003 and 0004 ran the SQL
+    files, so an install that had passed them kept the old bodies (unpinned search_path, a marker
+    honoured for any role, ...) whatever version was installed since. Idempotent (CREATE OR
+    REPLACE); a new install runs 0001 to 0007 at once and installs, and says what it says, once."""
+    if schema_editor.connection.alias in _installed_now:
+        return
+    install(apps, schema_editor)
 
 
 def _has_recorded_history() -> bool:
@@ -211,5 +234,7 @@ def uninstall(apps: Any, schema_editor: Any) -> None:
 
 def install_over_published(apps: Any, schema_editor: Any) -> None:
     """Migration 0003: drop what the published bemi-django left in the way, then install ours."""
-    run_sql_file(schema_editor.connection, "upgrade_0_1_3.sql")
-    install(apps, schema_editor)
+    if run_sql_file(schema_editor.connection, "upgrade_0_1_3.sql"):  # it dropped something: install again
+        install(apps, schema_editor)
+    else:
+        reinstall(apps, schema_editor)

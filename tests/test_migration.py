@@ -255,3 +255,48 @@ def test_upgrade_says_once_that_recorded_history_may_hold_credentials(pg_server,
     assert "may hold credentials" in result.stdout and "python manage.py bemi_redact" in result.stdout
     result = _manage(["migrate", "bemi"], BEMI_TEST_DB_NAME=upgraded)
     assert result.returncode == 0 and "bemi_redact" not in result.stdout  # once
+
+
+FUNCTION_BODIES = """
+    SELECT p.oid::regprocedure::text, l.lanname::text, p.prosrc, p.proconfig, p.prosecdef, p.provolatile::text
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace JOIN pg_language l ON l.oid = p.prolang
+    WHERE n.nspname = 'public' AND p.proname LIKE '\\_bemi%' ORDER BY 1"""
+
+
+def test_migrate_gives_an_install_made_before_this_version_its_functions(pg_server, scratch_database):
+    """Only 0001, 0003 and 0004 ran bemi/sql: an install that had passed them kept the bodies of its
+    day (here those 0004 installed, tests/data/sql_0004: no pinned search_path in the event triggers'
+    helpers, a marker honoured for any role, _bemi_publish failing a CREATE TABLE on a lock) whatever
+    version it ran later. 0007 installs this version's; a new install runs 0001 and 0007 together and
+    says each thing once."""
+    owner = "bemi_unprivileged"
+    fresh = scratch_database(owner=owner)
+    result = _manage(["migrate"], BEMI_TEST_DB_NAME=fresh, BEMI_TEST_DB_USER=owner)
+    assert result.returncode == 0, result.stderr
+    assert "Applying bemi.0007_reinstall_functions... OK" in result.stdout
+    assert result.stdout.count("no privilege to create event triggers") == 1, result.stdout  # not again by 0007
+    with psycopg.connect(pg_server.dsn(fresh, user=owner), autocommit=True) as conn:
+        current = conn.execute(FUNCTION_BODIES).fetchall()
+    assert {"_bemi_publish(regclass)", "_bemi_row_trigger_func()"} <= {r[0] for r in current}
+
+    owner = "bemi_unprivileged_0006"
+    old = scratch_database(owner=owner)
+    result = _manage(["migrate", "bemi", "0006"], BEMI_TEST_DB_NAME=old, BEMI_TEST_DB_USER=owner)
+    assert result.returncode == 0, result.stderr
+    with psycopg.connect(pg_server.dsn(old, user=owner), autocommit=True) as conn:
+        for name in ("tracking.sql", "install.sql"):  # what 0004 installed, kept by 0005 and 0006
+            conn.execute((ROOT / "tests" / "data" / "sql_0004" / name).read_text())
+        aged = conn.execute(FUNCTION_BODIES).fetchall()
+    assert [r[0] for r in aged] == [r[0] for r in current]
+    assert {r[0] for r in aged if r not in current} >= {
+        "_bemi_publish(regclass)", "_bemi_row_trigger_func()", "_bemi_is_tracked(regclass,jsonb)"}
+
+    result = _manage(["migrate", "bemi"], BEMI_TEST_DB_NAME=old, BEMI_TEST_DB_USER=owner)
+    assert result.returncode == 0, result.stderr
+    assert "Applying bemi.0007_reinstall_functions..." in result.stdout
+    notices = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("bemi:")]
+    assert len(notices) == len(set(notices)), result.stdout  # each once
+    with psycopg.connect(pg_server.dsn(old, user=owner), autocommit=True) as conn:
+        assert conn.execute(FUNCTION_BODIES).fetchall() == current
+    again = _manage(["migrate", "bemi"], BEMI_TEST_DB_NAME=old, BEMI_TEST_DB_USER=owner)
+    assert again.returncode == 0 and "bemi:" not in again.stdout, again.stdout  # nothing left to do

@@ -317,6 +317,77 @@ def test_the_workers_own_earlier_changes_moves_at_its_start_and_a_foreign_one_st
     assert roles.su.execute("SELECT count(*) FROM bemi.changes WHERE primary_key = '9'").fetchone()[0] == 1
 
 
+def test_a_schema_the_application_made_first_never_stops_a_running_worker(roles, caplog):
+    """Before bemi_grants, the database's owner creates schema bemi first (squatting it): the worker
+    exited with status 2, and a fresh install then recorded nothing until someone restarted it. It now
+    never uses that schema, says so at every attempt, shows it (bemi_worker_blocked 1, /healthz 503
+    "blocked: ..."), keeps every change from then on in the slot it makes, and stores them once a
+    superuser's bemi_grants has set the schema aside, without a restart."""
+    import logging
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    from bemi.worker.metrics import MetricsServer
+
+    app = roles.app_conn
+    app.execute("CREATE SCHEMA bemi")
+    app.execute("CREATE TABLE public.orders (id int PRIMARY KEY, total int)")
+    caplog.set_level(logging.INFO, logger="bemi.worker")
+    worker = Worker(Config(source_dsn=roles.server.dsn(roles.database, user=roles.worker), slot=roles.slot,
+                           publication="bemi", backoff_initial=0.05, backoff_max=0.3, poll_interval=0.05))
+    metrics = MetricsServer(worker.stats, port=0).start()
+    url = "http://%s:%d" % metrics.address
+    exit_code: list[int] = []
+    thread = threading.Thread(target=lambda: exit_code.append(worker.run()), daemon=True)
+    thread.start()
+
+    def wait_for(predicate, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert thread.is_alive(), f"the worker stopped: {exit_code} {caplog.text[-2000:]}"
+            assert time.monotonic() < deadline, (caplog.text[-2000:], roles.su.execute(
+                "SELECT \"table\", operation, after::text FROM bemi.changes").fetchall(), roles.su.execute(
+                "SELECT pubname, puballtables, tablename FROM pg_publication LEFT JOIN pg_publication_tables "
+                "USING (pubname)").fetchall())
+            time.sleep(0.05)
+
+    def orders() -> int:
+        return roles.su.execute("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                "WHERE n.nspname = 'bemi' AND c.relname = 'changes'").fetchone()[0] and \
+            roles.su.execute("SELECT count(*) FROM bemi.changes WHERE \"table\" = 'orders'").fetchone()[0]
+
+    try:
+        wait_for(lambda: caplog.text.count("refusing to write to bemi's tables") >= 3)  # said at every attempt
+        assert "schema bemi" in worker.stats.blocked and "bemi_grants" in worker.stats.blocked
+        with pytest.raises(urllib.error.HTTPError) as health:
+            urllib.request.urlopen(url + "/healthz", timeout=5)
+        assert health.value.code == 503 and health.value.read().decode().startswith("blocked: ")
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+            assert "bemi_worker_blocked 1.0" in response.read().decode()
+        # The worker wrote nothing into the squatted schema; its slot keeps what is written meanwhile.
+        assert roles.su.execute("SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                                "WHERE n.nspname = 'bemi'").fetchone()[0] == 0
+        assert roles.su.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s",
+                                [roles.slot]).fetchone()[0] == 1
+        app.execute("INSERT INTO public.orders VALUES (1, 10)")
+        roles.grants()  # the superuser sets the schema aside and makes it again for the worker
+        wait_for(lambda: orders() == 1)
+        app.execute("INSERT INTO public.orders VALUES (2, 20)")
+        wait_for(lambda: orders() == 2)
+        assert worker.stats.blocked == "" and "no longer blocked" in caplog.text
+        with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
+            assert "bemi_worker_blocked 0.0" in response.read().decode()
+    finally:
+        worker.stop()
+        thread.join(30)
+        metrics.stop()
+    assert exit_code == [0]
+    assert roles.su.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bemi\\_untrusted\\_%'"
+                            ).fetchone()[0] == 1
+
+
 def test_a_schema_the_application_made_first_is_refused_then_set_aside_by_bemi_grants(roles):
     """The database's owner may create schema bemi before the worker's first start, with a table the worker
     would write to: the worker refuses it and says what to run; bemi_grants sets it aside."""

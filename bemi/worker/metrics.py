@@ -111,6 +111,9 @@ class _StatsCollector:
                                 "(pg_current_wal_lsn() - restart_lsn)", value=s.slot_retained_wal_bytes)
         yield GaugeMetricFamily("bemi_worker_streaming", "1 while the worker reads the slot, else 0",
                                 value=1 if s.streaming else 0)
+        yield GaugeMetricFamily("bemi_worker_blocked", "1 while the worker waits for an operator to fix what "
+                                "another role made under bemi's names (its log says what to run), else 0",
+                                value=1 if s.blocked else 0)
 
 
 class _IPv6Server(ThreadingHTTPServer):
@@ -151,6 +154,8 @@ class MetricsServer:
                 elif path == "/healthz":
                     if server.stats.streaming:
                         self._send(200, b"ok: streaming\n")
+                    elif server.stats.blocked:
+                        self._send(503, f"blocked: {server.stats.blocked}\n".encode())
                     else:
                         self._send(503, b"not streaming\n")
                 else:

@@ -32,7 +32,7 @@ from psycopg.pq import TransactionStatus
 from bemi.worker import pgoutput as po
 from bemi.worker import takeover as takeover_mod
 from bemi.worker.partitions import DEFAULT_INTERVAL, Partitions
-from bemi.worker.errors import WorkerError
+from bemi.worker.errors import Blocked, WorkerError
 from bemi.worker.sink import Checkpoint, Sink, is_rejection
 from bemi.worker.shown import shown
 from bemi.worker.slot import check_slot
@@ -136,6 +136,7 @@ class Worker:
         self.row_filter: takeover_mod.RowFilter | None = None  # --takeover: drops what the published worker stored
         self._last_maintenance = 0.0
         self._last_retention: float | None = None
+        self._reserved_slot = False  # made the slot while blocked (Blocked), before reading any checkpoint
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -162,6 +163,14 @@ class Worker:
         source.publisher.rules = tracked.rules()
         key = tracked.masking_key(cfg.masking_key) if tracked.tracking.masked_columns else b""
         self.checkpoint = checkpoint = sink.checkpoint()
+        reserved, self._reserved_slot = self._reserved_slot, False
+        if reserved and checkpoint is not None:
+            # The slot was missing although changes were written from it: a new one would hide the gap.
+            source.control.execute("SELECT pg_catalog.pg_drop_replication_slot(%s::pg_catalog.name)", [cfg.slot])
+            source.ensure_slot(checkpoint.commit_lsn)  # raises, saying what to do
+        if self.stats.blocked:
+            log.warning("no longer blocked: %s", self.stats.blocked)
+            self.stats.blocked = ""
         source.refresh_tables()
         self._last_refresh = time.monotonic()
         state = source.ensure_slot(checkpoint.commit_lsn if checkpoint else None)
@@ -283,6 +292,14 @@ class Worker:
                         continue
                     # Rejected again where rows already had their fallback: not a row's fault; back off.
                     log.error("the destination rejected a commit, not a change: %s", _one_line(exc.error))
+                except Blocked as exc:
+                    if cfg.once:
+                        raise
+                    # Another role's doing (a schema bemi it made first): never an exit. Say it at every
+                    # attempt, show it in bemi_worker_blocked and /healthz, go on once an operator fixed it.
+                    self.stats.blocked = _one_line(exc)
+                    self._keep_changes_while_blocked()
+                    log.error("%s The worker waits and tries again; the slot keeps every change meanwhile.", exc)
                 except WorkerError as exc:
                     if self._started_once and self._transient_setup_error():
                         log.warning("%s", exc)  # cannot connect while the server restarts: a fault to wait out
@@ -308,6 +325,21 @@ class Worker:
                     return 0
         finally:
             self.close()
+
+    def _keep_changes_while_blocked(self) -> None:
+        """Blocked at a first start: publish the tracked tables and make the slot now, so that every change
+        from now on is kept until the worker can store it (the slot is dropped again by setup() if a
+        checkpoint turns up: a slot made after changes were stored from another would hide a gap)."""
+        source = self.source
+        if source is None or source.stream is None:
+            return
+        try:
+            source.refresh_tables()
+            if not self._reserved_slot and source.slot_state() is None:
+                source.ensure_slot(None)
+                self._reserved_slot = True
+        except (psycopg.Error, WorkerError) as exc:
+            log.warning("could not prepare slot %s while blocked: %s", self.config.slot, _one_line(exc))
 
     def _transient_setup_error(self) -> bool:
         exc = sys.exc_info()[1]

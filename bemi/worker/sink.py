@@ -26,7 +26,7 @@ from bemi import sql as bemi_sql
 from bemi.chain import Chain, epoch_micros
 from bemi.trust import BEMI_TABLES, untrusted_tables
 from bemi.worker import pgoutput as po
-from bemi.worker.errors import WorkerError
+from bemi.worker.errors import Blocked, WorkerError
 from bemi.worker.partitions import Partitions
 from bemi.worker.session import connect, one_row
 from bemi.worker.shown import qualified, shown
@@ -233,7 +233,7 @@ class Sink:
         if rows:
             me = conn.info.user
             listed = ", ".join(t.why for t in rows)
-            raise WorkerError(
+            raise Blocked(
                 f"refusing to write to bemi's tables: {listed}. Their owner could run code with the worker's "
                 f"privileges (role {me!r}) through a trigger, rule or default on them, or rewrite them. "
                 f"Check them (\\dn+ and \\d+ in psql); to fix, {self._grants_hint()}: it sets aside what the "

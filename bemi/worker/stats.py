@@ -31,6 +31,8 @@ class WorkerStats:
     reconnects: int = 0
     #: True while the replication stream is open and being read.
     streaming: bool = False
+    #: Why the worker waits for an operator (what another role made under bemi's names); "" when it does not.
+    blocked: str = ""
     #: Position (LSN as int) and commit time of the last source transaction stored.
     last_commit_lsn: int = 0
     last_commit_time: datetime | None = None

@@ -30,7 +30,7 @@ from bemi import sql as bemi_sql
 from bemi import tables
 from bemi import tracking as tr
 from bemi.trust import untrusted_source_objects
-from bemi.worker.errors import WorkerError
+from bemi.worker.errors import Blocked, WorkerError
 from bemi.worker.shown import shown
 
 __all__ = ["TrackedTables"]
@@ -82,8 +82,8 @@ class TrackedTables:
             log.warning("%s is neither a superuser's nor role %s's: the worker reads the settings there but writes "
                         "nothing into it (not its flags, its own tables or a masking key). Have a superuser run "
                         "`python manage.py bemi_grants` (docs/security.md)", untrusted[0].why, self.user)
-        elif untrusted:
-            raise WorkerError(
+        elif untrusted:  # (the application's role may make one in a public it owns: wait, never exit)
+            raise Blocked(
                 f"refusing to use {untrusted[0].why}: it is neither a superuser's nor role {self.user!r}'s, so "
                 f"its triggers, rules or defaults would run as role {self.user!r}. Have a superuser run "
                 "`python manage.py bemi_grants --app-role <the application's role> --worker-role "

@@ -48,10 +48,14 @@ def connect(dsn: str, what: str, also: sql.Composable | None = None, **kwargs: s
     except psycopg.OperationalError as exc:
         raise WorkerError(f"cannot connect to the {what} database: {exc}".strip()) from exc
     try:
-        # One round trip (a simple query of several statements, run in order): the path first.
-        conn.execute(sql.SQL("; ").join([sql.SQL("SET search_path = pg_catalog, pg_temp")] + [
+        statements = [sql.SQL("SET search_path = pg_catalog, pg_temp")] + [  # the path first
             sql.SQL("SET {} = {}").format(sql.Identifier(name), sql.Literal(value))
-            for name, value in SESSION_SETTINGS.items()] + ([also] if also is not None else [])))
+            for name, value in SESSION_SETTINGS.items()] + ([also] if also is not None else [])
+        if "replication" in kwargs and conn.info.server_version < 150000:
+            for statement in statements:  # a walsender before 15 takes one statement per query
+                conn.execute(sql.Composed([statement]))
+        else:  # one round trip (a simple query of several statements, run in order)
+            conn.execute(sql.SQL("; ").join(statements))
     except BaseException:
         conn.close()
         raise

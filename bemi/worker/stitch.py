@@ -398,9 +398,7 @@ class Stitcher:
         if rel is None or rel.excluded or rel.pk_column < 0:
             self._row(out, lsn, relid, "CREATE", None, False, new)
             return
-        try:  # an Insert's tuple holds no unchanged-TOAST marker
-            if len(new) != len(rel.keys):
-                raise ValueError("a tuple of another shape than its relation")
+        try:  # an Insert's tuple holds no unchanged-TOAST marker (a short one: IndexError from pick)
             after = "{" + ",".join([
                 key + ("null" if value is None else fmt(value))
                 for key, fmt, value in zip(rel.sorted_keys, rel.sorted_formats, new if rel.pick is None else rel.pick(new))

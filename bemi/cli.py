@@ -12,6 +12,7 @@ from typing import Any
 
 from psycopg.conninfo import make_conninfo
 
+from bemi.cli_nats import add_publish_argument, add_stream_arguments, stream_settings
 from bemi.worker.partitions import DEFAULT_INTERVAL, INTERVALS, parse_retention
 from bemi.worker.runner import Config, configure_logging, main_loop
 
@@ -41,6 +42,8 @@ table `_bemi_worker_checkpoints`. It never drops or recreates a slot.
 EPILOG = """\
 `bemi-worker status` (see `bemi-worker status --help`) tells whether tracking works:
 slot, retained WAL, lag, worker, tables; exit status 0 when healthy.
+`bemi-worker ingest --from nats://HOST:PORT` stores what `bemi-worker --publish
+nats://HOST:PORT` published (see `bemi-worker ingest --help`, docs/scale-out.md).
 `bemi-worker verify` (see `bemi-worker verify --help`) checks the chain of stored
 changes: exit status 0 when intact, 1 when tampered with, 2 when it cannot check.
 
@@ -123,6 +126,8 @@ def add_worker_arguments(parser, names_from_settings: bool = False) -> None:
                         help="address for --metrics-port (default: 127.0.0.1; 0.0.0.0 for every interface)")
     # Benchmarks only (bench/ingest.py): changes stored without links fail bemi_verify.
     parser.add_argument("--no-chain", action="store_true", help=argparse.SUPPRESS)
+    add_publish_argument(parser)
+    add_stream_arguments(parser)
     add_tracking_arguments(parser)
 
 
@@ -210,6 +215,7 @@ def config_from_options(options, source_dsn: str, destination_dsn: str | None, t
         tracking=tracking,
         masking_key=masking_key,
         chain=not getattr(options, "no_chain", False),
+        publish=stream_settings(options, options.publish) if getattr(options, "publish", None) else None,
     )
 
 
@@ -269,12 +275,18 @@ def main(argv: list[str] | None = None) -> int:
         return status_main(argv[1:])
     if argv[:1] == ["verify"]:
         return verify_main(argv[1:])
+    if argv[:1] == ["ingest"]:
+        from bemi.cli_nats import ingest_main
+
+        return ingest_main(argv[1:])
     parser = build_parser()
     options = parser.parse_args(argv)
     try:
         parse_retention(options.retention)
     except ValueError as exc:
         parser.error(str(exc))
+    if options.publish and options.takeover:
+        parser.error("--takeover stores what the published worker did not: not with --publish")
     configure_logging(options.verbosity)
     from bemi.tracking import TrackingError
 

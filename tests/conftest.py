@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.queryapp.fixtures",  # recorder, tx_recorder: `changes` rows written like the worker writes them
     "tests.scratch",  # scratch: a fresh database of the test's own
     "tests.workerapp.harness",  # worker_env: a slot and publication of the test's own, the worker in or out of process
+    "tests.natsfixtures",  # nats_server: a private nats-server with JetStream (docs/scale-out.md)
 ]
 
 

@@ -82,6 +82,9 @@ class Config:
     # larger than it is spilled to disk by the walsender and read back at its commit (session.decoding_memory).
     decoding_memory_mb: int = 256
     chain: bool = True  # give every stored change its link of the chain (bemi/chain.py); off only for bench/
+    publish: Any = None  # bemi.worker.jetstream.StreamSettings: publish to NATS JetStream instead of storing
+    publish_window_bytes: int = 16 * 1024 * 1024  # bytes published and not acked yet, at most
+    publish_ack_timeout: float = 30.0  # seconds to wait for JetStream's acks before a reconnect
 
 
 @dataclass
@@ -155,8 +158,7 @@ class Worker:
         stream = source.open_stream(self.stats)
         self._walsenders.add(stream.conn.info.backend_pid)
         self.source_identity = source.identity
-        self.sink = sink = Sink(cfg.destination_dsn or cfg.source_dsn, cfg.slot, source.database, source.identity,
-                                chain=cfg.chain)
+        self.sink = sink = self._open_sink(source)
         sink.ensure_tables(before_commit=tracked.claim_new_tables)
         tracked.register_own_tables(sink.conn)  # before its partitions are made: they are decided by it
         self._maintain_partitions(force=True)
@@ -177,7 +179,7 @@ class Worker:
         if cfg.takeover:
             self.row_filter = takeover_mod.start(source.control, cfg.slot, sink.conn, source.database,
                                                  cfg.takeover_max_bytes)
-        elif checkpoint is None:
+        elif checkpoint is None and getattr(sink, "stores_changes", True):
             takeover_mod.warn_if_published_rows(sink.conn, source.database)
         takeover_mod.warn_about_leftovers(source.control, cfg.slot, cfg.publication)
         self.values = JsonValues(source.type_spec, _python_encoding(source.encoding))
@@ -201,8 +203,21 @@ class Worker:
         self._last_stats = time.monotonic()
         self._started_once = True
         log.info("reading slot %s (publication %s) of database %s from %s over the replication protocol; "
-                 "writing changes to database %s", cfg.slot, cfg.publication, source.database,
-                 po.int_to_lsn(start), sink.conn.info.dbname)
+                 "writing changes to %s", cfg.slot, cfg.publication, source.database, po.int_to_lsn(start),
+                 sink.describe() if hasattr(sink, "describe") else f"database {sink.conn.info.dbname}")
+
+    def _open_sink(self, source: Source) -> Sink:
+        """Where changes go: ``changes`` in the destination, or (``publish``) NATS JetStream."""
+        cfg = self.config
+        if cfg.publish is None:
+            return Sink(cfg.destination_dsn or cfg.source_dsn, cfg.slot, source.database, source.identity,
+                        chain=cfg.chain)
+        from bemi.worker.publisher import JetStreamSink
+
+        # The same interface as Sink (bemi/worker/publisher.py), not a subclass of it.
+        return cast(Sink, JetStreamSink(cfg.publish, cfg.source_dsn, cfg.slot, source.database, source.identity,
+                                        chain=cfg.chain, window_bytes=cfg.publish_window_bytes,
+                                        ack_timeout=cfg.publish_ack_timeout))
 
     def _wait_for_slot(self, source: Source) -> None:
         """Start only when no other process holds the slot (the only thing two workers cannot share).
@@ -355,7 +370,9 @@ class Worker:
         if not force and now - self._last_maintenance < self.config.maintenance_interval:
             return
         sink = self.sink
-        if sink is None or sink.in_transaction or sink.conn.info.transaction_status != TransactionStatus.IDLE:
+        if sink is None or not getattr(sink, "stores_changes", True):
+            return  # publishing to NATS: the ingesters keep the partitions
+        if sink.in_transaction or sink.conn.info.transaction_status != TransactionStatus.IDLE:
             return  # a destination transaction is open: next time
         self._last_maintenance = now
         cfg = self.config

@@ -8,6 +8,7 @@ from django.db import connections
 from psycopg.conninfo import make_conninfo
 
 from bemi import conf
+from bemi.cli_nats import add_ingest_arguments, ingest_config
 from bemi.cli import DESCRIPTION, add_worker_arguments, config_from_options, tracking_from_options
 from bemi.tracking import TrackingError
 from bemi.worker.partitions import parse_retention
@@ -59,8 +60,11 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser) -> None:
+        parser.add_argument("mode", nargs="?", choices=["ingest"], default=None,
+                            help="ingest: store what readers published to NATS JetStream (--from; docs/scale-out.md)")
         parser.add_argument("--database", default="default", help="alias of the database to track (default: default)")
         add_worker_arguments(parser, names_from_settings=True)
+        add_ingest_arguments(parser)
 
     def handle(self, *args, **options) -> None:
         configure_logging(options["verbosity"])
@@ -73,7 +77,9 @@ class Command(BaseCommand):
         opts = Opts()
         options["slot"], options["publication"] = slot_and_publication(options["database"], options)
         for key in ("once", "standby", "slot", "publication", "batch_rows", "poll_interval", "heartbeat_interval",
-                    "takeover", "takeover_memory", "metrics_port", "metrics_host"):
+                    "takeover", "takeover_memory", "metrics_port", "metrics_host", "publish", "stream",
+                    "subject_prefix", "stream_max_age", "stream_max_bytes", "duplicate_window", "consumer",
+                    "ingest_batch", "ack_wait"):
             setattr(opts, key, options[key])
         try:  # --partition-interval / --retention, else BEMI_PARTITION_INTERVAL / BEMI_RETENTION
             opts.partition_interval = options["partition_interval"] or conf.partition_interval()
@@ -81,6 +87,18 @@ class Command(BaseCommand):
             parse_retention(opts.retention)
         except (ValueError, ImproperlyConfigured) as exc:
             raise CommandError(str(exc)) from exc
+        if options["mode"] == "ingest":
+            if not options["nats_from"]:
+                raise CommandError("manage.py bemi_worker ingest needs --from nats://HOST:PORT")
+            from bemi.worker.ingest import main_loop as ingest_loop
+
+            code = ingest_loop(ingest_config(opts, options["nats_from"], destination or source))
+            if code:
+                raise CommandError(f"bemi ingester stopped with exit status {code} (see the log above)",
+                                   returncode=code)
+            return
+        if options["publish"] and options["takeover"]:
+            raise CommandError("--takeover stores what the published worker did not: not with --publish")
         for key in ("schemas", "ignored_tables", "ignored_columns", "masked_columns", "unsafe_track_builtins",
                     "skip_unchanged_updates", "masking_key"):
             setattr(opts, key, options.get(key))

@@ -1,0 +1,459 @@
+"""An ingester: store changes from the JetStream stream into ``changes``, exactly once (I/O).
+
+Any number of ingesters, on any machines, share one durable pull consumer; each
+fetched batch (up to ``batch`` messages) is stored in one destination
+transaction and acknowledged only after that transaction committed:
+
+1. COPY the messages, as they came, into a temporary table of ``jsonb``
+   (PostgreSQL parses them: numbers keep every digit, which the chain needs);
+2. one ``INSERT ... SELECT ... ON CONFLICT DO NOTHING`` into ``changes``: a
+   change stored before (a redelivery after a kill, a copy published again by a
+   restarted reader) meets ``changes_identity_index`` and is skipped;
+3. commit, then ack every message of the batch.
+
+Killed before the commit: nothing stored, nothing acked, JetStream redelivers
+after ``ack_wait``. Killed between commit and acks: redelivered, skipped by the
+index. Messages are untrusted input: one that is not a valid v1 document (too
+large, not UTF-8 or JSON, a wrong version, a field of the wrong type or too
+long for its column) is found by storing the batch again message by message,
+and becomes a dead letter in ``_bemi_worker_failures`` (the message itself in
+``change``) and is acked: it never blocks the consumer.
+
+The destination's tables are checked and made by ``Sink.ensure_tables`` (the
+same trust rules as the direct mode), and its partitions kept by
+bemi/worker/partitions.py (several ingesters take turns through its lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Callable
+
+import psycopg
+from psycopg import sql
+from psycopg.pq import TransactionStatus
+
+from bemi import tables
+from bemi.worker.errors import WorkerError
+from bemi.worker.jetstream import JetStream, JetStreamFault, StreamSettings
+from bemi.worker.partitions import DEFAULT_INTERVAL, Partitions
+from bemi.worker.session import connect
+from bemi.worker.sink import Sink, _copy_text, is_rejection
+from bemi.worker.stats import WorkerStats
+from bemi.worker.tracked import TrackedTables
+from bemi.words import counted
+
+__all__ = ["IngestConfig", "Ingester", "IngestStats"]
+
+log = logging.getLogger("bemi.worker")
+
+_INCOMING = sql.SQL("pg_temp._bemi_incoming")
+_CREATE_INCOMING = sql.SQL("CREATE TEMPORARY TABLE IF NOT EXISTS _bemi_incoming (n int4 NOT NULL, m jsonb NOT NULL) "
+                           "ON COMMIT DELETE ROWS")
+_OPERATIONS = ("CREATE", "UPDATE", "DELETE", "TRUNCATE")
+#: A valid v1 document (types; the casts in _INSERT check the values' forms).
+_VALID = sql.SQL(
+    "m OPERATOR(pg_catalog.->>) 'v' OPERATOR(pg_catalog.=) '1' "
+    "AND pg_catalog.jsonb_typeof(m OPERATOR(pg_catalog.->) 'database') OPERATOR(pg_catalog.=) 'string' "
+    "AND pg_catalog.jsonb_typeof(m OPERATOR(pg_catalog.->) 'schema') OPERATOR(pg_catalog.=) 'string' "
+    "AND pg_catalog.jsonb_typeof(m OPERATOR(pg_catalog.->) 'table') OPERATOR(pg_catalog.=) 'string' "
+    "AND pg_catalog.jsonb_typeof(m OPERATOR(pg_catalog.->) 'primary_key') OPERATOR(pg_catalog.=) ANY "
+    "(ARRAY['string', 'null']) "
+    "AND (m OPERATOR(pg_catalog.->>) 'operation') OPERATOR(pg_catalog.=) ANY (ARRAY['CREATE', 'UPDATE', 'DELETE', "
+    "'TRUNCATE']) "
+    "AND pg_catalog.jsonb_typeof(m OPERATOR(pg_catalog.->) 'before') OPERATOR(pg_catalog.=) 'object' "
+    "AND pg_catalog.jsonb_typeof(m OPERATOR(pg_catalog.->) 'after') OPERATOR(pg_catalog.=) 'object' "
+    "AND pg_catalog.jsonb_typeof(m OPERATOR(pg_catalog.->) 'context') OPERATOR(pg_catalog.=) 'object' "
+    "AND (m OPERATOR(pg_catalog.->>) 'committed_at') OPERATOR(pg_catalog.~) {iso} "
+    "AND (m OPERATOR(pg_catalog.->>) 'queued_at') OPERATOR(pg_catalog.~) {iso} "
+    "AND pg_catalog.jsonb_typeof(m OPERATOR(pg_catalog.->) 'transaction_id') OPERATOR(pg_catalog.=) 'number' "
+    "AND pg_catalog.jsonb_typeof(m OPERATOR(pg_catalog.->) 'position') OPERATOR(pg_catalog.=) 'number' "
+    "AND pg_catalog.jsonb_typeof(m OPERATOR(pg_catalog.->) 'commit_position') OPERATOR(pg_catalog.=) 'number' "
+    "AND pg_catalog.jsonb_typeof(m OPERATOR(pg_catalog.->) 'change_index') OPERATOR(pg_catalog.=) 'number' "
+    "AND pg_catalog.jsonb_typeof(m OPERATOR(pg_catalog.->) 'chain_link') OPERATOR(pg_catalog.=) ANY "
+    "(ARRAY['string', 'null'])").format(
+    iso=sql.Literal(r"^\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d{1,6})?([+-]\d\d(:?\d\d)?|Z)$"))
+_INSERT = sql.SQL(
+    'INSERT INTO {changes} ("database", "schema", "table", "primary_key", "operation", "before", "after", "context", '
+    '"committed_at", "queued_at", "transaction_id", "position", "commit_position", "change_index", "chain_link") '
+    "SELECT m OPERATOR(pg_catalog.->>) 'database', m OPERATOR(pg_catalog.->>) 'schema', "
+    "m OPERATOR(pg_catalog.->>) 'table', m OPERATOR(pg_catalog.->>) 'primary_key', "
+    "m OPERATOR(pg_catalog.->>) 'operation', m OPERATOR(pg_catalog.->) 'before', m OPERATOR(pg_catalog.->) 'after', "
+    "m OPERATOR(pg_catalog.->) 'context', (m OPERATOR(pg_catalog.->>) 'committed_at')::pg_catalog.timestamptz, "
+    "(m OPERATOR(pg_catalog.->>) 'queued_at')::pg_catalog.timestamptz, "
+    "(m OPERATOR(pg_catalog.->>) 'transaction_id')::pg_catalog.int8, "
+    "(m OPERATOR(pg_catalog.->>) 'position')::pg_catalog.int8, "
+    "(m OPERATOR(pg_catalog.->>) 'commit_position')::pg_catalog.int8, "
+    "(m OPERATOR(pg_catalog.->>) 'change_index')::pg_catalog.int4, "
+    "pg_catalog.decode(m OPERATOR(pg_catalog.->>) 'chain_link', 'hex') "
+    "FROM {incoming} WHERE {valid} ON CONFLICT DO NOTHING")
+_INVALID = sql.SQL("SELECT n FROM {incoming} WHERE NOT COALESCE({valid}, false)")
+_MOMENTS = sql.SQL("SELECT DISTINCT (m OPERATOR(pg_catalog.->>) 'committed_at')::pg_catalog.timestamptz "
+                   "FROM {incoming} WHERE {valid}")
+_DEAD = sql.SQL(
+    'INSERT INTO {failures} ("source", "slot", "database", "error", "sqlstate", "change") '
+    "VALUES (%s::text, %s::text, %s::text, %s::text, %s::text, %s::bytea)")
+
+
+@dataclass
+class IngestConfig:
+    stream: StreamSettings
+    destination_dsn: str
+    consumer: str = "bemi_ingest"  # the durable consumer all ingesters of one destination share
+    batch: int = 2000  # messages per fetch, stored in one transaction
+    fetch_timeout: float = 0.5  # seconds a fetch waits for the first messages
+    ack_wait: float = 60.0  # seconds before JetStream redelivers what an ingester fetched and did not ack
+    max_ack_pending: int = 20_000  # messages fetched and not acked yet, across all ingesters
+    max_message_bytes: int = 64 * 1024 * 1024  # a larger message is a dead letter
+    once: bool = False  # stop when the consumer has nothing left to deliver
+    partition_interval: str = DEFAULT_INTERVAL
+    retention: timedelta | None = None
+    maintenance_interval: float = 60.0
+    retention_interval: float = 3600.0
+    clock: Callable[[], datetime] | None = None
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+
+
+@dataclass
+class IngestStats:
+    """What an ingester counts (the /metrics of this mode; bemi/worker/metrics.py)."""
+
+    stored: int = 0  # changes inserted into `changes`
+    duplicates: int = 0  # changes delivered again and skipped (already stored)
+    dead_letters: int = 0  # messages stored in _bemi_worker_failures instead
+    acked: int = 0
+    batches: int = 0
+    consumer_pending: int = 0  # messages the consumer has not delivered yet (last look)
+    consumer_ack_pending: int = 0  # delivered, not acked yet
+
+
+class Ingester:
+    def __init__(self, config: IngestConfig) -> None:
+        self.config = config
+        self.stopping = threading.Event()
+        self.stats = IngestStats()
+        self.worker_stats = WorkerStats()  # for the shared parts of /metrics (reconnects)
+        self.sink: Sink | None = None
+        self.js: JetStream | None = None
+        self._sub: Any = None
+        self.partitions: Partitions | None = None
+        self._last_maintenance = 0.0
+        self._last_retention: float | None = None
+        self._last_info = 0.0
+        self._progress = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cfg = self.config
+        source = f"nats:{cfg.stream.stream}"
+        self.sink = sink = Sink(cfg.destination_dsn, cfg.consumer, "", source, chain=False)
+        tracked = self._tracked(sink)
+        sink.ensure_tables(before_commit=tracked.claim_new_tables if tracked else None)
+        if tracked is not None:
+            tracked.register_own_tables(sink.conn)
+            tracked.control.close()
+        sink.conn.execute(_CREATE_INCOMING)
+        sink.conn.commit()
+        self.js = js = JetStream(cfg.stream, name=f"bemi-worker ingest {cfg.consumer}")
+        js.ensure_stream()
+        self._sub = js.call(self._subscribe())
+        self._maintain(force=True)
+        log.info("ingesting from NATS JetStream stream %s (consumer %s) at %s into database %s",
+                 cfg.stream.stream, cfg.consumer, cfg.stream.url, sink.conn.info.dbname)
+
+    def _tracked(self, sink: Sink) -> TrackedTables | None:
+        """When the destination is a source database too (bemi's tracking installed there), bemi's new
+        tables are registered as its own, as the direct mode does (never tracked, never published)."""
+        row = sink.conn.execute("SELECT pg_catalog.to_regclass('public._bemi_tracking') IS NOT NULL").fetchone()
+        sink.conn.rollback()
+        if not (row and row[0]):
+            return None
+        control = connect(self.config.destination_dsn, "destination")
+        tracked = TrackedTables(control, control.info.user)
+        try:
+            tracked.ensure_rule()  # the trust checks of the settings table (it exists: nothing installed)
+        except BaseException:
+            control.close()
+            raise
+        return tracked
+
+    async def _subscribe(self) -> Any:
+        cfg = self.config
+        assert self.js is not None
+        api = self.js.nats.js.api
+        consumer = api.ConsumerConfig(durable_name=cfg.consumer, ack_policy=api.AckPolicy.EXPLICIT,
+                                      deliver_policy=api.DeliverPolicy.ALL, ack_wait=cfg.ack_wait,
+                                      max_ack_pending=cfg.max_ack_pending, max_waiting=512,
+                                      filter_subject=f"{cfg.stream.prefix}.>")
+        return await self.js.js.pull_subscribe(f"{cfg.stream.prefix}.>", durable=cfg.consumer,
+                                               stream=cfg.stream.stream, config=consumer)
+
+    def close(self) -> None:
+        if self.js is not None:
+            self.js.close()
+        if self.sink is not None:
+            self.sink.rollback()
+            self.sink.close()
+        self.js = self.sink = None
+        self._sub = None
+        self.partitions = None
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def run(self) -> int:
+        """Until stopped (or, with ``once``, until the consumer has nothing left); faults are waited out."""
+        cfg = self.config
+        failures = 0
+        started = False
+        try:
+            while True:
+                before = self._progress
+                try:
+                    self.setup()
+                    started = True
+                    while not self.stopping.is_set():
+                        got = self.step()
+                        if not got and cfg.once and self._drained():
+                            return 0
+                    return 0
+                except WorkerError as exc:
+                    if not started or not str(exc).startswith("cannot connect to the"):
+                        raise
+                    log.warning("%s", exc)
+                except (psycopg.Error, OSError) as exc:
+                    if cfg.once and not started:
+                        raise
+                    log.warning("ingest: %s: %s", "NATS" if isinstance(exc, JetStreamFault) else "database error",
+                                " ".join(str(exc).split()))
+                self.close()
+                if self.stopping.is_set():
+                    return 0
+                failures = 0 if self._progress > before else failures + 1
+                delay = min(cfg.backoff_max, cfg.backoff_initial * 2 ** min(failures, 16)) * random.uniform(0.8, 1.2)
+                self.worker_stats.reconnects += 1
+                log.warning("ingest: reconnecting in %.1f s (attempt %d)", delay, failures + 1)
+                if self.stopping.wait(delay):
+                    return 0
+        finally:
+            self.close()
+
+    def _drained(self) -> bool:
+        info = self.consumer_info()
+        return info is not None and info.num_pending == 0 and info.num_ack_pending == 0
+
+    def consumer_info(self) -> Any:
+        if self.js is None or self._sub is None:
+            return None
+        info = self.js.call(self._sub.consumer_info(), timeout=10)
+        self.stats.consumer_pending = int(info.num_pending or 0)
+        self.stats.consumer_ack_pending = int(info.num_ack_pending or 0)
+        return info
+
+    # -- one batch --------------------------------------------------------------------------
+
+    def step(self) -> int:
+        """Fetch one batch, store it, ack it; returns the number of messages handled."""
+        cfg = self.config
+        assert self.js is not None
+        now = time.monotonic()
+        if now - self._last_info >= 5.0:
+            self._last_info = now
+            self.consumer_info()
+        self._maintain()
+        msgs = self.js.call(self._fetch(), timeout=cfg.fetch_timeout + 30)
+        if not msgs:
+            return 0
+        self.store(msgs)
+        self.js.call(self._ack_all(msgs))
+        self.stats.acked += len(msgs)
+        self.stats.batches += 1
+        self._progress += 1
+        return len(msgs)
+
+    async def _fetch(self) -> list[Any]:
+        from nats.errors import TimeoutError as NatsTimeout
+
+        try:
+            return await self._sub.fetch(self.config.batch, timeout=self.config.fetch_timeout)
+        except NatsTimeout:
+            return []  # nothing to deliver
+
+    async def _ack_all(self, msgs: list[Any]) -> None:
+        for m in msgs:
+            await m.ack()
+        assert self.js is not None
+        await self.js.nc.flush()
+
+    def store(self, msgs: list[Any]) -> None:
+        """Store one batch in one destination transaction; a batch the destination rejects is stored
+        message by message, each rejected one as a dead letter."""
+        sink = self.sink
+        assert sink is not None
+        datas = [m.data for m in msgs]
+        self._dead = []
+        try:
+            stored = self._insert(sink.conn, datas, list(range(len(datas))))
+            sink.conn.commit()
+        except psycopg.Error as exc:
+            sink.conn.rollback()
+            self._dead = []
+            if not is_rejection(exc):
+                raise
+            stored = self._store_careful(sink.conn, datas)
+            sink.conn.commit()
+        cfg = self.config
+        for error in self._dead:
+            log.error("dead letter: a message of stream %s could not be stored (%s); stored in "
+                      "_bemi_worker_failures", cfg.stream.stream, error[:500])
+        dead = len(self._dead)
+        self.stats.dead_letters += dead
+        self.worker_stats.dead_letters += dead
+        self.stats.stored += stored
+        self.stats.duplicates += max(len(datas) - stored - dead, 0)
+        self.worker_stats.written[("", "")] += stored
+        if self.partitions is not None and self.partitions.pending:
+            pending, self.partitions.pending = self.partitions.pending, set()
+            self.partitions.try_ensure(pending)
+
+    _dead: list[str] = []  # dead letters of the open destination transaction (their errors)
+
+    def _insert(self, conn: psycopg.Connection, datas: list[bytes], numbers: list[int]) -> int:
+        """COPY, dead-letter what is plainly not a v1 document, INSERT; returns the changes stored."""
+        limit = self.config.max_message_bytes
+        lines = []
+        for n, data in zip(numbers, datas):
+            if len(data) > limit:
+                self._dead_letter(conn, data, f"message of {len(data)} bytes, more than {limit}")
+                continue
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                self._dead_letter(conn, data, f"message not UTF-8: {exc}")
+                continue
+            lines.append(f"{n}\t{_copy_text(text)}\n")
+        if not lines:
+            return 0
+        with conn.cursor() as cur:
+            with cur.copy(sql.SQL("COPY {} (n, m) FROM STDIN").format(_INCOMING)) as copy:
+                copy.write("".join(lines).encode("utf-8"))
+            invalid = [r[0] for r in cur.execute(_INVALID.format(incoming=_INCOMING, valid=_VALID)).fetchall()]
+            for n in invalid:
+                self._dead_letter(conn, datas[numbers.index(n)], "not a v1 change document (docs/scale-out.md)")
+            if self.partitions is not None:
+                moments = [r[0] for r in cur.execute(_MOMENTS.format(incoming=_INCOMING, valid=_VALID)).fetchall()]
+                self.partitions.pending |= self.partitions.uncovered(moments)
+            cur.execute(_INSERT.format(changes=tables.CHANGES, incoming=_INCOMING, valid=_VALID))
+            return max(cur.rowcount, 0)
+
+    def _store_careful(self, conn: psycopg.Connection, datas: list[bytes]) -> int:
+        """Each message in its own savepoint; one the destination rejects becomes a dead letter."""
+        stored = 0
+        for n, data in enumerate(datas):
+            dead = len(self._dead)
+            conn.execute("SAVEPOINT bemi_message")
+            try:
+                stored += self._insert(conn, [data], [n])
+                conn.execute("TRUNCATE pg_temp._bemi_incoming")
+                conn.execute("RELEASE SAVEPOINT bemi_message")
+            except psycopg.Error as exc:
+                if not is_rejection(exc):
+                    raise
+                conn.execute("ROLLBACK TO SAVEPOINT bemi_message")
+                conn.execute("RELEASE SAVEPOINT bemi_message")
+                del self._dead[dead:]
+                self._dead_letter(conn, data, " ".join(str(exc).split()), getattr(exc, "sqlstate", None))
+        return stored
+
+    def _dead_letter(self, conn: psycopg.Connection, data: bytes, error: str, sqlstate: str | None = None) -> None:
+        cfg = self.config
+        conn.execute(_DEAD.format(failures=tables.FAILURES),
+                     [f"nats:{cfg.stream.stream}", cfg.consumer, "", error, sqlstate, data])
+        self._dead.append(error)
+
+    # -- partitions and retention ----------------------------------------------------------
+
+    def _maintain(self, force: bool = False) -> None:
+        """As the direct mode's worker does (runner._maintain_partitions): never fails the ingester."""
+        now = time.monotonic()
+        cfg = self.config
+        sink = self.sink
+        if sink is None or (not force and now - self._last_maintenance < cfg.maintenance_interval):
+            return
+        if sink.conn.info.transaction_status != TransactionStatus.IDLE:
+            return
+        self._last_maintenance = now
+        try:
+            if self.partitions is None:
+                partitions = (Partitions(sink.conn, cfg.partition_interval, clock=cfg.clock) if cfg.clock
+                              else Partitions(sink.conn, cfg.partition_interval))
+                if not partitions.is_partitioned():
+                    return
+                self.partitions = partitions
+            self.partitions.maintain()
+            if cfg.retention and (self._last_retention is None or now - self._last_retention >= cfg.retention_interval):
+                self._last_retention = now
+                cutoff = self.partitions.clock() - cfg.retention
+                result = self.partitions.prune(cutoff, by="bemi-worker ingest --retention", whole_only=True)
+                if result.rows or result.dropped:
+                    log.info("retention %s: removed %s committed before %s", cfg.retention,
+                             counted(result.rows, "change"), result.cutoff.isoformat())
+        except psycopg.Error as exc:
+            try:
+                sink.conn.rollback()
+            except psycopg.Error:
+                pass
+            log.warning("partition maintenance failed, will retry: %s", str(exc).strip())
+
+
+def main_loop(config: IngestConfig) -> int:
+    """Run an ingester with signal handling (SIGINT/SIGTERM: finish the batch in hand, then exit)."""
+    import signal
+
+    ingester = Ingester(config)
+
+    def on_signal(signum, frame):
+        if ingester.stopping.is_set():
+            raise KeyboardInterrupt
+        ingester.stop()
+
+    metrics = None
+    if config.metrics_port is not None:
+        from bemi.worker.metrics import MetricsServer, MetricsUnavailable
+
+        try:
+            metrics = MetricsServer(ingester.worker_stats, config.metrics_host, config.metrics_port).start()
+        except (MetricsUnavailable, OSError) as exc:
+            log.error("cannot serve metrics: %s", exc)
+            return 2
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = ingester.run()
+        log.info("stopped; %s stored, %s skipped as already stored, %s", counted(ingester.stats.stored, "change"),
+                 ingester.stats.duplicates, counted(ingester.stats.dead_letters, "dead letter"))
+        return code
+    except WorkerError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except (psycopg.Error, OSError) as exc:
+        log.error("%s", exc)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if metrics is not None:
+            metrics.stop()

@@ -1,0 +1,298 @@
+"""One connection to NATS JetStream for the synchronous worker: the stream, the reader's checkpoint, acks.
+
+nats-py is asyncio; the worker is one thread. A ``JetStream`` runs its own
+event loop in a daemon thread and the worker calls into it (``call``). What
+both sides share:
+
+* ``ensure_stream()``: the stream (limits retention: kept for ``max_age`` /
+  ``max_bytes`` whoever has read it, so other consumers may read it too, and a
+  kill never loses what an ingester has not stored yet), and the key-value
+  bucket of the readers' checkpoints;
+* ``publish()`` / ``wait_acked()``: publishing without a round trip per message
+  (each message names a reply subject under one inbox; JetStream's acks come
+  back there), with the bytes awaiting an ack bounded: ``publish`` blocks while
+  the window is full;
+* the checkpoint of a reader (commit position and chain head) in the bucket.
+
+Any failure (a lost connection, an ack with an error, no ack in time) is raised
+as ``JetStreamFault`` (an ``OSError``): the worker treats it as a fault, drops
+the connection and resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, TypeVar
+
+from bemi.worker.errors import WorkerError
+
+__all__ = ["JetStream", "JetStreamFault", "StreamSettings", "load_nats"]
+
+log = logging.getLogger("bemi.worker")
+T = TypeVar("T")
+
+
+class JetStreamFault(OSError):
+    """NATS or JetStream failed (connection, ack error, timeout): a fault to wait out, never data."""
+
+
+def load_nats() -> Any:
+    try:
+        import nats  # noqa: F401
+        import nats.js.api  # noqa: F401
+    except ImportError as exc:  # pragma: no cover - depends on the installation
+        raise WorkerError("publishing to or ingesting from NATS needs nats-py: pip install "
+                          "'bemi-django-selfhosted[nats]'", exit_code=2) from exc
+    return nats
+
+
+@dataclass
+class StreamSettings:
+    """Names and limits of the stream (docs/scale-out.md)."""
+
+    url: str
+    stream: str = "BEMI"
+    prefix: str = "bemi"  # subjects <prefix>.<database>.<schema>.<table>
+    bucket: str = "bemi_readers"  # the readers' checkpoints
+    max_age: float = 7 * 24 * 3600.0  # seconds a message is kept (0: no limit)
+    max_bytes: int = -1  # bytes the stream may hold, oldest dropped first (-1: no limit)
+    duplicate_window: float = 300.0  # seconds JetStream remembers a message id
+    replicas: int = 1
+
+
+class JetStream:
+    def __init__(self, settings: StreamSettings, name: str = "bemi-worker", window_bytes: int = 16 * 1024 * 1024,
+                 ack_timeout: float = 30.0) -> None:
+        self.nats = load_nats()
+        self.settings = settings
+        self.window_bytes = window_bytes
+        self.ack_timeout = ack_timeout
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="bemi-nats", daemon=True)
+        self._thread.start()
+        self._cond = threading.Condition()
+        self._pending: dict[int, int] = {}  # reply number -> bytes, published and not acked yet
+        self._pending_bytes = 0
+        self._next = 0
+        self._failure: str | None = None
+        self.published = 0  # acked as stored
+        self.duplicates = 0  # acked as duplicates (dropped by JetStream)
+        self.nc: Any = None
+        self.js: Any = None
+        self._kv: Any = None
+        self._inbox = ""
+        try:
+            self.call(self._connect(name))
+        except BaseException:
+            self.close()
+            raise
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def call(self, coro: Awaitable[T], timeout: float | None = 30.0) -> T:
+        """Run a coroutine on the loop and wait for its result; NATS errors become ``JetStreamFault``."""
+        future: Any = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        try:
+            return future.result(timeout)
+        except JetStreamFault:
+            raise
+        except TimeoutError as exc:  # concurrent.futures.TimeoutError is TimeoutError (3.11+)
+            future.cancel()
+            raise JetStreamFault(f"NATS did not answer within {timeout} s") from exc
+        except Exception as exc:
+            if not (self._is_nats_error(exc) or isinstance(exc, OSError)):
+                raise  # a bug or a WorkerError, not a fault to wait out
+            raise JetStreamFault(f"NATS: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+
+    def _is_nats_error(self, exc: BaseException) -> bool:
+        return type(exc).__module__.startswith("nats")
+
+    async def _connect(self, name: str) -> None:
+        async def on_error(exc: Exception) -> None:
+            log.debug("NATS: %s", exc)
+
+        async def on_disconnect() -> None:
+            self._fail("the connection to NATS was lost")
+
+        self.nc = await self.nats.connect(servers=[self.settings.url], name=name, error_cb=on_error,
+                                          disconnected_cb=on_disconnect, max_reconnect_attempts=-1,
+                                          reconnect_time_wait=0.5, connect_timeout=5, allow_reconnect=True)
+        self.js = self.nc.jetstream(timeout=10)
+        self._inbox = self.nc.new_inbox() + "."
+        await self.nc.subscribe(self._inbox + "*", cb=self._on_ack)
+
+    def close(self) -> None:
+        if self.nc is not None:
+            try:
+                self.call(self.nc.close(), timeout=5)
+            except Exception:
+                pass
+            self.nc = None
+        if self._loop.is_running():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(5)
+        if not self._loop.is_running():
+            self._loop.close()
+
+    # -- the stream ----------------------------------------------------------------------------
+
+    def ensure_stream(self) -> None:
+        """Create the stream and the checkpoints' bucket when missing (an existing one is left as it is)."""
+        self.call(self._ensure_stream())
+
+    async def _ensure_stream(self) -> None:
+        s = self.settings
+        api = self.nats.js.api
+        from nats.js.errors import NotFoundError
+
+        try:
+            info = await self.js.stream_info(s.stream)
+            subjects = list(info.config.subjects or [])
+            if f"{s.prefix}.>" not in subjects:
+                raise WorkerError(f"NATS stream {s.stream!r} exists with subjects {subjects}, not {s.prefix}.>: "
+                                  "choose another --stream or --subject-prefix", exit_code=2)
+        except NotFoundError:
+            await self.js.add_stream(api.StreamConfig(
+                name=s.stream, subjects=[f"{s.prefix}.>"], retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE, discard=api.DiscardPolicy.OLD, max_age=s.max_age or None,
+                max_bytes=s.max_bytes, duplicate_window=s.duplicate_window, num_replicas=s.replicas))
+            log.info("created NATS JetStream stream %s (subjects %s.>, max age %s s, max bytes %s)", s.stream,
+                     s.prefix, s.max_age or "unlimited", s.max_bytes if s.max_bytes >= 0 else "unlimited")
+
+    async def _bucket(self) -> Any:
+        if self._kv is None:
+            from nats.js.errors import BucketNotFoundError, NotFoundError
+
+            try:
+                self._kv = await self.js.key_value(self.settings.bucket)
+            except (BucketNotFoundError, NotFoundError):
+                self._kv = await self.js.create_key_value(bucket=self.settings.bucket, history=1,
+                                                          storage=self.nats.js.api.StorageType.FILE,
+                                                          replicas=self.settings.replicas)
+        return self._kv
+
+    def stream_info(self) -> Any:
+        return self.call(self.js.stream_info(self.settings.stream), timeout=10)
+
+    # -- the reader's checkpoint ---------------------------------------------------------------
+
+    def read_checkpoint(self, key: str) -> dict[str, Any] | None:
+        return self.call(self._read_checkpoint(key))
+
+    async def _read_checkpoint(self, key: str) -> dict[str, Any] | None:
+        from nats.js.errors import KeyNotFoundError
+
+        kv = await self._bucket()
+        try:
+            entry = await kv.get(key)
+        except KeyNotFoundError:
+            return None
+        if not entry.value:
+            return None
+        value = json.loads(entry.value)
+        return value if isinstance(value, dict) else None
+
+    def write_checkpoint(self, key: str, value: dict[str, Any]) -> None:
+        self.call(self._write_checkpoint(key, json.dumps(value, separators=(",", ":")).encode()))
+
+    async def _write_checkpoint(self, key: str, data: bytes) -> None:
+        kv = await self._bucket()
+        await kv.put(key, data)
+
+    # -- publishing ----------------------------------------------------------------------------
+
+    def publish(self, messages: list[tuple[str, bytes, str]]) -> None:
+        """Send (subject, data, message id) in order; blocks while the bytes awaiting acks exceed the window."""
+        if not messages:
+            return
+        size = sum(len(m[1]) for m in messages)
+        with self._cond:
+            deadline = time.monotonic() + self.ack_timeout
+            while self._pending_bytes and self._pending_bytes + size > self.window_bytes and self._failure is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._failure = f"no ack from JetStream within {self.ack_timeout} s"
+                    break
+                self._cond.wait(left)
+            if self._failure is not None:
+                raise JetStreamFault(self._failure)
+            first = self._next
+            self._next += len(messages)
+            for i, m in enumerate(messages):
+                self._pending[first + i] = len(m[1])
+            self._pending_bytes += size
+        asyncio.run_coroutine_threadsafe(self._send(messages, first), self._loop)
+
+    async def _send(self, messages: list[tuple[str, bytes, str]], first: int) -> None:
+        publish, inbox = self.nc.publish, self._inbox
+        try:
+            for i, (subject, data, msg_id) in enumerate(messages):
+                await publish(subject, data, reply=f"{inbox}{first + i}", headers={"Nats-Msg-Id": msg_id})
+        except Exception as exc:
+            self._fail(f"publishing to NATS failed: {exc}")
+
+    async def _on_ack(self, msg: Any) -> None:
+        try:
+            number = int(msg.subject[len(self._inbox):])
+        except ValueError:
+            return
+        error = None
+        if not msg.data:
+            status = (msg.headers or {}).get("Status", "") if msg.headers else ""
+            error = f"JetStream did not take the message (status {status or 'none'}: no stream for its subject?)"
+        else:
+            try:
+                ack = json.loads(msg.data)
+            except ValueError:
+                ack = {"error": {"description": "unreadable ack"}}
+            if "error" in ack:
+                error = f"JetStream refused a message: {ack['error']}"
+            elif ack.get("duplicate"):
+                self.duplicates += 1
+            else:
+                self.published += 1
+        with self._cond:
+            size = self._pending.pop(number, None)
+            if size is not None:
+                self._pending_bytes -= size
+            if error is not None and self._failure is None:
+                self._failure = error
+            self._cond.notify_all()
+
+    def _fail(self, why: str) -> None:
+        with self._cond:
+            if self._failure is None and (self._pending or why.startswith("publishing")):
+                self._failure = why
+            self._cond.notify_all()
+
+    def wait_acked(self) -> None:
+        """Until JetStream acknowledged every message published so far (stored or a known duplicate)."""
+        with self._cond:
+            deadline = time.monotonic() + self.ack_timeout
+            while self._pending and self._failure is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._failure = f"no ack from JetStream within {self.ack_timeout} s ({len(self._pending)} waiting)"
+                    break
+                self._cond.wait(min(left, 1.0))
+            if self._failure is not None:
+                raise JetStreamFault(self._failure)
+
+    def forget_pending(self) -> None:
+        """After a rollback: what is in flight is not waited for (a restart publishes it again)."""
+        with self._cond:
+            self._pending.clear()
+            self._pending_bytes = 0
+            self._cond.notify_all()
+
+    @property
+    def failed(self) -> str | None:
+        return self._failure
+
+    def on_loop(self, fn: Callable[[], Any]) -> None:
+        self._loop.call_soon_threadsafe(fn)

@@ -26,6 +26,7 @@ bemi/worker/partitions.py (several ingesters take turns through its lock).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import threading
@@ -41,7 +42,7 @@ from psycopg.pq import TransactionStatus
 
 from bemi import tables
 from bemi.worker.errors import WorkerError
-from bemi.worker.jetstream import JetStream, JetStreamFault, StreamSettings
+from bemi.worker.jetstream import JetStream, JetStreamFault, PullConsumer, StreamSettings
 from bemi.worker.partitions import DEFAULT_INTERVAL, Partitions
 from bemi.worker.session import connect
 from bemi.worker.sink import Sink, _copy_text, is_rejection
@@ -49,13 +50,11 @@ from bemi.worker.stats import WorkerStats
 from bemi.worker.tracked import TrackedTables
 from bemi.words import counted
 
-__all__ = ["IngestConfig", "Ingester", "IngestStats"]
+__all__ = ["IngestConfig", "Ingester", "main_loop"]
 
 log = logging.getLogger("bemi.worker")
 
 _INCOMING = sql.SQL("pg_temp._bemi_incoming")
-_CREATE_INCOMING = sql.SQL("CREATE TEMPORARY TABLE IF NOT EXISTS _bemi_incoming (n int4 NOT NULL, m jsonb NOT NULL) "
-                           "ON COMMIT DELETE ROWS")
 _OPERATIONS = ("CREATE", "UPDATE", "DELETE", "TRUNCATE")
 #: A valid v1 document (types; the casts in _INSERT check the values' forms).
 _VALID = sql.SQL(
@@ -79,8 +78,12 @@ _VALID = sql.SQL(
     "AND pg_catalog.jsonb_typeof(m OPERATOR(pg_catalog.->) 'chain_link') OPERATOR(pg_catalog.=) ANY "
     "(ARRAY['string', 'null'])").format(
     iso=sql.Literal(r"^\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d{1,6})?([+-]\d\d(:?\d\d)?|Z)$"))
+#: The batch as it came; ``valid`` computed once, as each message is COPied in.
+_CREATE_INCOMING = sql.SQL(
+    "CREATE TEMPORARY TABLE IF NOT EXISTS _bemi_incoming (n int4 NOT NULL, m jsonb NOT NULL, "
+    "valid boolean GENERATED ALWAYS AS (COALESCE({valid}, false)) STORED) ON COMMIT DELETE ROWS").format(valid=_VALID)
 _INSERT = sql.SQL(
-    'INSERT INTO {changes} ("database", "schema", "table", "primary_key", "operation", "before", "after", "context", '
+    'WITH stored AS (INSERT INTO {changes} ("database", "schema", "table", "primary_key", "operation", "before", "after", "context", '
     '"committed_at", "queued_at", "transaction_id", "position", "commit_position", "change_index", "chain_link") '
     "SELECT m OPERATOR(pg_catalog.->>) 'database', m OPERATOR(pg_catalog.->>) 'schema', "
     "m OPERATOR(pg_catalog.->>) 'table', m OPERATOR(pg_catalog.->>) 'primary_key', "
@@ -92,10 +95,10 @@ _INSERT = sql.SQL(
     "(m OPERATOR(pg_catalog.->>) 'commit_position')::pg_catalog.int8, "
     "(m OPERATOR(pg_catalog.->>) 'change_index')::pg_catalog.int4, "
     "pg_catalog.decode(m OPERATOR(pg_catalog.->>) 'chain_link', 'hex') "
-    "FROM {incoming} WHERE {valid} ON CONFLICT DO NOTHING")
-_INVALID = sql.SQL("SELECT n FROM {incoming} WHERE NOT COALESCE({valid}, false)")
-_MOMENTS = sql.SQL("SELECT DISTINCT (m OPERATOR(pg_catalog.->>) 'committed_at')::pg_catalog.timestamptz "
-                   "FROM {incoming} WHERE {valid}")
+    'FROM {incoming} WHERE valid ON CONFLICT DO NOTHING RETURNING "table", "operation", "committed_at") '
+    'SELECT "table", "operation", pg_catalog.count(*), pg_catalog.min(committed_at), pg_catalog.max(committed_at) '
+    'FROM stored GROUP BY 1, 2')
+_INVALID = sql.SQL("SELECT n FROM {incoming} WHERE NOT valid")
 _DEAD = sql.SQL(
     'INSERT INTO {failures} ("source", "slot", "database", "error", "sqlstate", "change") '
     "VALUES (%s::text, %s::text, %s::text, %s::text, %s::text, %s::bytea)")
@@ -123,25 +126,12 @@ class IngestConfig:
     metrics_host: str = "127.0.0.1"
 
 
-@dataclass
-class IngestStats:
-    """What an ingester counts (the /metrics of this mode; bemi/worker/metrics.py)."""
-
-    stored: int = 0  # changes inserted into `changes`
-    duplicates: int = 0  # changes delivered again and skipped (already stored)
-    dead_letters: int = 0  # messages stored in _bemi_worker_failures instead
-    acked: int = 0
-    batches: int = 0
-    consumer_pending: int = 0  # messages the consumer has not delivered yet (last look)
-    consumer_ack_pending: int = 0  # delivered, not acked yet
-
-
 class Ingester:
     def __init__(self, config: IngestConfig) -> None:
         self.config = config
         self.stopping = threading.Event()
-        self.stats = IngestStats()
-        self.worker_stats = WorkerStats()  # for the shared parts of /metrics (reconnects)
+        self.stats = WorkerStats(mode="ingest")  # what /metrics shows (bemi/worker/metrics.py)
+        self.stored = 0  # changes stored since start
         self.sink: Sink | None = None
         self.js: JetStream | None = None
         self._sub: Any = None
@@ -150,6 +140,11 @@ class Ingester:
         self._last_retention: float | None = None
         self._last_info = 0.0
         self._progress = 0
+        self._ahead: Any = None  # the next batch, being fetched (a concurrent future)
+        self._pull: Any = None
+        self._log_at = time.monotonic()
+        self._log_changes = 0
+        self._log_busy = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -167,7 +162,10 @@ class Ingester:
         self.js = js = JetStream(cfg.stream, name=f"bemi-worker ingest {cfg.consumer}")
         js.ensure_stream()
         self._sub = js.call(self._subscribe())
+        self._pull = js.call(PullConsumer(js, cfg.stream.stream, cfg.consumer).start())
+        self._ahead = None
         self._maintain(force=True)
+        self.stats.streaming = True
         log.info("ingesting from NATS JetStream stream %s (consumer %s) at %s into database %s",
                  cfg.stream.stream, cfg.consumer, cfg.stream.url, sink.conn.info.dbname)
 
@@ -199,6 +197,7 @@ class Ingester:
                                                stream=cfg.stream.stream, config=consumer)
 
     def close(self) -> None:
+        self.stats.streaming = False
         if self.js is not None:
             self.js.close()
         if self.sink is not None:
@@ -206,6 +205,7 @@ class Ingester:
             self.sink.close()
         self.js = self.sink = None
         self._sub = None
+        self._ahead = None
         self.partitions = None
 
     def stop(self) -> None:
@@ -241,7 +241,7 @@ class Ingester:
                     return 0
                 failures = 0 if self._progress > before else failures + 1
                 delay = min(cfg.backoff_max, cfg.backoff_initial * 2 ** min(failures, 16)) * random.uniform(0.8, 1.2)
-                self.worker_stats.reconnects += 1
+                self.stats.reconnects += 1
                 log.warning("ingest: reconnecting in %.1f s (attempt %d)", delay, failures + 1)
                 if self.stopping.wait(delay):
                     return 0
@@ -256,8 +256,8 @@ class Ingester:
         if self.js is None or self._sub is None:
             return None
         info = self.js.call(self._sub.consumer_info(), timeout=10)
-        self.stats.consumer_pending = int(info.num_pending or 0)
-        self.stats.consumer_ack_pending = int(info.num_ack_pending or 0)
+        self.stats.nats_consumer_pending = int(info.num_pending or 0)
+        self.stats.nats_consumer_ack_pending = int(info.num_ack_pending or 0)
         return info
 
     # -- one batch --------------------------------------------------------------------------
@@ -271,65 +271,76 @@ class Ingester:
             self._last_info = now
             self.consumer_info()
         self._maintain()
-        msgs = self.js.call(self._fetch(), timeout=cfg.fetch_timeout + 30)
+        # One batch ahead: the next is fetched while this one is stored.
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            msgs = self.js.call(self._pull.fetch(cfg.batch, cfg.fetch_timeout), timeout=cfg.fetch_timeout + 30)
+        else:
+            msgs = ahead.result(cfg.fetch_timeout + 30)
+        if msgs:
+            self._ahead = asyncio.run_coroutine_threadsafe(self._pull.fetch(cfg.batch, 0), self.js._loop)
         if not msgs:
+            self._log_stored()
             return 0
-        self.store(msgs)
-        self.js.call(self._ack_all(msgs))
-        self.stats.acked += len(msgs)
-        self.stats.batches += 1
+        began = time.monotonic()
+        stored = self.store(msgs)
+        self.js.call(self._pull.ack(msgs))
         self._progress += 1
+        self._log_busy += time.monotonic() - began
+        self._log_changes += stored
+        if time.monotonic() - self._log_at >= 1.0:
+            self._log_stored()
         return len(msgs)
 
-    async def _fetch(self) -> list[Any]:
-        from nats.errors import TimeoutError as NatsTimeout
+    def _log_stored(self) -> None:
+        """One line a second at most, as the direct worker's (the time is the time spent storing)."""
+        self._log_at = time.monotonic()
+        if not self._log_changes:
+            return
+        count, self._log_changes = self._log_changes, 0
+        busy, self._log_busy = max(self._log_busy, 1e-6), 0.0
+        log.info("stored %s in %.3f s (%.0f changes/s); consumer %s pending", counted(count, "change"), busy,
+                 count / busy, self.stats.nats_consumer_pending)
 
-        try:
-            return await self._sub.fetch(self.config.batch, timeout=self.config.fetch_timeout)
-        except NatsTimeout:
-            return []  # nothing to deliver
-
-    async def _ack_all(self, msgs: list[Any]) -> None:
-        for m in msgs:
-            await m.ack()
-        assert self.js is not None
-        await self.js.nc.flush()
-
-    def store(self, msgs: list[Any]) -> None:
+    def store(self, msgs: list[Any]) -> int:
         """Store one batch in one destination transaction; a batch the destination rejects is stored
         message by message, each rejected one as a dead letter."""
         sink = self.sink
         assert sink is not None
         datas = [m.data for m in msgs]
         self._dead = []
+        self._written = Counter()
         try:
-            stored = self._insert(sink.conn, datas, list(range(len(datas))))
+            self._insert(sink.conn, datas, list(range(len(datas))))
             sink.conn.commit()
         except psycopg.Error as exc:
             sink.conn.rollback()
             self._dead = []
+            self._written = Counter()
             if not is_rejection(exc):
                 raise
-            stored = self._store_careful(sink.conn, datas)
+            self._store_careful(sink.conn, datas)
             sink.conn.commit()
         cfg = self.config
         for error in self._dead:
             log.error("dead letter: a message of stream %s could not be stored (%s); stored in "
                       "_bemi_worker_failures", cfg.stream.stream, error[:500])
         dead = len(self._dead)
+        stored = sum(self._written.values())
         self.stats.dead_letters += dead
-        self.worker_stats.dead_letters += dead
-        self.stats.stored += stored
-        self.stats.duplicates += max(len(datas) - stored - dead, 0)
-        self.worker_stats.written[("", "")] += stored
+        self.stats.written.update(self._written)
+        self.stored += stored
+        self.stats.nats_ingest_duplicates += max(len(datas) - stored - dead, 0)
         if self.partitions is not None and self.partitions.pending:
             pending, self.partitions.pending = self.partitions.pending, set()
             self.partitions.try_ensure(pending)
+        return stored
 
     _dead: list[str] = []  # dead letters of the open destination transaction (their errors)
+    _written: Counter[tuple[str, str]] = Counter()  # changes it stored, by (table, operation)
 
-    def _insert(self, conn: psycopg.Connection, datas: list[bytes], numbers: list[int]) -> int:
-        """COPY, dead-letter what is plainly not a v1 document, INSERT; returns the changes stored."""
+    def _insert(self, conn: psycopg.Connection, datas: list[bytes], numbers: list[int]) -> None:
+        """COPY, dead-letter what is plainly not a v1 document, INSERT (counted in ``_written``)."""
         limit = self.config.max_message_bytes
         lines = []
         for n, data in zip(numbers, datas):
@@ -343,27 +354,31 @@ class Ingester:
                 continue
             lines.append(f"{n}\t{_copy_text(text)}\n")
         if not lines:
-            return 0
+            return
         with conn.cursor() as cur:
             with cur.copy(sql.SQL("COPY {} (n, m) FROM STDIN").format(_INCOMING)) as copy:
                 copy.write("".join(lines).encode("utf-8"))
-            invalid = [r[0] for r in cur.execute(_INVALID.format(incoming=_INCOMING, valid=_VALID)).fetchall()]
+            invalid = [r[0] for r in cur.execute(_INVALID.format(incoming=_INCOMING)).fetchall()]
             for n in invalid:
                 self._dead_letter(conn, datas[numbers.index(n)], "not a v1 change document (docs/scale-out.md)")
+            moments = []
+            for table, operation, count, first, last in cur.execute(
+                    _INSERT.format(changes=tables.CHANGES, incoming=_INCOMING)).fetchall():
+                self._written[table, operation] += count
+                moments += [first, last]
             if self.partitions is not None:
-                moments = [r[0] for r in cur.execute(_MOMENTS.format(incoming=_INCOMING, valid=_VALID)).fetchall()]
+                # Rows no partition covered went to changes_default; their partitions are made right
+                # after the commit, with those rows moved in (as the direct mode's sink does).
                 self.partitions.pending |= self.partitions.uncovered(moments)
-            cur.execute(_INSERT.format(changes=tables.CHANGES, incoming=_INCOMING, valid=_VALID))
-            return max(cur.rowcount, 0)
 
-    def _store_careful(self, conn: psycopg.Connection, datas: list[bytes]) -> int:
+    def _store_careful(self, conn: psycopg.Connection, datas: list[bytes]) -> None:
         """Each message in its own savepoint; one the destination rejects becomes a dead letter."""
-        stored = 0
         for n, data in enumerate(datas):
             dead = len(self._dead)
+            written = self._written.copy()
             conn.execute("SAVEPOINT bemi_message")
             try:
-                stored += self._insert(conn, [data], [n])
+                self._insert(conn, [data], [n])
                 conn.execute("TRUNCATE pg_temp._bemi_incoming")
                 conn.execute("RELEASE SAVEPOINT bemi_message")
             except psycopg.Error as exc:
@@ -372,8 +387,8 @@ class Ingester:
                 conn.execute("ROLLBACK TO SAVEPOINT bemi_message")
                 conn.execute("RELEASE SAVEPOINT bemi_message")
                 del self._dead[dead:]
+                self._written = written
                 self._dead_letter(conn, data, " ".join(str(exc).split()), getattr(exc, "sqlstate", None))
-        return stored
 
     def _dead_letter(self, conn: psycopg.Connection, data: bytes, error: str, sqlstate: str | None = None) -> None:
         cfg = self.config
@@ -432,7 +447,7 @@ def main_loop(config: IngestConfig) -> int:
         from bemi.worker.metrics import MetricsServer, MetricsUnavailable
 
         try:
-            metrics = MetricsServer(ingester.worker_stats, config.metrics_host, config.metrics_port).start()
+            metrics = MetricsServer(ingester.stats, config.metrics_host, config.metrics_port).start()
         except (MetricsUnavailable, OSError) as exc:
             log.error("cannot serve metrics: %s", exc)
             return 2
@@ -441,8 +456,8 @@ def main_loop(config: IngestConfig) -> int:
         previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         code = ingester.run()
-        log.info("stopped; %s stored, %s skipped as already stored, %s", counted(ingester.stats.stored, "change"),
-                 ingester.stats.duplicates, counted(ingester.stats.dead_letters, "dead letter"))
+        log.info("stopped; %s stored, %s skipped as already stored, %s", counted(ingester.stored, "change"),
+                 ingester.stats.nats_ingest_duplicates, counted(ingester.stats.dead_letters, "dead letter"))
         return code
     except WorkerError as exc:
         log.error("%s", exc)

@@ -114,6 +114,19 @@ class _StatsCollector:
         yield GaugeMetricFamily("bemi_worker_blocked", "1 while the worker waits for an operator to fix what "
                                 "another role made under bemi's names (its log says what to run), else 0",
                                 value=1 if s.blocked else 0)
+        if s.mode == "reader":
+            yield CounterMetricFamily("bemi_nats_published", "Changes NATS JetStream acknowledged as stored",
+                                      value=s.nats_published)
+            yield CounterMetricFamily("bemi_nats_publish_duplicates", "Changes published again that JetStream "
+                                      "dropped as duplicates of a message id (after a restart)",
+                                      value=s.nats_publish_duplicates)
+        elif s.mode == "ingest":
+            yield CounterMetricFamily("bemi_nats_ingest_duplicates", "Changes delivered again that were already "
+                                      "stored (skipped)", value=s.nats_ingest_duplicates)
+            yield GaugeMetricFamily("bemi_nats_consumer_pending", "Messages of the stream the ingesters' consumer "
+                                    "has not delivered yet", value=s.nats_consumer_pending)
+            yield GaugeMetricFamily("bemi_nats_consumer_ack_pending", "Messages delivered to an ingester and not "
+                                    "acknowledged yet", value=s.nats_consumer_ack_pending)
 
 
 class _IPv6Server(ThreadingHTTPServer):

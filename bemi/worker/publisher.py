@@ -52,14 +52,15 @@ class JetStreamSink:
     stores_changes = False  # no ``changes`` here: no partitions, no takeover (the ingesters store)
 
     def __init__(self, settings: StreamSettings, source_dsn: str, slot: str, database: str, source: str,
-                 chain: bool = True, window_bytes: int = 16 * 1024 * 1024, ack_timeout: float = 30.0) -> None:
+                 chain: bool = True, window_bytes: int = 16 * 1024 * 1024, ack_timeout: float = 30.0,
+                 stats: Any = None) -> None:
         self.settings = settings
         self.slot = slot
         self.database = database
         self.source = source
         self.key = checkpoint_key(settings.stream, source, slot)
         self.js = JetStream(settings, name=f"bemi-worker reader {database}", window_bytes=window_bytes,
-                            ack_timeout=ack_timeout)
+                            ack_timeout=ack_timeout, stats=stats)
         # A session of the source database: bemi's own tables are registered there when an ingester
         # stores into this very database (runner.setup), never written here.
         try:
@@ -177,6 +178,3 @@ class JetStreamSink:
             self.conn.rollback()
         except psycopg.Error:
             pass
-
-    def stats(self) -> dict[str, Any]:
-        return {"published": self.js.published, "duplicates": self.js.duplicates}

@@ -214,10 +214,11 @@ class Worker:
                         chain=cfg.chain)
         from bemi.worker.publisher import JetStreamSink
 
+        self.stats.mode = "reader"
         # The same interface as Sink (bemi/worker/publisher.py), not a subclass of it.
         return cast(Sink, JetStreamSink(cfg.publish, cfg.source_dsn, cfg.slot, source.database, source.identity,
                                         chain=cfg.chain, window_bytes=cfg.publish_window_bytes,
-                                        ack_timeout=cfg.publish_ack_timeout))
+                                        ack_timeout=cfg.publish_ack_timeout, stats=self.stats))
 
     def _wait_for_slot(self, source: Source) -> None:
         """Start only when no other process holds the slot (the only thing two workers cannot share).
@@ -423,7 +424,11 @@ class Worker:
     def drain(self) -> int:
         """Read and store everything the server had written when called, then return
         (``--once``); returns the number of source transactions seen."""
-        source, _sink, _stream = self._ready()
+        source, sink, _stream = self._ready()
+        if not getattr(sink, "stores_changes", True):
+            # A reader writes nothing that would flush the WAL (the walsender sends only flushed WAL):
+            # an empty transaction with an xid commits, and so flushes, everything before the target.
+            source.control.execute("SELECT pg_catalog.txid_current()")
         target = source.current_wal_lsn()
         return self._stream_loop(until=target)
 

@@ -46,6 +46,17 @@ class WorkerStats:
     slot_retained_wal_bytes: int = 0
     #: ``time.monotonic()`` of the last message received from the server.
     last_message_at: float = field(default_factory=time.monotonic)
+    #: "direct" (reads and stores), "reader" (--publish: reads and publishes to NATS JetStream) or
+    #: "ingest" (stores from NATS JetStream); the NATS counters below are shown in the last two only.
+    mode: str = "direct"
+    #: Reader: changes JetStream acknowledged as stored, and as duplicates of a message id it had.
+    nats_published: int = 0
+    nats_publish_duplicates: int = 0
+    #: Ingester: changes delivered again that were already stored (skipped).
+    nats_ingest_duplicates: int = 0
+    #: Ingester: the consumer's messages not delivered yet, and delivered but not acknowledged (last look).
+    nats_consumer_pending: int = 0
+    nats_consumer_ack_pending: int = 0
 
     @property
     def written_total(self) -> int:

@@ -3,7 +3,9 @@
     python bench/nats.py                    # 200,000 changes, 20 s of steady load (about 2 minutes)
     python bench/nats.py --rows 50000 --duration 5
 
-Starts its own PostgreSQL cluster and nats-server (bemi_devtools). One
+Starts its own nats-server and two PostgreSQL clusters (bemi_devtools): the
+source, and the destination of ``changes`` (so that storing writes no WAL the
+next configuration's slot must read past). One
 workload (transactions of --tx-rows rows, each with a context message, as the
 Django wrapper sends) is written once; copies of one replication slot at the
 same position let every configuration read the same WAL:
@@ -44,27 +46,29 @@ CONTEXT = ("SELECT pg_logical_emit_message(true, '_bemi', "
 
 
 class Bench:
-    def __init__(self, cluster: Cluster, nats: NatsServer) -> None:
+    def __init__(self, cluster: Cluster, destination: Cluster, nats: NatsServer) -> None:
         self.cluster = cluster
         self.nats = nats
         self.dsn = cluster.dsn()
+        self.dest_dsn = destination.dsn()
         self.conn = psycopg.connect(self.dsn, autocommit=True)
+        self.dest = psycopg.connect(self.dest_dsn, autocommit=True)
 
     def cli(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "bemi.cli", *args]
 
     def reader(self, slot: str, stream: str, once: bool = True) -> list[str]:
         return self.cli("--dsn", self.dsn, "--slot", slot, "--publication", "bemi", "--verbosity", "0",
-                        "--publish", self.nats.url, "--stream", stream, "--subject-prefix", stream.lower(),
+                        "--destination-dsn", self.dest_dsn, "--publish", self.nats.url, "--stream", stream, "--subject-prefix", stream.lower(),
                         *(["--once"] if once else []))
 
     def ingester(self, stream: str, consumer: str, once: bool = True) -> list[str]:
-        return self.cli("ingest", "--from", self.nats.url, "--dsn", self.dsn, "--stream", stream,
+        return self.cli("ingest", "--from", self.nats.url, "--dsn", self.dest_dsn, "--stream", stream,
                         "--subject-prefix", stream.lower(), "--consumer", consumer, "--verbosity", "0",
                         *(["--once"] if once else []))
 
     def count(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM bemi.changes").fetchone()[0]
+        return self.dest.execute("SELECT count(*) FROM bemi.changes").fetchone()[0]
 
     def timed(self, *commands: list[str]) -> float:
         started = time.perf_counter()
@@ -77,8 +81,7 @@ class Bench:
         c = self.conn
         c.execute("CREATE TABLE todo (id bigserial PRIMARY KEY, task text NOT NULL, is_completed bool NOT NULL)")
         c.execute("ALTER TABLE todo REPLICA IDENTITY FULL")
-        subprocess.run(self.cli("--dsn", self.dsn, "--slot", slots[0], "--publication", "bemi", "--once",
-                                "--verbosity", "0"), check=True, cwd=ROOT)
+        subprocess.run(self.direct(slots[0]), check=True, cwd=ROOT)
         for slot in slots[1:]:
             c.execute("SELECT pg_copy_logical_replication_slot(%s, %s)", [slots[0], slot])
         cur = c.cursor()
@@ -88,9 +91,13 @@ class Bench:
                         f"g % 2 = 0 FROM generate_series({start + 1}, {start + n}) g; COMMIT")
         c.execute("CHECKPOINT")
 
+    def direct(self, slot: str) -> list[str]:
+        return self.cli("--dsn", self.dsn, "--destination-dsn", self.dest_dsn, "--slot", slot, "--publication",
+                        "bemi", "--once", "--verbosity", "0")
+
     def truncate(self) -> None:
-        self.conn.execute("TRUNCATE bemi.changes")
-        self.conn.execute("TRUNCATE bemi._bemi_chain_cuts")
+        self.dest.execute("TRUNCATE bemi.changes")
+        self.dest.execute("TRUNCATE bemi._bemi_chain_cuts")
 
     def wait_count(self, target: int, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
@@ -139,7 +146,8 @@ class Bench:
         for p in procs:
             p.terminate()
             p.wait(60)
-        latencies = sorted(r[0] for r in self.conn.execute(
+        # Both clusters run on this machine: one clock.
+        latencies = sorted(r[0] for r in self.dest.execute(
             "SELECT EXTRACT(epoch FROM pg_xact_commit_timestamp(xmin) - committed_at)::float8 * 1000 "
             "FROM bemi.changes WHERE after->>'task' LIKE 's%'").fetchall())
         p50 = statistics.median(latencies)
@@ -156,9 +164,10 @@ def main() -> None:
     options = parser.parse_args()
 
     cluster = Cluster(settings={"track_commit_timestamp": "on", "max_wal_size": "4GB"}).start_throwaway()
+    destination = Cluster(settings={"track_commit_timestamp": "on", "max_wal_size": "4GB"}).start_throwaway()
     nats = NatsServer().start()
     try:
-        bench = Bench(cluster, nats)
+        bench = Bench(cluster, destination, nats)
         print(f"PostgreSQL {bench.conn.execute('SHOW server_version').fetchone()[0]}, {os.cpu_count()} CPUs, "
               f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; "
               f"{subprocess.run([nats.binary, '--version'], capture_output=True, text=True).stdout.strip()}",
@@ -167,8 +176,9 @@ def main() -> None:
         bench.prepare(options.rows, options.tx_rows, slots)
         rows = options.rows
 
-        t_direct = bench.timed(bench.cli("--dsn", bench.dsn, "--slot", "direct", "--publication", "bemi",
-                                         "--once", "--verbosity", "0"))
+        bench.conn.execute("SELECT pg_create_logical_replication_slot('empty', 'pgoutput')")
+        t_empty_reader = bench.timed(bench.reader("empty", "EMPTY"))
+        t_direct = bench.timed(bench.direct("direct"))
         assert bench.count() == rows
         t_reader = bench.timed(bench.reader("reader", "READER"))
         bench.truncate()
@@ -179,7 +189,6 @@ def main() -> None:
         assert bench.count() == rows
         t_pipe1 = bench.pipeline("pipe1", "PIPE1", 1, rows)
         t_pipe2 = bench.pipeline("pipe2", "PIPE2", 2, rows)
-        t_empty_reader = bench.timed(bench.reader("reader", "READER"))
         t_empty_ingest = bench.timed(bench.ingester("READER", "one"))
 
         direct = rows / t_direct

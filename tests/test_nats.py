@@ -388,3 +388,40 @@ def test_metrics_of_the_reader_and_the_ingester(worker_env, nats_server, nats_na
         assert "bemi_nats_published" not in text
     finally:
         ingester.close()
+
+
+def test_bemi_status_shows_the_stream_and_the_consumers_lag(worker_env, nats_server, nats_names, capsys):
+    from bemi.cli import status_main
+
+    env = worker_env
+    env.execute("CREATE TABLE nz_g (id int PRIMARY KEY)")
+    env.run_once()
+    stream = settings(nats_server, nats_names)
+    env.execute("INSERT INTO nz_g SELECT generate_series(1, 25)")
+    env.run_once(publish=stream)
+    ingester = Ingester(IngestConfig(stream=stream, destination_dsn=env.dsn, fetch_timeout=0.3))
+    ingester.setup()  # the consumer, nothing stored yet
+    ingester.close()
+    base = ["--dsn", env.dsn, "--slot", env.slot, "--publication", env.publication,
+            "--nats", stream.url, "--nats-stream", stream.stream]
+
+    def status(*extra: str) -> tuple[int, str]:
+        code = status_main([*base, *extra])
+        return code, capsys.readouterr().out
+
+    code, out = status("--json")
+    nats = json.loads(out)["nats"]
+    assert nats["messages"] == 25 and nats["consumer_exists"]
+    assert nats["consumer_pending"] + nats["consumer_ack_pending"] == 25 and nats["consumer_lag_seconds"] > 0
+    assert nats["reader_checkpoint"]["end_lsn"] > 0
+    code, out = status()
+    assert "nats stream   " + stream.stream in out and "nats consumer bemi_ingest: " in out
+
+    ingest_once(env, stream)
+    code, out = status("--json")
+    nats = json.loads(out)["nats"]
+    assert (nats["consumer_pending"], nats["consumer_ack_pending"], nats["consumer_lag_seconds"]) == (0, 0, 0.0)
+
+    code, out = status_main(["--dsn", env.dsn, "--slot", env.slot, "--publication", env.publication,
+                             "--nats", "nats://127.0.0.1:1", "--json"]), capsys.readouterr().out
+    assert code == 1 and any("cannot reach NATS" in p for p in json.loads(out)["problems"])

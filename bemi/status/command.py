@@ -22,6 +22,12 @@ def add_status_arguments(parser) -> None:
     parser.add_argument("--max-retained-bytes", type=parse_bytes, default=DEFAULT_MAX_RETAINED_BYTES,
                         help="unhealthy when the slot retains more WAL than this; units kB, MB, GB, TB; "
                              "0: never (default: 1GB)")
+    parser.add_argument("--nats", default=None, metavar="nats://HOST:PORT",
+                        help="scale-out (docs/scale-out.md): also the NATS JetStream stream and the ingesters' "
+                             "consumer and lag; unhealthy when NATS cannot be reached or the stream is missing")
+    parser.add_argument("--nats-stream", default="BEMI", help="with --nats: the stream (default: BEMI)")
+    parser.add_argument("--nats-consumer", default="bemi_ingest",
+                        help="with --nats: the ingesters' consumer (default: bemi_ingest)")
 
 
 STATUS_EPILOG = """\
@@ -32,6 +38,18 @@ Warnings (max_slot_wal_keep_size = -1, wal_status extended/unreserved, tables
 without trigger, publication or REPLICA IDENTITY FULL, dead letters) do not
 change the exit status. See docs/operations.md.
 """
+
+
+def with_nats(status, source: psycopg.Connection, options):
+    """The status with its NATS part (bemi/status/nats.py) and what it finds wrong."""
+    from dataclasses import replace
+
+    from bemi.status.nats import judge_nats, read_nats
+
+    found = read_nats(options.nats, options.nats_stream, options.nats_consumer, source, options.slot)
+    problems, warnings = judge_nats(found)
+    return replace(status, nats=found.as_dict(), problems=status.problems + problems,
+                   warnings=status.warnings + warnings, healthy=status.healthy and not problems)
 
 
 def run(source_dsn: str, destination_dsn: str | None, options, out, err) -> int:
@@ -53,6 +71,8 @@ def run(source_dsn: str, destination_dsn: str | None, options, out, err) -> int:
             status = collect(source, destination, slot=options.slot, publication=options.publication,
                              max_lag_seconds=options.max_lag_seconds,
                              max_retained_bytes=options.max_retained_bytes)
+            if getattr(options, "nats", None):
+                status = with_nats(status, source, options)
         except psycopg.Error as exc:
             err.write(f"bemi status: cannot read the status: {exc}".strip() + "\n")
             return EXIT_ERROR

@@ -91,6 +91,8 @@ class Status:
     #: The newest link of the chain of this source database (hex; bemi/chain.py): keep it outside the
     #: database, ``bemi_verify --head`` checks it later. None: no chain (yet), or not readable.
     chain_head: str | None = None
+    #: With ``--nats``: the stream, the ingesters' consumer and its lag (bemi/status/nats.py), as a dict.
+    nats: dict[str, Any] | None = None
 
     @property
     def worker_running(self) -> bool:

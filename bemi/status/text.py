@@ -81,6 +81,29 @@ def _dead_letters(s: Status) -> list[str]:
     return [f"dead letters  {s.dead_letters}"]
 
 
+def _nats(s: Status) -> list[str]:
+    n = s.nats
+    if not n:
+        return []
+    if not n["reachable"]:
+        return [f"nats          {n['url']}: unreachable"]
+    if not n["stream_exists"]:
+        return [f"nats          {n['url']}: no stream {n['stream']}"]
+    limits = ", ".join(x for x in (n["max_age_seconds"] and f"max age {n['max_age_seconds']:.0f} s",
+                                   n["max_bytes"] and f"max bytes {format_bytes(n['max_bytes'])}") if x)
+    lines = [f"nats stream   {n['stream']} at {n['url']}: {n['messages']} messages, {format_bytes(n['bytes'])}"
+             f" (seq {n['first_seq']}-{n['last_seq']}{'; ' + limits if limits else ''})"]
+    if n["reader_checkpoint"]:
+        c = n["reader_checkpoint"]
+        lines.append(f"nats reader   published through commit {c.get('committed_at')} (checkpoint at {c.get('at')})")
+    if n["consumer_exists"]:
+        lines.append(f"nats consumer {n['consumer']}: {n['consumer_pending']} not delivered, "
+                     f"{n['consumer_ack_pending']} being stored; lag {n['consumer_lag_seconds']:.1f} s")
+    else:
+        lines.append(f"nats consumer {n['consumer']}: none yet")
+    return lines
+
+
 def _thresholds(s: Status) -> list[str]:
     return [f"thresholds    --max-lag-seconds {s.max_lag_seconds:g}, --max-retained-bytes "
             f"{format_bytes(s.max_retained_bytes) if s.max_retained_bytes else 'off'}"]
@@ -88,7 +111,7 @@ def _thresholds(s: Status) -> list[str]:
 
 #: The screen's sections, top to bottom, between the verdict and the problems and warnings.
 SECTIONS: tuple[Callable[[Status], list[str]], ...] = (
-    _slot, _publication, _tables, _checkpoint, _chain_head, _lag, _dead_letters, _thresholds,
+    _slot, _publication, _tables, _checkpoint, _chain_head, _lag, _dead_letters, _nats, _thresholds,
 )
 
 

@@ -19,12 +19,15 @@ already JSON); numbers in them are kept as written, which the chain needs
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import lru_cache
+from json.scanner import c_make_scanner  # type: ignore[attr-defined]
+from typing import Any
 
 from bemi.worker.stitch import ChangeRow
 
-__all__ = ["VERSION", "FIELDS", "subject_token", "subject", "message_id", "encode"]
+__all__ = ["VERSION", "FIELDS", "subject_token", "subject", "message_id", "encode", "read_copy_line"]
 
 VERSION = 1
 #: The fields of a v1 document, in the order encode() writes them.
@@ -73,3 +76,110 @@ def document_head(source: str, database: str) -> str:
 
 def iso(moment: datetime) -> str:
     return moment.isoformat()
+
+
+# -- reading (the ingesters' fast path) -------------------------------------------------------
+
+_decoder = json.JSONDecoder()
+_scan = c_make_scanner(_decoder) if c_make_scanner is not None else _decoder.scan_once  # type: ignore[attr-defined]
+_WHITESPACE = " \t\n\r"
+_OBJECTS = frozenset(("before", "after", "context"))
+_OPERATIONS = frozenset(("CREATE", "UPDATE", "DELETE", "TRUNCATE"))
+_ISO = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d{1,6})?([+-]\d\d(:?\d\d)?|Z)\Z")
+_HEX = re.compile(r"(?:[0-9a-f]{2})*\Z")
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+_INT8 = 2 ** 63
+_INT4 = 2 ** 31
+
+
+def _members(text: str) -> dict[str, Any] | None:
+    """The top-level members of a JSON object, with the texts of before/after/context as written
+    (a JSON parser would turn 1.50 into 1.5); None when ``text`` is not one JSON object."""
+    n = len(text)
+    i = 0
+    while i < n and text[i] in _WHITESPACE:
+        i += 1
+    if i >= n or text[i] != "{":
+        return None
+    i += 1
+    out: dict[str, Any] = {}
+    try:
+        while True:
+            while i < n and text[i] in _WHITESPACE:
+                i += 1
+            if i < n and text[i] == "}" and not out:
+                i += 1
+                break
+            if i >= n or text[i] != '"':
+                return None
+            key, i = _scan(text, i)
+            while i < n and text[i] in _WHITESPACE:
+                i += 1
+            if i >= n or text[i] != ":":
+                return None
+            i += 1
+            while i < n and text[i] in _WHITESPACE:
+                i += 1
+            start = i
+            value, i = _scan(text, i)
+            if key in out:
+                return None  # a duplicate member: ambiguous, the careful path decides
+            out[key] = (value, text[start:i]) if key in _OBJECTS else value
+            while i < n and text[i] in _WHITESPACE:
+                i += 1
+            if i < n and text[i] == ",":
+                i += 1
+                continue
+            if i < n and text[i] == "}":
+                i += 1
+                break
+            return None
+    except (StopIteration, ValueError, RecursionError):
+        return None
+    while i < n and text[i] in _WHITESPACE:
+        i += 1
+    return out if i == n else None
+
+
+def _text(value: Any) -> str | None:
+    """A varchar(255) column's value in COPY text, or None when it is not a string that fits."""
+    if type(value) is not str or len(value) > 255 or "\x00" in value:
+        return None
+    return value.translate(_COPY_ESCAPES)
+
+
+def _int(value: Any, bound: int) -> str | None:
+    return str(value) if type(value) is int and -bound <= value < bound else None
+
+
+def read_copy_line(data: bytes) -> tuple[str, str, str, str] | None:
+    """A v1 document -> (its line of COPY text in the order of sink.COPY_CHANGES, table, operation,
+    committed_at); None when it is not a valid v1 change (the ingester's careful path says why)."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    m = _members(text)
+    if m is None or m.get("v") != VERSION or type(m.get("v")) is not int:
+        return None
+    database, schema, table = _text(m.get("database")), _text(m.get("schema")), _text(m.get("table"))
+    pk_value = m.get("primary_key", False)
+    pk = "\\N" if pk_value is None else _text(pk_value)
+    operation = m.get("operation")
+    committed_at, queued_at = m.get("committed_at"), m.get("queued_at")
+    xid, position = _int(m.get("transaction_id"), _INT8), _int(m.get("position"), _INT8)
+    commit_position, change_index = _int(m.get("commit_position"), _INT8), _int(m.get("change_index"), _INT4)
+    link = m.get("chain_link", False)
+    objects = [m.get(k) for k in ("context", "before", "after")]
+    if (database is None or schema is None or table is None or pk is None or operation not in _OPERATIONS
+            or type(committed_at) is not str or not _ISO.match(committed_at)
+            or type(queued_at) is not str or not _ISO.match(queued_at)
+            or xid is None or position is None or commit_position is None or change_index is None
+            or not (link is None or (type(link) is str and _HEX.match(link)))
+            or any(type(o) is not tuple or type(o[0]) is not dict for o in objects)):
+        return None
+    context, before, after = (o[1].translate(_COPY_ESCAPES) for o in objects)  # type: ignore[index]
+    chain = "\\N" if link is None else "\\\\x" + link
+    return (f"{database}\t{operation}\t{context}\t{committed_at}\t{queued_at}\t{xid}\t{position}\t"
+            f"{commit_position}\t{change_index}\t{chain}\t{pk}\t{schema}\t{table}\t{before}\t{after}\n",
+            m["table"], operation, committed_at)

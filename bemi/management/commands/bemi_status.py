@@ -29,7 +29,8 @@ class Command(BaseCommand):
 
         opts = Opts()
         options["slot"], options["publication"] = slot_and_publication(options["database"], options)
-        for key in ("slot", "publication", "json", "max_lag_seconds", "max_retained_bytes"):
+        for key in ("slot", "publication", "json", "max_lag_seconds", "max_retained_bytes", "nats", "nats_stream",
+                    "nats_consumer"):
             setattr(opts, key, options[key])
         code = status.run(source, destination, opts, self.stdout, self.stderr)
         if code == status.EXIT_UNHEALTHY:

@@ -425,3 +425,24 @@ def test_bemi_status_shows_the_stream_and_the_consumers_lag(worker_env, nats_ser
     code, out = status_main(["--dsn", env.dsn, "--slot", env.slot, "--publication", env.publication,
                              "--nats", "nats://127.0.0.1:1", "--json"]), capsys.readouterr().out
     assert code == 1 and any("cannot reach NATS" in p for p in json.loads(out)["problems"])
+
+
+def test_a_change_larger_than_nats_takes_is_a_dead_letter_and_blocks_nothing(worker_env, nats_server, nats_names):
+    """Any role may write a row larger than the server's max_payload: the reader publishes its identity as
+    a dead letter (not chained) and goes on; the chain of the rest verifies."""
+    env = worker_env
+    env.execute("CREATE TABLE nz_h (id int PRIMARY KEY, v text)")
+    env.run_once()
+    stream = settings(nats_server, nats_names)
+    env.execute("INSERT INTO nz_h VALUES (1, 'small'), (2, repeat('x', 20000)), (3, 'small too')")
+    env.run_once(publish=stream, publish_max_message=8192)
+    ingester = ingest_once(env, stream)
+    assert ingester.stats.dead_letters == 1
+    assert env.execute("SELECT primary_key FROM bemi.changes WHERE \"table\" = 'nz_h' ORDER BY 1") == [("1",), ("3",)]
+    (error, change), = env.execute("SELECT error, change FROM bemi._bemi_worker_failures WHERE source = %s",
+                                   [f"nats:{stream.stream}"])
+    assert "max_payload" in error and json.loads(bytes(change))["primary_key"] == "2"
+    with verify.connect(env.dsn) as conn:
+        report = verify.verify(conn)
+    assert report.exit_code == verify.EXIT_INTACT, verify.render_text(report)
+    env.execute("DELETE FROM bemi._bemi_worker_failures WHERE source = %s", [f"nats:{stream.stream}"])

@@ -63,7 +63,7 @@ _INCOMING = sql.SQL("pg_temp._bemi_incoming")
 _OPERATIONS = ("CREATE", "UPDATE", "DELETE", "TRUNCATE")
 #: A valid v1 document (types; the casts in _INSERT check the values' forms).
 _VALID = sql.SQL(
-    "m OPERATOR(pg_catalog.->>) 'v' OPERATOR(pg_catalog.=) '1' "
+    "m OPERATOR(pg_catalog.->>) 'v' OPERATOR(pg_catalog.=) '1' AND NOT m OPERATOR(pg_catalog.?) 'error' "
     "AND pg_catalog.jsonb_typeof(m OPERATOR(pg_catalog.->) 'database') OPERATOR(pg_catalog.=) 'string' "
     "AND pg_catalog.jsonb_typeof(m OPERATOR(pg_catalog.->) 'schema') OPERATOR(pg_catalog.=) 'string' "
     "AND pg_catalog.jsonb_typeof(m OPERATOR(pg_catalog.->) 'table') OPERATOR(pg_catalog.=) 'string' "
@@ -103,7 +103,7 @@ _INSERT = sql.SQL(
     'FROM {incoming} WHERE valid ON CONFLICT DO NOTHING RETURNING "table", "operation", "committed_at") '
     'SELECT "table", "operation", pg_catalog.count(*), pg_catalog.min(committed_at), pg_catalog.max(committed_at) '
     'FROM stored GROUP BY 1, 2')
-_INVALID = sql.SQL("SELECT n FROM {incoming} WHERE NOT valid")
+_INVALID = sql.SQL("SELECT n, m OPERATOR(pg_catalog.->>) 'error' FROM {incoming} WHERE NOT valid")
 _DEAD = sql.SQL(
     'INSERT INTO {failures} ("source", "slot", "database", "error", "sqlstate", "change") '
     "VALUES (%s::text, %s::text, %s::text, %s::text, %s::text, %s::bytea)")
@@ -400,9 +400,9 @@ class Ingester:
         with conn.cursor() as cur:
             with cur.copy(sql.SQL("COPY {} (n, m) FROM STDIN").format(_INCOMING)) as copy:
                 copy.write("".join(lines).encode("utf-8"))
-            invalid = [r[0] for r in cur.execute(_INVALID.format(incoming=_INCOMING)).fetchall()]
-            for n in invalid:
-                self._dead_letter(conn, datas[numbers.index(n)], "not a v1 change document (docs/scale-out.md)")
+            for n, error in cur.execute(_INVALID.format(incoming=_INCOMING)).fetchall():
+                self._dead_letter(conn, datas[numbers.index(n)],
+                                  error if isinstance(error, str) else "not a v1 change document (docs/scale-out.md)")
             moments = []
             for table, operation, count, first, last in cur.execute(
                     _INSERT.format(changes=tables.CHANGES, incoming=_INCOMING)).fetchall():

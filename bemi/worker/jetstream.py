@@ -291,6 +291,11 @@ class JetStream:
             self._cond.notify_all()
 
     @property
+    def max_payload(self) -> int:
+        """The largest message the server takes (its ``max_payload``)."""
+        return int(self.nc.max_payload) if self.nc is not None else 1024 * 1024
+
+    @property
     def failed(self) -> str | None:
         return self._failure
 

@@ -70,6 +70,20 @@ def encode(row: ChangeRow, head: str, queued_at: str, link: bytes | None) -> byt
             ).encode("utf-8", "surrogatepass")
 
 
+def encode_too_large(row: ChangeRow, head: str, queued_at: str, size: int, limit: int) -> bytes:
+    """In place of a change too large to publish: its identity and ``"error"`` (the ingesters keep it
+    as a dead letter; the change itself is in the source database's WAL no longer, so say what it was)."""
+    error = (f"the change ({size} bytes) is larger than the NATS server's max_payload ({limit} bytes); "
+             "raise max_payload (docs/scale-out.md)")
+    pk = "null" if row.primary_key is None else _dumps(row.primary_key)
+    return (f'{head},"schema":{_dumps(row.schema)},"table":{_dumps(row.table)},"primary_key":{pk},'
+            f'"operation":"{row.operation}","before":{{}},"after":{{}},"context":{{}},'
+            f'"committed_at":"{row.committed_at.isoformat()}","queued_at":"{queued_at}",'
+            f'"transaction_id":{row.transaction_id},"position":{row.position},'
+            f'"commit_position":{row.commit_position},"change_index":{row.change_index},"chain_link":null,'
+            f'"error":{_dumps(error)}}}').encode("utf-8", "surrogatepass")
+
+
 def document_head(source: str, database: str) -> str:
     return f'{{"v":{VERSION},"source":{_dumps(source)},"database":{_dumps(database)}'
 
@@ -160,7 +174,7 @@ def read_copy_line(data: bytes) -> tuple[str, str, str, str] | None:
     except UnicodeDecodeError:
         return None
     m = _members(text)
-    if m is None or m.get("v") != VERSION or type(m.get("v")) is not int:
+    if m is None or m.get("v") != VERSION or type(m.get("v")) is not int or "error" in m:
         return None
     database, schema, table = _text(m.get("database")), _text(m.get("schema")), _text(m.get("table"))
     pk_value = m.get("primary_key", False)

@@ -32,6 +32,7 @@ from bemi.worker import message
 from bemi.worker import pgoutput as po
 from bemi.worker.jetstream import JetStream, StreamSettings
 from bemi.worker.session import connect
+from bemi.worker.shown import shown
 from bemi.worker.sink import Checkpoint
 from bemi.worker.stitch import ChangeRow
 
@@ -53,7 +54,7 @@ class JetStreamSink:
 
     def __init__(self, settings: StreamSettings, source_dsn: str, slot: str, database: str, source: str,
                  chain: bool = True, window_bytes: int = 16 * 1024 * 1024, ack_timeout: float = 30.0,
-                 stats: Any = None) -> None:
+                 stats: Any = None, max_message: int | None = None) -> None:
         self.settings = settings
         self.slot = slot
         self.database = database
@@ -79,6 +80,8 @@ class JetStreamSink:
         self._since: datetime | None = None  # time of the previous checkpoint (queued_at's floor)
         self._doc_head = message.document_head(source, database)
         self._subjects: dict[tuple[str, str], str] = {}
+        # Room for the subject and the headers: a change larger than this is published as a dead letter.
+        self.max_message = min(self.js.max_payload, max_message or 1 << 62) - 4096
         self.published = 0  # messages handed to JetStream since start
 
     def describe(self) -> str:
@@ -132,16 +135,27 @@ class JetStreamSink:
         out: list[tuple[str, bytes, str]] = []
         last_at: datetime | None = None
         queued_text, queued_us = "", 0
+        limit = self.max_message
         for r in rows:
             if r.committed_at is not last_at:
                 last_at = r.committed_at
                 queued = r.committed_at if since is None or since < r.committed_at else since
                 queued_text, queued_us = queued.isoformat(), epoch_micros(queued)
+            mark = chain.head if chain is not None else b""
             link = None if chain is None else chain.append(
                 r.schema, r.table, r.primary_key, r.operation, r.before, r.after, r.context, r.committed_at,
                 queued_us, r.transaction_id, r.position, r.commit_position, r.change_index)
-            out.append((subject_of(r.schema, r.table), encode(r, head, queued_text, link),
-                        msg_id(source, r.commit_position, r.change_index)))
+            data = encode(r, head, queued_text, link)
+            if len(data) > limit:
+                # Never stuck on a row any role could write: published as a dead letter (not chained).
+                if chain is not None:
+                    chain.reset(mark)
+                log.error("dead letter: change %d of the transaction committed at %s (%s.%s) is %d bytes, more "
+                          "than the NATS server takes (max_payload); published as a dead letter without its "
+                          "values", r.change_index, po.int_to_lsn(r.commit_position), shown(r.schema),
+                          shown(r.table), len(data))
+                data = message.encode_too_large(r, head, queued_text, len(data), limit + 4096)
+            out.append((subject_of(r.schema, r.table), data, msg_id(source, r.commit_position, r.change_index)))
             pending[r.table, r.operation] += 1
         self.js.publish(out)
         self.published += len(out)

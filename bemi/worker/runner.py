@@ -85,6 +85,7 @@ class Config:
     publish: Any = None  # bemi.worker.jetstream.StreamSettings: publish to NATS JetStream instead of storing
     publish_window_bytes: int = 16 * 1024 * 1024  # bytes published and not acked yet, at most
     publish_ack_timeout: float = 30.0  # seconds to wait for JetStream's acks before a reconnect
+    publish_max_message: int | None = None  # bytes of a message at most (None: the server's max_payload)
 
 
 @dataclass
@@ -218,7 +219,8 @@ class Worker:
         # The same interface as Sink (bemi/worker/publisher.py), not a subclass of it.
         return cast(Sink, JetStreamSink(cfg.publish, cfg.source_dsn, cfg.slot, source.database, source.identity,
                                         chain=cfg.chain, window_bytes=cfg.publish_window_bytes,
-                                        ack_timeout=cfg.publish_ack_timeout, stats=self.stats))
+                                        ack_timeout=cfg.publish_ack_timeout, stats=self.stats,
+                                        max_message=cfg.publish_max_message))
 
     def _wait_for_slot(self, source: Source) -> None:
         """Start only when no other process holds the slot (the only thing two workers cannot share).

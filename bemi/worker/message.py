@@ -22,6 +22,7 @@ import json
 import re
 from datetime import datetime
 from functools import lru_cache
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from json.scanner import c_make_scanner  # type: ignore[attr-defined]
 from typing import Any
 
@@ -104,6 +105,26 @@ _HEX = re.compile(r"(?:[0-9a-f]{2})*\Z")
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _INT8 = 2 ** 63
 _INT4 = 2 ** 31
+#: What a number with a fraction or exponent (or NaN) parses to on the fast path: not JSON-encodable,
+#: so such an object is taken as written instead (1.50 must stay 1.50).
+_AS_WRITTEN = object()
+_decoder_fast = json.JSONDecoder(parse_float=lambda _text: _AS_WRITTEN, parse_constant=lambda _text: _AS_WRITTEN)
+# The C scanner and encoder called directly, as bemi/chain.py does (the wrappers cost as much as the work).
+if c_make_scanner is not None and c_make_encoder is not None:
+    _scan_fast = c_make_scanner(_decoder_fast)
+    _c_encode = c_make_encoder(None, None, encode_basestring, None, ":", ",", False, False, True)
+
+    def _decode(text: str) -> Any:
+        value, end = _scan_fast(text, 0)  # StopIteration: not JSON
+        if end != len(text) and text[end:].strip(_WHITESPACE):
+            raise ValueError("extra data")
+        return value
+
+    def _encode(value: Any) -> str:
+        return "".join(_c_encode(value, 0))  # TypeError on _AS_WRITTEN
+else:  # pragma: no cover (a Python without the json C accelerator)
+    _decode = _decoder_fast.decode  # type: ignore[assignment]
+    _encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode  # type: ignore[assignment]
 
 
 def _members(text: str) -> dict[str, Any] | None:
@@ -155,11 +176,32 @@ def _members(text: str) -> dict[str, Any] | None:
     return out if i == n else None
 
 
+_seen: dict[str, str | None] = {}  # texts checked before: names and times repeat from change to change
+
+
 def _text(value: Any) -> str | None:
     """A varchar(255) column's value in COPY text, or None when it is not a string that fits."""
-    if type(value) is not str or len(value) > 255 or "\x00" in value:
+    if type(value) is not str:
         return None
-    return value.translate(_COPY_ESCAPES)
+    known = _seen.get(value, False)
+    if known is not False:
+        return known  # type: ignore[return-value]
+    if len(_seen) > 20_000:
+        _seen.clear()
+    out = _seen[value] = None if len(value) > 255 or "\x00" in value else value.translate(_COPY_ESCAPES)
+    return out
+
+
+def _moment(value: Any) -> bool:
+    """An ISO 8601 time with its offset (what PostgreSQL would also take as ``now`` or ``yesterday``: not)."""
+    if type(value) is not str:
+        return False
+    known = _seen.get("\x00t" + value)
+    if known is None:
+        if len(_seen) > 20_000:
+            _seen.clear()
+        known = _seen["\x00t" + value] = "1" if _ISO.match(value) else ""
+    return bool(known)
 
 
 def _int(value: Any, bound: int) -> str | None:
@@ -171,10 +213,10 @@ def read_copy_line(data: bytes) -> tuple[str, str, str, str] | None:
     committed_at); None when it is not a valid v1 change (the ingester's careful path says why)."""
     try:
         text = data.decode("utf-8")
-    except UnicodeDecodeError:
+        m = _decode(text)
+    except (UnicodeDecodeError, ValueError, RecursionError, StopIteration):
         return None
-    m = _members(text)
-    if m is None or m.get("v") != VERSION or type(m.get("v")) is not int or "error" in m:
+    if type(m) is not dict or m.get("v") != VERSION or type(m.get("v")) is not int or "error" in m:
         return None
     database, schema, table = _text(m.get("database")), _text(m.get("schema")), _text(m.get("table"))
     pk_value = m.get("primary_key", False)
@@ -185,15 +227,22 @@ def read_copy_line(data: bytes) -> tuple[str, str, str, str] | None:
     commit_position, change_index = _int(m.get("commit_position"), _INT8), _int(m.get("change_index"), _INT4)
     link = m.get("chain_link", False)
     objects = [m.get(k) for k in ("context", "before", "after")]
-    if (database is None or schema is None or table is None or pk is None or operation not in _OPERATIONS
-            or type(committed_at) is not str or not _ISO.match(committed_at)
-            or type(queued_at) is not str or not _ISO.match(queued_at)
-            or xid is None or position is None or commit_position is None or change_index is None
-            or not (link is None or (type(link) is str and _HEX.match(link)))
-            or any(type(o) is not tuple or type(o[0]) is not dict for o in objects)):
+    if any(type(o) is not dict for o in objects):
         return None
-    context, before, after = (o[1].translate(_COPY_ESCAPES) for o in objects)  # type: ignore[index]
+    try:  # integers and strings only: the same value as written, in a few microseconds
+        texts = [_encode(o) for o in objects]
+    except TypeError:  # a number with a fraction: its text as written (slower)
+        members = _members(text)
+        if members is None:
+            return None
+        texts = [members[k][1] for k in ("context", "before", "after")]
+    if (database is None or schema is None or table is None or pk is None or operation not in _OPERATIONS
+            or not _moment(committed_at) or not _moment(queued_at)
+            or xid is None or position is None or commit_position is None or change_index is None
+            or not (link is None or (type(link) is str and _HEX.match(link)))):
+        return None
+    context, before, after = (t.translate(_COPY_ESCAPES) for t in texts)
     chain = "\\N" if link is None else "\\\\x" + link
     return (f"{database}\t{operation}\t{context}\t{committed_at}\t{queued_at}\t{xid}\t{position}\t"
             f"{commit_position}\t{change_index}\t{chain}\t{pk}\t{schema}\t{table}\t{before}\t{after}\n",
-            m["table"], operation, committed_at)
+            str(m["table"]), str(operation), str(committed_at))

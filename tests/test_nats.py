@@ -208,6 +208,7 @@ def test_kill_reader_kill_ingester_restart_nats_loses_and_doubles_nothing(worker
                     [truth.slot, truth.slot])
         truth.conn.close()
         env.execute(f"DROP DATABASE IF EXISTS {truth_db}")
+        env.execute("DROP TABLE IF EXISTS km_a, km_b, km_c")  # mixed_workload's: test_worker_process makes them
 
 
 def test_malformed_messages_become_dead_letters_and_never_block(worker_env, nats_server, nats_names):

@@ -49,7 +49,7 @@ async def forward(nats_url: str, url: str, stream: str = "BEMI", subject: str = 
         while True:
             try:
                 msgs = await sub.fetch(batch, timeout=1)
-            except NatsTimeout:
+            except (NatsTimeout, asyncio.TimeoutError):  # (nats-py raises either when nothing came)
                 if once:
                     return delivered
                 continue

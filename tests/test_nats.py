@@ -446,3 +446,52 @@ def test_a_change_larger_than_nats_takes_is_a_dead_letter_and_blocks_nothing(wor
         report = verify.verify(conn)
     assert report.exit_code == verify.EXIT_INTACT, verify.render_text(report)
     env.execute("DELETE FROM bemi._bemi_worker_failures WHERE source = %s", [f"nats:{stream.stream}"])
+
+
+def test_two_ingesters_share_the_consumer_and_make_each_partition_once(worker_env, nats_server, nats_names):
+    """Changes of months that have no partition yet, stored by two ingesters at once: every change
+    once, each in its month's partition (made by one of them, under partitions.py's lock), none left
+    in changes_default."""
+    import threading
+
+    env = worker_env
+    env.run_once()  # bemi.changes (partitioned)
+    stream = settings(nats_server, nats_names)
+    months = ["2019-03", "2019-04", "2019-05"]
+
+    async def publish() -> None:
+        import nats
+
+        nc = await nats.connect(stream.url)
+        try:
+            js = nc.jetstream()
+            await js.add_stream(name=stream.stream, subjects=[f"{stream.prefix}.>"])
+            for i in range(3000):
+                doc = {"v": 1, "source": "s/1", "database": "two_db", "schema": "public", "table": "t",
+                       "primary_key": str(i), "operation": "CREATE", "before": {}, "after": {"id": i},
+                       "context": {}, "committed_at": f"{months[i % 3]}-15T10:00:00+00:00",
+                       "queued_at": f"{months[i % 3]}-15T10:00:01+00:00", "transaction_id": i, "position": i,
+                       "commit_position": i, "change_index": 0, "chain_link": None}
+                await js.publish(f"{stream.prefix}.two_db.public.t", json.dumps(doc).encode(),
+                                 headers={"Nats-Msg-Id": f"two{i}"})
+        finally:
+            await nc.close()
+
+    asyncio.run(publish())
+    ingesters = [Ingester(IngestConfig(stream=stream, destination_dsn=env.dsn, once=True, fetch_timeout=0.3,
+                                       batch=100)) for _ in range(2)]
+    codes: list[int] = []
+    threads = [threading.Thread(target=lambda i=i: codes.append(i.run())) for i in ingesters]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert codes == [0, 0]
+    assert all(i.stored > 0 for i in ingesters), [i.stored for i in ingesters]  # both took a share
+    assert sum(i.stored for i in ingesters) == 3000
+    rows = env.execute("SELECT tableoid::regclass::text, count(*), count(DISTINCT primary_key) FROM bemi.changes "
+                       "WHERE database = 'two_db' GROUP BY 1 ORDER BY 1")
+    assert rows == [("changes_p20190301", 1000, 1000), ("changes_p20190401", 1000, 1000),
+                    ("changes_p20190501", 1000, 1000)], rows
+    for name in ("changes_p20190301", "changes_p20190401", "changes_p20190501"):
+        env.execute(f"DROP TABLE bemi.{name}")

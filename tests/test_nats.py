@@ -495,3 +495,38 @@ def test_two_ingesters_share_the_consumer_and_make_each_partition_once(worker_en
                     ("changes_p20190501", 1000, 1000)], rows
     for name in ("changes_p20190301", "changes_p20190401", "changes_p20190501"):
         env.execute(f"DROP TABLE bemi.{name}")
+
+
+def test_masked_and_ignored_columns_are_applied_by_the_reader(worker_env, nats_server, nats_names):
+    """The stream never carries a masked value, and an update of ignored columns only is not published."""
+    from bemi import tracking as tr
+
+    env = worker_env
+    env.execute("CREATE TABLE nz_m (id int PRIMARY KEY, secret text, seen timestamptz)")
+    rules = tr.Tracking.build(masked_columns=["nz_m.secret"], ignored_columns=["nz_m.seen"])
+    env.run_once(tracking=rules, masking_key="k" * 32)
+    stream = settings(nats_server, nats_names)
+    env.execute("INSERT INTO nz_m VALUES (1, 'hunter2', now())")
+    env.execute("UPDATE nz_m SET seen = now() + interval '1 day' WHERE id = 1")  # ignored columns only
+    env.run_once(publish=stream, tracking=rules, masking_key="k" * 32)
+
+    async def contents() -> list[bytes]:
+        import nats
+
+        nc = await nats.connect(stream.url)
+        try:
+            sub = await nc.jetstream().subscribe(f"{stream.prefix}.>", ordered_consumer=True)
+            out = []
+            while True:
+                try:
+                    out.append((await sub.next_msg(timeout=1)).data)
+                except Exception:
+                    return out
+        finally:
+            await nc.close()
+
+    messages = asyncio.run(contents())
+    assert len(messages) == 1 and b"hunter2" not in messages[0]
+    ingest_once(env, stream)
+    (after,), = env.execute("SELECT after::text FROM bemi.changes WHERE \"table\" = 'nz_m'")
+    assert "hunter2" not in after and json.loads(after)["secret"] != "hunter2"

@@ -388,6 +388,28 @@ def test_a_schema_the_application_made_first_never_stops_a_running_worker(roles,
                             ).fetchone()[0] == 1
 
 
+def test_a_publication_the_application_made_first_does_not_decide_what_is_recorded(roles):
+    """Before bemi_grants, the database's owner makes publication bemi first, of one harmless table: the
+    worker used it as it was and recorded nothing else (every write to orders went unrecorded, silently).
+    It now refuses a publication another role owns (blocked, saying what to run); bemi_grants makes it
+    again as the superuser's, and then every tracked table is recorded."""
+    from bemi.worker.errors import Blocked
+
+    app = roles.app_conn
+    app.execute("CREATE TABLE public.orders (id int PRIMARY KEY, total int)")
+    app.execute("CREATE TABLE public.harmless (id int PRIMARY KEY)")
+    app.execute("CREATE PUBLICATION bemi FOR TABLE public.harmless")
+    with pytest.raises(Blocked, match="publication bemi.*bemi_grants"):  # was: used as it was
+        roles.run_worker()
+    roles.grants()
+    roles.run_worker()
+    app.execute("INSERT INTO public.orders VALUES (1, 10)")
+    app.execute("INSERT INTO public.harmless VALUES (1)")
+    roles.run_worker()
+    assert roles.su.execute("SELECT \"table\" FROM bemi.changes WHERE \"table\" IN ('orders', 'harmless') "
+                            "ORDER BY 1").fetchall() == [("harmless",), ("orders",)]
+
+
 def test_a_schema_the_application_made_first_is_refused_then_set_aside_by_bemi_grants(roles):
     """The database's owner may create schema bemi before the worker's first start, with a table the worker
     would write to: the worker refuses it and says what to run; bemi_grants sets it aside."""

@@ -14,7 +14,7 @@ import psycopg
 from psycopg import errors, sql
 
 from bemi.trust import untrusted_source_objects
-from bemi.worker.errors import WorkerError
+from bemi.worker.errors import Blocked, WorkerError
 from bemi.worker.shown import qualified, shown
 
 __all__ = ["Publication", "MANAGED_PUBLICATION_COMMENT", "GRANTS_PUBLICATION_COMMENT"]
@@ -62,7 +62,8 @@ class Publication:
         row = self.control.execute(
             "SELECT pg_catalog.pg_get_userbyid(p.pubowner), p.puballtables, "
             "pg_catalog.pg_has_role(p.pubowner, 'USAGE'), p.pubviaroot, "
-            "pg_catalog.obj_description(p.oid, 'pg_publication') "
+            "pg_catalog.obj_description(p.oid, 'pg_publication'), "
+            "(SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid OPERATOR(pg_catalog.=) p.pubowner) "
             "FROM pg_catalog.pg_publication p WHERE p.pubname = %s::name", [self.publication],
         ).fetchone()
         if row is None:
@@ -79,7 +80,15 @@ class Publication:
             self.managed = True
             log.info("created publication %s (the tracked tables are added to it)", self.publication)
             return
-        owner, all_tables, is_member, via_root, comment = row
+        owner, all_tables, is_member, via_root, comment, owner_super = row
+        if not owner_super and owner != self.user:
+            # Its owner decides what is recorded: a publication of one harmless table, made before the
+            # worker's first start by the database's owner, would hide every other write. Never used.
+            raise Blocked(
+                f"refusing to read through publication {shown(self.publication)}: role {owner!r}, neither a "
+                f"superuser nor the worker's role {self.user!r}, made it and decides which tables it holds. "
+                "Have a superuser run `python manage.py bemi_grants --app-role <the application's role> "
+                f"--worker-role {self.user}` (it makes the publication again; docs/security.md), or drop it.")
         self.all_tables = all_tables
         self.managed = not all_tables and comment in MANAGED_PUBLICATION_COMMENTS
         if comment == GRANTS_PUBLICATION_COMMENT:

@@ -65,15 +65,20 @@ def _dsn_from_env(prefix: str) -> str | None:
     return make_conninfo(**params) if params else None
 
 
+def _add_dsn_arguments(parser) -> None:
+    """``--dsn`` and ``--destination-dsn``: the same for the worker, ``status`` and ``verify``."""
+    parser.add_argument("--dsn", help="libpq connection string of the source database (overrides DB_*)")
+    parser.add_argument("--destination-dsn",
+                        help="libpq connection string of the destination (overrides DESTINATION_DB_*)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bemi-worker", description=DESCRIPTION, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_worker_arguments(parser)
-    parser.add_argument("--dsn", help="libpq connection string of the source database (overrides DB_*)")
-    parser.add_argument("--destination-dsn",
-                        help="libpq connection string of the destination (overrides DESTINATION_DB_*)")
+    _add_dsn_arguments(parser)
     parser.add_argument("-v", "--verbosity", type=int, default=1, choices=[0, 1, 2],
                         help="0: warnings only, 1: one line per batch (default), 2: debug")
     return parser
@@ -230,9 +235,7 @@ def build_status_parser() -> argparse.ArgumentParser:
     )
     add_name_arguments(parser)
     add_status_arguments(parser)
-    parser.add_argument("--dsn", help="libpq connection string of the source database (overrides DB_*)")
-    parser.add_argument("--destination-dsn",
-                        help="libpq connection string of the destination (overrides DESTINATION_DB_*)")
+    _add_dsn_arguments(parser)
     return parser
 
 
@@ -254,9 +257,7 @@ def build_verify_parser() -> argparse.ArgumentParser:
                     "intact, 1 when a change was altered, removed or inserted after the fact, 2 when it cannot "
                     "check. Reads the destination (DESTINATION_DB_*, else DB_*). See docs/security.md.")
     add_verify_arguments(parser)
-    parser.add_argument("--dsn", help="libpq connection string of the source database (overrides DB_*)")
-    parser.add_argument("--destination-dsn",
-                        help="libpq connection string of the destination (overrides DESTINATION_DB_*)")
+    _add_dsn_arguments(parser)
     return parser
 
 

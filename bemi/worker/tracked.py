@@ -104,19 +104,23 @@ class TrackedTables:
 
     # -- the settings ------------------------------------------------------------------------
 
+    def _update_settings_table(self, query: str, params: list) -> int:
+        """Rows an UPDATE of public._bemi_tracking changed. InsufficientPrivilege, like the server's own,
+        when that table is neither a superuser's nor ours: its triggers would run their owner's code as us."""
+        if not self.writable:
+            raise errors.InsufficientPrivilege("public._bemi_tracking is not a superuser's nor ours")
+        return self.control.execute(query, params).rowcount
+
     def load(self, given: tr.Tracking | None) -> tr.Tracking:
         """The settings in force: the flags' (stored for the event trigger), else the stored ones."""
         if given is not None:
             rules, settings = json.dumps(given.sql_rules()), given.source_json()
             try:
-                if not self.writable:
-                    raise errors.InsufficientPrivilege("public._bemi_tracking is not a superuser's nor ours")
-                changed = self.control.execute(
+                changed = self._update_settings_table(
                     "UPDATE public._bemi_tracking SET rules = %s::jsonb, settings = %s::jsonb, "
                     "updated_at = pg_catalog.now(), updated_by = 'bemi-worker' "
                     "WHERE rules IS DISTINCT FROM %s::jsonb OR settings IS DISTINCT FROM %s::jsonb",
-                    [rules, settings, rules, settings],
-                ).rowcount
+                    [rules, settings, rules, settings])
                 if changed:
                     log.info("stored the tracking settings in public._bemi_tracking (used by the event trigger)")
                     self._align_triggers()
@@ -256,14 +260,11 @@ class TrackedTables:
         own = frozenset(int(o) for o in oids if o is not None)
         self.own_tables = self.own_tables | own
         try:
-            if not self.writable:
-                raise errors.InsufficientPrivilege("public._bemi_tracking is not a superuser's nor ours")
-            registered = self.control.execute(
+            registered = self._update_settings_table(
                 "UPDATE public._bemi_tracking SET own_tables = ARRAY(SELECT DISTINCT u FROM "
                 "pg_catalog.unnest(own_tables || %s::oid[]) u WHERE EXISTS "
                 "(SELECT 1 FROM pg_catalog.pg_class c WHERE c.oid = u)) WHERE NOT (own_tables @> %s::oid[])",
-                [sorted(own), sorted(own)],
-            ).rowcount
+                [sorted(own), sorted(own)])
             if registered:  # the event trigger may have set them up as it does any new table
                 log.info("registered changes and the worker's _bemi_* tables as bemi's own (never tracked)")
                 self._align_triggers(identity=False)
@@ -295,10 +296,8 @@ class TrackedTables:
             row = self.control.execute("SELECT generated_key FROM public._bemi_tracking").fetchone()
             key = row[0] if row else None
             if key is None:
-                if not self.writable:
-                    raise errors.InsufficientPrivilege("public._bemi_tracking is not a superuser's nor ours")
                 key = secrets.token_bytes(32)
-                self.control.execute(
+                self._update_settings_table(
                     "UPDATE public._bemi_tracking SET generated_key = %s::bytea WHERE generated_key IS NULL", [key])
                 stored = self.control.execute("SELECT generated_key FROM public._bemi_tracking").fetchone()
                 key = stored[0] if stored else key

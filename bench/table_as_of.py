@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
-import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -27,23 +26,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from bemi_devtools.pgcluster import Cluster  # noqa: E402
+from query import median_ms, setup_django  # noqa: E402
 
 INSTANT = dt.datetime(2024, 1, 2, tzinfo=dt.timezone.utc)
-
-
-def setup_django(cluster: Cluster) -> None:
-    import django
-    from django.conf import settings
-
-    settings.configure(
-        DATABASES={"default": {
-            "ENGINE": "django.db.backends.postgresql", "HOST": cluster.host, "PORT": str(cluster.port),
-            "USER": cluster.user, "NAME": "bench",
-        }},
-        INSTALLED_APPS=["django.contrib.contenttypes", "django.contrib.auth", "bemi", "benchmodels"],
-        USE_TZ=True, TIME_ZONE="UTC", DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
-    )
-    django.setup()
 
 
 def fill(rows: int, after: int, other: int) -> None:
@@ -100,16 +85,6 @@ def fill(rows: int, after: int, other: int) -> None:
         total = cursor.fetchone()[0]
     print(f"todo: {rows:,} rows; changes: {total:,} rows, {stored:,} of todo after the instant; "
           f"filled in {time.perf_counter() - started:.1f} s")
-
-
-def median_ms(call: Callable[[], Any], calls: int) -> float:
-    call()  # warm: connection, caches
-    timings = []
-    for _ in range(calls):
-        started = time.perf_counter()
-        call()
-        timings.append((time.perf_counter() - started) * 1000)
-    return statistics.median(timings)
 
 
 def main() -> None:

@@ -43,7 +43,9 @@ from bemi_devtools.pgcluster import Cluster  # noqa: E402
 
 CONTEXT = ("SELECT pg_logical_emit_message(true, '_bemi', "
            "'{\"user_id\": 187234, \"endpoint\": \"/todo\", \"method\": \"POST\"}')")
-UNPARTITIONED = PREVIOUS_CHANGES + """
+# The previous version's unpartitioned table, made in schema bemi where changes now live.
+UNPARTITIONED = "SET search_path = bemi;" + PREVIOUS_CHANGES + """
+RESET search_path;
 CREATE TABLE bemi._bemi_pruned (pruned_before timestamptz NOT NULL, pruned_at timestamptz NOT NULL DEFAULT now(),
     partitions text[] NOT NULL DEFAULT '{}', changes bigint NOT NULL DEFAULT 0, pruned_by text NOT NULL DEFAULT '');
 """
@@ -60,6 +62,10 @@ FROM generate_series(0, %(rows)s - 1) AS g, LATERAL (SELECT g %% %(records)s AS 
 """
 
 
+# bemi's stored tables live in schema bemi (bemi/tables.py); the worker makes it, the loads here need it first.
+SCHEMA = "CREATE SCHEMA IF NOT EXISTS bemi"
+
+
 def worker_cmd(dsn: str, slot: str, verbosity: str = "0") -> list[str]:
     return [sys.executable, "-m", "bemi.cli", "--dsn", dsn, "--slot", slot, "--publication", "bemi",
             "--verbosity", verbosity, "--once"]
@@ -68,6 +74,7 @@ def worker_cmd(dsn: str, slot: str, verbosity: str = "0") -> list[str]:
 def ingest(cluster: Cluster, tx: int, rounds: int) -> dict:
     dsn = cluster.dsn()
     conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute(SCHEMA)
     from bemi import sql as bemi_sql
 
     rates: dict[str, list[float]] = {"partitioned": [], "unpartitioned": []}
@@ -134,6 +141,7 @@ def prune(cluster: Cluster, rows: int) -> dict:
     cluster.psql("CREATE DATABASE prune")
     dsn = cluster.dsn("prune")
     conn = psycopg.connect(dsn, autocommit=True)
+    conn.execute(SCHEMA)
     month = dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc)
     step = f"{(31 * 86400) / rows} seconds"
 
@@ -144,7 +152,7 @@ def prune(cluster: Cluster, rows: int) -> dict:
             Partitions(conn, "month").ensure_periods([month, dt.datetime(2024, 4, 1, tzinfo=dt.timezone.utc)])
         started = time.perf_counter()
         conn.execute(FILL, {"rows": rows, "records": max(rows // 10, 1), "start": month, "step": step})
-        conn.execute("VACUUM ANALYZE changes")
+        conn.execute("VACUUM ANALYZE bemi.changes")
         print(f"  loaded {rows:,} changes into one month ({'partitioned' if partitioned else 'unpartitioned'}) "
               f"in {time.perf_counter() - started:.1f} s", flush=True)
 
@@ -173,7 +181,7 @@ def prune(cluster: Cluster, rows: int) -> dict:
     delete_wal = wal() - wal_before
     assert deleted == rows
     started = time.perf_counter()
-    conn.execute("VACUUM changes")  # what gives the space back to the table (DELETE only marks rows)
+    conn.execute("VACUUM bemi.changes")  # what gives the space back to the table (DELETE only marks rows)
     vacuum_s = time.perf_counter() - started
     print(f"prune: bemi_prune (whole command) {prune_s:.2f} s, of which {startup_s:.2f} s is the same command with "
           f"nothing to remove (median of 3: Python, Django, connection); DELETE of the same {rows:,} rows "
@@ -206,6 +214,7 @@ def queries(cluster: Cluster, rows: int, calls: int) -> dict:
     span = dt.timedelta(days=365)
     step = f"{span.total_seconds() / rows} seconds"
     results: dict[str, dict[str, float]] = {}
+    conn.execute(SCHEMA)
     for kind in ("unpartitioned", "partitioned"):
         conn.execute("DROP TABLE IF EXISTS bemi.changes, bemi._bemi_pruned CASCADE")
         conn.execute(bemi_sql.read("changes.sql") if kind == "partitioned" else UNPARTITIONED)
@@ -214,7 +223,7 @@ def queries(cluster: Cluster, rows: int, calls: int) -> dict:
                 [dt.datetime(2024, m, 1, tzinfo=dt.timezone.utc) for m in range(1, 13)])
         started = time.perf_counter()
         conn.execute(FILL, {"rows": rows, "records": rows // 10, "start": start, "step": step})
-        conn.execute("VACUUM ANALYZE changes")
+        conn.execute("VACUUM ANALYZE bemi.changes")
         parts = conn.execute("SELECT count(*) FROM pg_inherits WHERE inhparent = 'bemi.changes'::regclass").fetchone()[0]
         print(f"  loaded {rows:,} changes ({kind}, {parts} partitions) in {time.perf_counter() - started:.1f} s",
               flush=True)

@@ -5,8 +5,9 @@ while a context is set, the cursor sends
 
     SELECT pg_catalog.pg_logical_emit_message(true, '_bemi', %s::text); <the statement>
 
-in one query string, with the context JSON as a *bound parameter* (never
-pasted into SQL text), then calls ``nextset()`` so that ``rowcount``,
+in one query string, the context JSON quoted by psycopg's own adapter (as a
+client-side cursor quotes its parameters; never formatted in by hand, and
+quoted once per distinct message, not per call), then calls ``nextset()`` so that ``rowcount``,
 ``fetchone()`` and ``RETURNING`` rows are the user's statement's. The message
 is transactional: it is in the WAL, just before the row changes, only if
 the statement's transaction commits.
@@ -32,7 +33,6 @@ from __future__ import annotations
 import json
 import logging
 import weakref
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Callable
 
 import psycopg
@@ -52,9 +52,7 @@ logger = logging.getLogger("bemi")
 # other roles may have planted a better-matching pg_logical_emit_message.
 EMIT_HEAD = "SELECT pg_catalog.pg_logical_emit_message(true, '_bemi', "
 EMIT = EMIT_HEAD + "%s::text); "
-EMIT_NAMED = EMIT_HEAD + "%(__bemi_context)s::text); "
 EMIT_ALONE = EMIT_HEAD + "%s::text)"
-PARAM_KEY = "__bemi_context"
 TRUNCATED = "... [truncated by bemi]"
 _IDLE = psycopg.pq.TransactionStatus.IDLE
 _INTRANS = psycopg.pq.TransactionStatus.INTRANS
@@ -187,16 +185,19 @@ class BemiCursor(_CursorBase):
             return super().execute(query, params, **kwargs)
         if not self._bemi_one_string or type(query) is not str or conn._pipeline is not None or kwargs:
             return _apart(conn, payload, lambda: super(BemiCursor, self).execute(query, params, **kwargs))
-        if params is None:  # psycopg will now interpolate: keep literal % signs literal
-            query, params = EMIT + query.replace("%", "%%"), (payload,)
-        elif isinstance(params, Mapping):
-            query, params = EMIT_NAMED + query, {**params, PARAM_KEY: payload}
-        else:
-            query, params = EMIT + query, (payload, *params)
+        try:
+            head, head_escaped, head_bytes = _message_head(conn, payload)
+        except Exception as exc:  # never break the application: the statement goes unchanged
+            _warn_once("internal", f"{type(exc).__name__}: {exc}")
+            return super().execute(query, params, **kwargs)
+        # The JSON is quoted once per message text (not per call), as psycopg would quote it.
+        query = (head if params is None else head_escaped) + query
         try:
             super().execute(query, params)
         finally:  # Django logs the query also when it fails
-            _forget_message(self)
+            query = getattr(self, "_query", None)
+            if query is not None and query.query.startswith(head_bytes):
+                query.query = query.query[len(head_bytes):]
         self.nextset()  # from the message's SELECT to the user's statement
         return self
 
@@ -241,28 +242,23 @@ def _emit_alone(conn: Any, payload: str) -> None:
     psycopg.Cursor(conn).execute(EMIT_ALONE, (payload,))
 
 
-def _forget_message(cursor: Any) -> None:
-    """Make the cursor's last query (Django's query log reads it) the user's statement alone.
+HEAD = "_bemi_head"
 
-    psycopg keeps the query string it sent; cut our SELECT off its front:
-    ``EMIT_HEAD``, the quoted JSON (``'...'`` or `` E'...'``, quotes doubled
-    inside), ``::text); ``.
+
+def _message_head(conn: Any, payload: str) -> tuple[str, str, bytes]:
+    """``SELECT pg_logical_emit_message(..., '<payload>'::text); ``: as sent, with ``%`` doubled, and as bytes.
+
+    Kept on the connection for the last payload (a loop of writes repeats it).
     """
-    query = getattr(cursor, "_query", None)
-    text = getattr(query, "query", None)
-    if query is None or not isinstance(text, bytes) or not text.startswith(_EMIT_HEAD_BYTES):
-        return
-    start = text.find(b"'", len(_EMIT_HEAD_BYTES)) + 1
-    while start:
-        end = text.find(b"'", start)
-        if end < 0:
-            return
-        if text[end + 1:end + 2] == b"'":  # a doubled quote inside the literal
-            start = end + 2
-            continue
-        if text.startswith(_EMIT_TAIL_BYTES, end + 1):
-            query.query = text[end + 1 + len(_EMIT_TAIL_BYTES):]
-        return
+    kept = conn.__dict__.get(HEAD)
+    if kept is not None and (kept[0] is payload or kept[0] == payload):
+        return kept[1]
+    literal = psycopg.sql.Literal(payload).as_bytes(conn)
+    head_bytes = _EMIT_HEAD_BYTES + literal + _EMIT_TAIL_BYTES
+    head = head_bytes.decode(conn.info.encoding)
+    made = (head, head.replace("%", "%%"), head_bytes)
+    conn.__dict__[HEAD] = (payload, made)
+    return made
 
 
 _EMIT_HEAD_BYTES = EMIT_HEAD.encode()

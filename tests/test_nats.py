@@ -376,6 +376,7 @@ def test_metrics_of_the_reader_and_the_ingester(worker_env, nats_server, nats_na
         ingester.consumer_info()
         assert ingester.stats.nats_consumer_pending == 30
         assert ingester.step() == 10
+        ingester.finish_storing()  # (stored in another thread while the next batch is read)
         ingester.consumer_info()
         text = scrape(ingester.stats)
         assert 'bemi_changes_written_total{operation="CREATE",table="nz_f"} 10.0' in text

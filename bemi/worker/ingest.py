@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 import random
 import threading
 import time
@@ -147,6 +148,8 @@ class Ingester:
         self._progress = 0
         self._ahead: Any = None  # the next batch, being fetched (a concurrent future)
         self._pull: Any = None
+        self._storing: tuple[Future, list[Any], float] | None = None  # the batch being stored, not acked
+        self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="bemi-ingest-store")
         self._log_at = time.monotonic()
         self._log_changes = 0
         self._log_busy = 0.0
@@ -203,6 +206,12 @@ class Ingester:
 
     def close(self) -> None:
         self.stats.streaming = False
+        if self._storing is not None:  # let it end (committed or not); unacked, it is delivered again
+            try:
+                self._storing[0].result()
+            except Exception:
+                pass
+            self._storing = None
         if self.js is not None:
             self.js.close()
         if self.sink is not None:
@@ -231,6 +240,7 @@ class Ingester:
                         got = self.step()
                         if not got and cfg.once and self._drained():
                             return 0
+                    self.finish_storing()
                     return 0
                 except WorkerError as exc:
                     if not started or not str(exc).startswith("cannot connect to the"):
@@ -252,6 +262,7 @@ class Ingester:
                     return 0
         finally:
             self.close()
+            self._store_thread.shutdown(wait=True)
 
     def _drained(self) -> bool:
         info = self.consumer_info()
@@ -275,8 +286,7 @@ class Ingester:
         if now - self._last_info >= 5.0:
             self._last_info = now
             self.consumer_info()
-        self._maintain()
-        # One batch ahead: the next is fetched while this one is stored.
+        # One batch ahead: the next is fetched, and read, while this one is stored (in another thread).
         ahead, self._ahead = self._ahead, None
         if ahead is None:
             msgs = self.js.call(self._pull.fetch(cfg.batch, cfg.fetch_timeout), timeout=cfg.fetch_timeout + 30)
@@ -285,17 +295,30 @@ class Ingester:
         if msgs:
             self._ahead = asyncio.run_coroutine_threadsafe(self._pull.fetch(cfg.batch, 0), self.js._loop)
         if not msgs:
+            self.finish_storing()
+            self._maintain()
             self._log_stored()
             return 0
-        began = time.monotonic()
-        stored = self.store(msgs)
+        read = self._read_batch([m.data for m in msgs])
+        self.finish_storing()
+        self._maintain()  # (the destination's connection is idle only here)
+        self._storing = (self._store_thread.submit(self.store, msgs, read), msgs, time.monotonic())
+        return len(msgs)
+
+    def finish_storing(self) -> None:
+        """Wait for the batch being stored to commit, then ack it (never before: exactly once)."""
+        if self._storing is None:
+            return
+        future, msgs, began = self._storing
+        self._storing = None
+        stored = future.result()
+        assert self.js is not None
         self.js.call(self._pull.ack(msgs))
         self._progress += 1
         self._log_busy += time.monotonic() - began
         self._log_changes += stored
         if time.monotonic() - self._log_at >= 1.0:
             self._log_stored()
-        return len(msgs)
 
     def _log_stored(self) -> None:
         """One line a second at most, as the direct worker's (the time is the time spent storing)."""
@@ -307,16 +330,18 @@ class Ingester:
         log.info("stored %s in %.3f s (%.0f changes/s); consumer %s pending", counted(count, "change"), busy,
                  count / busy, self.stats.nats_consumer_pending)
 
-    def store(self, msgs: list[Any]) -> int:
+    def store(self, msgs: list[Any], read: Any = None) -> int:
         """Store one batch in one destination transaction; a batch the destination rejects is stored
-        message by message, each rejected one as a dead letter."""
+        message by message, each rejected one as a dead letter. ``read``: _read_batch() of it."""
         sink = self.sink
         assert sink is not None
         datas = [m.data for m in msgs]
         self._dead = []
         self._written = Counter()
         try:
-            if not self._copy_fast(sink.conn, datas):
+            if read is None:
+                read = self._read_batch(datas)
+            if read is None or not self._copy_fast(sink.conn, read):
                 self._insert(sink.conn, datas, list(range(len(datas))))
             sink.conn.commit()
         except psycopg.Error as exc:
@@ -345,23 +370,31 @@ class Ingester:
     _dead: list[str] = []  # dead letters of the open destination transaction (their errors)
     _written: Counter[tuple[str, str]] = Counter()  # changes it stored, by (table, operation)
 
-    def _copy_fast(self, conn: psycopg.Connection, datas: list[bytes]) -> bool:
-        """COPY a batch of valid v1 changes straight into ``changes``; False (nothing done) when a
-        message is not one, or a change was stored before (the careful path then sorts them out)."""
+    def _read_batch(self, datas: list[bytes]) -> tuple[list[str], Counter[tuple[str, str]], set[str]] | None:
+        """The batch's COPY lines, changes by (table, operation) and commit times; None when a message
+        is not a valid v1 change (the careful path then says which). Pure: runs while the previous
+        batch is being stored."""
         limit = self.config.max_message_bytes
         lines: list[str] = []
         written: Counter[tuple[str, str]] = Counter()
         moments: set[str] = set()
         for data in datas:
             if len(data) > limit:
-                return False
+                return None
             read = read_copy_line(data)
             if read is None:
-                return False
+                return None
             line, table, operation, committed_at = read
             lines.append(line)
             written[table, operation] += 1
             moments.add(committed_at)
+        return lines, written, moments
+
+    def _copy_fast(self, conn: psycopg.Connection,
+                   read: tuple[list[str], Counter[tuple[str, str]], set[str]]) -> bool:
+        """COPY a batch of valid v1 changes straight into ``changes``; False (nothing done) when a
+        change was stored before (the careful path then skips it)."""
+        lines, written, moments = read
         partitions = self.partitions
         if partitions is not None:
             missing = partitions.uncovered(datetime.fromisoformat(m) for m in sorted(moments))

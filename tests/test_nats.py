@@ -377,7 +377,14 @@ def test_metrics_of_the_reader_and_the_ingester(worker_env, nats_server, nats_na
         assert ingester.stats.nats_consumer_pending == 30
         assert ingester.step() == 10
         ingester.finish_storing()  # (stored in another thread while the next batch is read)
+        import time
+
+        deadline = time.monotonic() + 10
         ingester.consumer_info()
+        while (ingester.stats.nats_consumer_pending + ingester.stats.nats_consumer_ack_pending != 20
+               and time.monotonic() < deadline):  # the acks reach the server a moment later
+            time.sleep(0.1)
+            ingester.consumer_info()
         text = scrape(ingester.stats)
         assert 'bemi_changes_written_total{operation="CREATE",table="nz_f"} 10.0' in text
         # 20 not stored yet: not delivered, or delivered ahead (the next batch is fetched while one is stored)

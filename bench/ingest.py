@@ -388,10 +388,18 @@ def masking(bench: Bench, rows: int, repeats: int) -> None:
 def chain(bench: Bench, rows: int, small_tx: int, repeats: int, verify_rows: int) -> None:
     """The chain's cost (docs/security.md): the same WAL drained by two workers, each on its own slot created
     at the same position, with and without the chain (--no-chain, for this comparison only); median of
-    `repeats` runs, drain order alternated. Then `bemi-worker verify` over `verify_rows` chained changes."""
+    `repeats` runs, drain order alternated. Both store into a database of their own: stored in the source,
+    the first drain's write would be decoded again by the second (a bias of 150,000 rows). Then
+    `bemi-worker verify` over `verify_rows` chained changes."""
     variants = {"chain": ["--schemas", "public"], "no chain": ["--schemas", "public", "--no-chain"]}
     workloads = {f"{rows:,} inserts + {rows // 2:,} updates in two transactions": bench.one_big_transaction(rows),
                  f"{small_tx:,} single-row transactions": bench.single_row_transactions(small_tx)}
+    if not bench.conn.execute("SELECT 1 FROM pg_database WHERE datname = 'chain_destination'").fetchone():
+        bench.conn.execute("CREATE DATABASE chain_destination")
+    dest_dsn = bench.cluster.dsn("chain_destination")
+    dest = psycopg.connect(dest_dsn, autocommit=True)
+    dest.execute("DROP SCHEMA IF EXISTS bemi CASCADE")
+    variants = {name: [*flags, "--destination-dsn", dest_dsn] for name, flags in variants.items()}
     for workload, load in workloads.items():
         times: dict[str, list[float]] = {name: [] for name in variants}
         cpu: dict[str, list[float]] = {name: [] for name in variants}  # the worker's user + system time
@@ -409,14 +417,14 @@ def chain(bench: Bench, rows: int, small_tx: int, repeats: int, verify_rows: int
             expected += expected // 2 if "updates" in workload else 0
             order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
             for name in order:
-                bench.conn.execute("TRUNCATE bemi.changes")
+                dest.execute("TRUNCATE bemi.changes")
                 started = time.perf_counter()
                 proc = subprocess.Popen(worker_cmd(bench.dsn, slots[name], "--once", *variants[name]), cwd=ROOT)
                 _, status, usage = os.wait4(proc.pid, 0)
                 times[name].append(time.perf_counter() - started)
                 cpu[name].append(usage.ru_utime + usage.ru_stime)
                 assert os.waitstatus_to_exitcode(status) == 0, status
-                written = bench.conn.execute("SELECT count(*) FROM bemi.changes").fetchone()[0]
+                written = dest.execute("SELECT count(*) FROM bemi.changes").fetchone()[0]
                 assert written == expected, (name, written, expected)
         base, base_cpu = statistics.median(times["no chain"]), statistics.median(cpu["no chain"])
         for name, values in times.items():

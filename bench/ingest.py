@@ -54,6 +54,32 @@ def worker_env(root: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": root}
 
 
+def steady_writes(dsn: str, rate: int, seconds: float, tag: str) -> tuple[int, float]:
+    """One-row transactions, each with a context, at ``rate`` per second for ``seconds`` (tasks ``<tag><n>``):
+    (transactions sent, rate achieved)."""
+    sent = 0
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.cursor()
+        started = time.perf_counter()
+        interval = 1.0 / rate
+        while True:
+            now = time.perf_counter()
+            if now - started >= seconds:
+                break
+            due = started + sent * interval
+            if now < due:
+                time.sleep(due - now)
+            cur.execute("BEGIN; " + CONTEXT + f"; INSERT INTO todo (task, is_completed) VALUES ('{tag}{sent}', false); "
+                        "COMMIT")
+            sent += 1
+        return sent, sent / (time.perf_counter() - started)
+
+
+def p50_p99(values: list[float]) -> tuple[float, float]:
+    ordered = sorted(values)
+    return statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+
+
 class Bench:
     def __init__(self, cluster: Cluster, baseline: str | None = None) -> None:
         self.cluster = cluster
@@ -208,21 +234,7 @@ class Bench:
         self.conn.execute("SELECT pg_drop_replication_slot(%s)", [recv])
         worker = subprocess.Popen(worker_cmd(self.dsn, slot), cwd=ROOT)
         self.wait_streaming()
-        sent = 0
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            cur = conn.cursor()
-            started = time.perf_counter()
-            interval = 1.0 / rate
-            while True:
-                now = time.perf_counter()
-                if now - started >= seconds:
-                    break
-                due = started + sent * interval
-                if now < due:
-                    time.sleep(due - now)
-                cur.execute("BEGIN; " + CONTEXT + f"; INSERT INTO todo (task, is_completed) VALUES ('t{sent}', false); COMMIT")
-                sent += 1
-            achieved = sent / (time.perf_counter() - started)
+        sent, achieved = steady_writes(self.dsn, rate, seconds, "t")
         deadline = time.monotonic() + 60
         while self.conn.execute("SELECT count(*) FROM bemi.changes").fetchone()[0] < sent and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -231,9 +243,8 @@ class Bench:
         latencies = [r[0] for r in self.conn.execute(
             "SELECT EXTRACT(epoch FROM pg_xact_commit_timestamp(xmin) - committed_at)::float8 * 1000 FROM bemi.changes"
         ).fetchall()]
+        p50, p99 = p50_p99(latencies)
         latencies.sort()
-        p50 = statistics.median(latencies)
-        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
         print(f"steady: {sent} transactions in {seconds:.0f} s ({achieved:.0f} tx/s achieved); commit-to-visible "
               f"latency p50 {p50:.0f} ms, p99 {p99:.0f} ms, max {latencies[-1]:.0f} ms", flush=True)
         return {"workload": "steady", "sent": sent, "rate": achieved, "p50_ms": p50, "p99_ms": p99,

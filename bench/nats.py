@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -39,11 +38,7 @@ import psycopg  # noqa: E402
 
 from bemi_devtools.natsserver import NatsServer  # noqa: E402
 from bemi_devtools.pgcluster import Cluster  # noqa: E402
-
-CONTEXT = ("SELECT pg_logical_emit_message(true, '_bemi', "
-           "'{\"user_id\": 187234, \"endpoint\": \"/todo\", \"method\": \"POST\", "
-           "\"SQL\": \"INSERT INTO \\\"todo\\\" (\\\"task\\\", \\\"is_completed\\\") VALUES (%s, %s)\"}')")
-
+from ingest import CONTEXT, p50_p99, steady_writes  # noqa: E402  (bench/ingest.py: the same context and load)
 
 class Bench:
     def __init__(self, cluster: Cluster, destination: Cluster, nats: NatsServer) -> None:
@@ -126,22 +121,7 @@ class Bench:
                  subprocess.Popen(self.ingester(stream, "steady", once=False), cwd=ROOT)]
         time.sleep(2.0)  # both set up
         before = self.count()
-        sent = 0
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            cur = conn.cursor()
-            started = time.perf_counter()
-            interval = 1.0 / rate
-            while True:
-                now = time.perf_counter()
-                if now - started >= seconds:
-                    break
-                due = started + sent * interval
-                if now < due:
-                    time.sleep(due - now)
-                cur.execute("BEGIN; " + CONTEXT + f"; INSERT INTO todo (task, is_completed) VALUES ('s{sent}', false); "
-                            "COMMIT")
-                sent += 1
-            achieved = sent / (time.perf_counter() - started)
+        sent, achieved = steady_writes(self.dsn, rate, seconds, "s")
         self.wait_count(before + sent, timeout=120)
         for p in procs:
             p.terminate()
@@ -150,8 +130,7 @@ class Bench:
         latencies = sorted(r[0] for r in self.dest.execute(
             "SELECT EXTRACT(epoch FROM pg_xact_commit_timestamp(xmin) - committed_at)::float8 * 1000 "
             "FROM bemi.changes WHERE after->>'task' LIKE 's%'").fetchall())
-        p50 = statistics.median(latencies)
-        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        p50, p99 = p50_p99(latencies)
         return sent, achieved, p50, p99, latencies[-1]
 
 

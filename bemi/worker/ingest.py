@@ -54,6 +54,7 @@ from bemi.worker.message import read_copy_line
 from bemi.worker.sink import COPY_CHANGES, Sink, _copy_text, is_rejection
 from bemi.worker.stats import WorkerStats
 from bemi.worker.tracked import TrackedTables
+from bemi.worker.upkeep import Upkeep
 from bemi.words import counted
 
 __all__ = ["IngestConfig", "Ingester", "main_loop"]
@@ -142,8 +143,8 @@ class Ingester:
         self.js: JetStream | None = None
         self._sub: Any = None
         self.partitions: Partitions | None = None
-        self._last_maintenance = 0.0
-        self._last_retention: float | None = None
+        self.upkeep = Upkeep(config.partition_interval, config.retention, config.maintenance_interval,
+                             config.retention_interval, config.clock, by="bemi-worker ingest --retention")
         self._last_info = 0.0
         self._progress = 0
         self._ahead: Any = None  # the next batch, being fetched (a concurrent future)
@@ -474,36 +475,11 @@ class Ingester:
     # -- partitions and retention ----------------------------------------------------------
 
     def _maintain(self, force: bool = False) -> None:
-        """As the direct mode's worker does (runner._maintain_partitions): never fails the ingester."""
-        now = time.monotonic()
-        cfg = self.config
+        """Partitions and retention as the direct mode's worker keeps them (bemi/worker/upkeep.py)."""
         sink = self.sink
-        if sink is None or (not force and now - self._last_maintenance < cfg.maintenance_interval):
+        if sink is None or sink.conn.info.transaction_status != TransactionStatus.IDLE:
             return
-        if sink.conn.info.transaction_status != TransactionStatus.IDLE:
-            return
-        self._last_maintenance = now
-        try:
-            if self.partitions is None:
-                partitions = (Partitions(sink.conn, cfg.partition_interval, clock=cfg.clock) if cfg.clock
-                              else Partitions(sink.conn, cfg.partition_interval))
-                if not partitions.is_partitioned():
-                    return
-                self.partitions = partitions
-            self.partitions.maintain()
-            if cfg.retention and (self._last_retention is None or now - self._last_retention >= cfg.retention_interval):
-                self._last_retention = now
-                cutoff = self.partitions.clock() - cfg.retention
-                result = self.partitions.prune(cutoff, by="bemi-worker ingest --retention", whole_only=True)
-                if result.rows or result.dropped:
-                    log.info("retention %s: removed %s committed before %s", cfg.retention,
-                             counted(result.rows, "change"), result.cutoff.isoformat())
-        except psycopg.Error as exc:
-            try:
-                sink.conn.rollback()
-            except psycopg.Error:
-                pass
-            log.warning("partition maintenance failed, will retry: %s", str(exc).strip())
+        self.partitions = self.upkeep.run(sink.conn, self.partitions, force)
 
 
 def main_loop(config: IngestConfig) -> int:

@@ -31,7 +31,7 @@ from psycopg.pq import TransactionStatus
 
 from bemi.worker import pgoutput as po
 from bemi.worker import takeover as takeover_mod
-from bemi.worker.partitions import DEFAULT_INTERVAL, Partitions
+from bemi.worker.partitions import DEFAULT_INTERVAL
 from bemi.worker.errors import Blocked, WorkerError
 from bemi.worker.sink import Checkpoint, Sink, is_rejection
 from bemi.worker.shown import shown
@@ -40,6 +40,7 @@ from bemi.worker.source import KEEPALIVE, MIN_PSYCOPG, STATUS_PEEK_WAIT, Connect
 from bemi.worker.stats import WorkerStats
 from bemi.worker.stitch import ChangeRow, Stitcher
 from bemi.worker.tracked import TrackedTables
+from bemi.worker.upkeep import Upkeep
 from bemi.worker.values import JsonValues
 from bemi.words import counted
 
@@ -138,8 +139,8 @@ class Worker:
         self._last_refresh = 0.0
         self._last_stats = 0.0
         self.row_filter: takeover_mod.RowFilter | None = None  # --takeover: drops what the published worker stored
-        self._last_maintenance = 0.0
-        self._last_retention: float | None = None
+        self.upkeep = Upkeep(config.partition_interval, config.retention, config.maintenance_interval,
+                             config.retention_interval, config.clock)
         self._reserved_slot = False  # made the slot while blocked (Blocked), before reading any checkpoint
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -180,7 +181,7 @@ class Worker:
         if cfg.takeover:
             self.row_filter = takeover_mod.start(source.control, cfg.slot, sink.conn, source.database,
                                                  cfg.takeover_max_bytes)
-        elif checkpoint is None and getattr(sink, "stores_changes", True):
+        elif checkpoint is None and sink.stores_changes:
             takeover_mod.warn_if_published_rows(sink.conn, source.database)
         takeover_mod.warn_about_leftovers(source.control, cfg.slot, cfg.publication)
         self.values = JsonValues(source.type_spec, _python_encoding(source.encoding))
@@ -205,7 +206,7 @@ class Worker:
         self._started_once = True
         log.info("reading slot %s (publication %s) of database %s from %s over the replication protocol; "
                  "writing changes to %s", cfg.slot, cfg.publication, source.database, po.int_to_lsn(start),
-                 sink.describe() if hasattr(sink, "describe") else f"database {sink.conn.info.dbname}")
+                 sink.describe())
 
     def _open_sink(self, source: Source) -> Sink:
         """Where changes go: ``changes`` in the destination, or (``publish``) NATS JetStream."""
@@ -366,46 +367,13 @@ class Worker:
     # -- partitions and retention (bemi/worker/partitions.py) ---------------------------------
 
     def _maintain_partitions(self, force: bool = False) -> None:
-        """Between destination transactions: current and next partitions ready, stray rows of
-        changes_default moved (every maintenance_interval); retention at most once per
-        retention_interval. Never fails the worker: a problem is logged and tried again later."""
-        now = time.monotonic()
-        if not force and now - self._last_maintenance < self.config.maintenance_interval:
-            return
+        """Partitions and retention (bemi/worker/upkeep.py), between destination transactions."""
         sink = self.sink
-        if sink is None or not getattr(sink, "stores_changes", True):
+        if sink is None or not sink.stores_changes:
             return  # publishing to NATS: the ingesters keep the partitions
         if sink.in_transaction or sink.conn.info.transaction_status != TransactionStatus.IDLE:
             return  # a destination transaction is open: next time
-        self._last_maintenance = now
-        cfg = self.config
-        try:
-            if sink.partitions is None:
-                partitions = (Partitions(sink.conn, cfg.partition_interval, clock=cfg.clock) if cfg.clock
-                              else Partitions(sink.conn, cfg.partition_interval))
-                if not partitions.is_partitioned():
-                    if force:
-                        log.warning("table changes is not partitioned (made by an earlier version or the published "
-                                    "worker): no partitions, no retention. Convert it with python manage.py "
-                                    "bemi_partition (docs/retention.md)")
-                    return
-                sink.partitions = partitions
-            sink.partitions.maintain()
-            if cfg.retention and (self._last_retention is None
-                                  or now - self._last_retention >= cfg.retention_interval):
-                self._last_retention = now
-                cutoff = sink.partitions.clock() - cfg.retention
-                result = sink.partitions.prune(cutoff, by="bemi-worker --retention", whole_only=True)
-                if result.rows or result.dropped:
-                    log.info("retention %s: removed %s committed before %s (dropped %s)", cfg.retention,
-                             counted(result.rows, "change"), result.cutoff.isoformat(),
-                             ", ".join(p.name for p in result.dropped) or "no whole partition")
-        except psycopg.Error as exc:
-            try:
-                sink.conn.rollback()
-            except psycopg.Error:
-                pass
-            log.warning("partition maintenance failed, will retry: %s", str(exc).strip())
+        sink.partitions = self.upkeep.run(sink.conn, sink.partitions, force, warn_unpartitioned=True)
 
     def _raise_if_slot_gone(self, exc: BaseException) -> None:
         """A slot dropped or invalidated while the worker ran is for the operator, not a fault."""
@@ -427,7 +395,7 @@ class Worker:
         """Read and store everything the server had written when called, then return
         (``--once``); returns the number of source transactions seen."""
         source, sink, _stream = self._ready()
-        if not getattr(sink, "stores_changes", True):
+        if not sink.stores_changes:
             # A reader writes nothing that would flush the WAL (the walsender sends only flushed WAL):
             # an empty transaction with an xid commits, and so flushes, everything before the target.
             source.control.execute("SELECT pg_catalog.txid_current()")

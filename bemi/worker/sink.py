@@ -75,6 +75,8 @@ class Checkpoint:
 
 
 class Sink:
+    stores_changes = True  # the destination's ``changes`` (JetStreamSink: False, the ingesters store)
+
     def __init__(self, dsn: str, slot: str, database: str, source: str = "", chain: bool = True) -> None:
         # write() encodes the COPY data as UTF-8 (set in the round trip of the session settings)
         self.conn = connect(dsn, "destination", sql.SQL("SET client_encoding TO 'UTF8'"))
@@ -96,6 +98,10 @@ class Sink:
         self.chain: Chain | None = None
         self._chained = chain
         self._committed_head = b""  # the chain's head as of the last destination commit
+
+    def describe(self) -> str:
+        """Where changes go, for the worker's log (JetStreamSink says its stream)."""
+        return f"database {self.conn.info.dbname}"
 
     def close(self) -> None:
         try:

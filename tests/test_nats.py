@@ -96,6 +96,43 @@ def test_a_reader_run_again_publishes_nothing_twice(worker_env, nats_server, nat
     assert env.execute("SELECT count(*), count(DISTINCT primary_key) FROM bemi.changes") == [(3010, 3010)]
 
 
+def test_a_reader_stopped_past_its_checkpoint_publishes_the_same_links_again(worker_env, nats_server, nats_names,
+                                                                           monkeypatch):
+    """A reader killed after JetStream took four transactions and before its checkpoint: the next run
+    commits after each transaction (other places, later times) yet publishes those four with the
+    queued_at and links they had, so what the ingesters store verifies as one chain."""
+    from bemi.worker.publisher import JetStreamSink
+
+    env = worker_env
+    env.execute("CREATE TABLE nz_r (id int PRIMARY KEY)")
+    env.run_once()
+    env.execute("DELETE FROM bemi.changes")
+    stream = settings(nats_server, nats_names)
+    env.execute("INSERT INTO nz_r VALUES (1)")
+    env.run_once(publish=stream)  # a checkpoint after the first transaction
+    for i in range(2, 6):
+        env.execute(f"INSERT INTO nz_r VALUES ({i})")
+
+    class Killed(BaseException):
+        pass
+
+    def killed_before_the_checkpoint(self, last, xid, changes):
+        self.js.wait_acked()  # all four are in the stream
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(JetStreamSink, "commit", killed_before_the_checkpoint)
+        with pytest.raises(Killed):
+            env.run_once(publish=stream)
+    env.execute("INSERT INTO nz_r VALUES (6)")
+    env.run_once(publish=stream, batch_rows=1)  # a checkpoint after each transaction
+    ingest_once(env, stream)
+    assert env.execute("SELECT count(*), count(DISTINCT primary_key) FROM bemi.changes") == [(6, 6)]
+    with verify.connect(env.dsn) as conn:
+        report = verify.verify(conn)
+    assert report.exit_code == verify.EXIT_INTACT, verify.render_text(report)
+
+
 def _stream_args(stream: StreamSettings) -> list[str]:
     return ["--stream", stream.stream, "--subject-prefix", stream.prefix]
 

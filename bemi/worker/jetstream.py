@@ -79,6 +79,7 @@ class JetStream:
         self._pending: dict[int, int] = {}  # reply number -> bytes, published and not acked yet
         self._pending_bytes = 0
         self._next = 0
+        self.acked_seq = 0  # the highest stream sequence JetStream acked (for a duplicate: the original's)
         self._failure: str | None = None
         self.stats = stats  # a WorkerStats: its nats_published and nats_publish_duplicates are counted
         self.nc: Any = None
@@ -203,6 +204,35 @@ class JetStream:
         kv = await self._bucket()
         await kv.put(key, data)
 
+    # -- what a reader published after its checkpoint ----------------------------------------
+
+    def queued_after(self, after_seq: int, subjects: str, source: str) -> dict[int, str]:
+        """``queued_at`` of each transaction (by commit position) that ``source`` published after
+        stream sequence ``after_seq`` in subjects ``subjects``: what a reader stopped before its next
+        checkpoint had already published, to be published again with the same bytes."""
+        return self.call(self._queued_after(after_seq, subjects, source), timeout=600)
+
+    async def _queued_after(self, after_seq: int, subjects: str, source: str) -> dict[int, str]:
+        from nats.js.errors import NotFoundError
+
+        found: dict[int, str] = {}
+        prefix = source + ":"
+        seq = after_seq + 1
+        while True:
+            try:
+                msg = await self.js.get_msg(self.settings.stream, seq=seq, subject=subjects, next=True)
+            except NotFoundError:
+                return found
+            seq = int(msg.seq) + 1
+            msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
+            if not msg_id.startswith(prefix) or not msg.data:
+                continue
+            position = int(msg_id[len(prefix):].split(":", 1)[0])
+            if position not in found:  # (every change of a transaction has the same queued_at)
+                queued = json.loads(msg.data).get("queued_at")
+                if isinstance(queued, str):
+                    found[position] = queued
+
     # -- publishing ----------------------------------------------------------------------------
 
     def publish(self, messages: list[tuple[str, bytes, str]]) -> None:
@@ -251,7 +281,11 @@ class JetStream:
                 ack = {"error": {"description": "unreadable ack"}}
             if "error" in ack:
                 error = f"JetStream refused a message: {ack['error']}"
-            elif self.stats is not None:
+            else:
+                seq = ack.get("seq")
+                if type(seq) is int and seq > self.acked_seq:
+                    self.acked_seq = seq
+            if error is None and self.stats is not None:
                 if ack.get("duplicate"):
                     self.stats.nats_publish_duplicates += 1
                 else:

@@ -14,8 +14,13 @@ message ids and the same bytes, so JetStream drops the copies it already has
 (within the stream's duplicate window) and the ingesters' ``ON CONFLICT DO
 NOTHING`` drops any later copy. The same bytes: the chain continues from the
 checkpoint's head, and ``queued_at`` is, in this mode, the later of the commit
-time and the time of the reader's previous checkpoint (kept in it), so a change
-published again carries the link it had the first time.
+time and the time of the reader's previous checkpoint (kept in it). A reader
+stopped between checkpoints (killed, or a fault) may have published changes
+past its checkpoint under that checkpoint's time, and the next run may place
+its checkpoints elsewhere: so at start it reads back what it published after
+the checkpoint's stream sequence and gives those transactions the
+``queued_at`` they were first published with. A change published again thus
+carries the link it had the first time.
 """
 
 from __future__ import annotations
@@ -78,6 +83,10 @@ class JetStreamSink:
         self._chained = chain
         self._committed_head = b""
         self._since: datetime | None = None  # time of the previous checkpoint (queued_at's floor)
+        # queued_at of transactions (by commit position) published after the checkpoint by a run
+        # that stopped before its next one, and the last of them
+        self._replayed: dict[int, str] = {}
+        self._replayed_through = 0
         self._doc_head = message.document_head(source, database)
         self._subjects: dict[tuple[str, str], str] = {}
         # Room for the subject and the headers: a change larger than this is published as a dead letter.
@@ -110,6 +119,14 @@ class JetStreamSink:
             if value.get("chain_head"):
                 head = bytes.fromhex(value["chain_head"])
             self._since = datetime.fromisoformat(value["at"])
+        self._replayed = {}
+        if value is not None and isinstance(value.get("stream_seq"), int):
+            self._replayed = self.js.queued_after(
+                value["stream_seq"], f"{self.settings.prefix}.{message.subject_token(self.database)}.>", self.source)
+            if self._replayed:
+                log.info("%d transactions after the checkpoint were published before; published again as they were",
+                         len(self._replayed))
+        self._replayed_through = max(self._replayed, default=0)
         if self._chained:
             self.chain = Chain(head, self.database)
             self._committed_head = head
@@ -133,18 +150,23 @@ class JetStreamSink:
         encode, subject_of, msg_id = message.encode, self._subject, message.message_id
         pending = self.pending
         out: list[tuple[str, bytes, str]] = []
-        last_at: datetime | None = None
+        last_tx = -1
         queued_text, queued_us = "", 0
         limit = self.max_message
+        replayed = self._replayed
         for r in rows:
-            if r.committed_at is not last_at:
-                last_at = r.committed_at
-                queued = r.committed_at if since is None or since < r.committed_at else since
-                queued_text, queued_us = queued.isoformat(), epoch_micros(queued)
+            if r.commit_position != last_tx:  # (queued_at is per transaction)
+                last_tx = r.commit_position
+                first = replayed.get(r.commit_position) if replayed else None
+                if first is not None:  # published before this run: the same queued_at
+                    queued_text, queued_us = first, epoch_micros(datetime.fromisoformat(first))
+                else:
+                    queued = r.committed_at if since is None or since < r.committed_at else since
+                    queued_text, queued_us = queued.isoformat(), epoch_micros(queued)
             mark = chain.head if chain is not None else b""
             link = None if chain is None else chain.append(
                 r.schema, r.table, r.primary_key, r.operation, r.before, r.after, r.context, r.committed_at,
-                queued_us, r.transaction_id, r.position, r.commit_position, r.change_index)
+                queued_us, r.transaction_id, r.position, r.commit_position, r.change_index, r.canonical)
             data = encode(r, head, queued_text, link)
             if len(data) > limit:
                 # Never stuck on a row any role could write: published as a dead letter (not chained).
@@ -174,8 +196,10 @@ class JetStreamSink:
             "v": CHECKPOINT_VERSION, "source": self.source, "slot": self.slot, "database": self.database,
             "commit_lsn": last.commit_lsn, "end_lsn": last.end_lsn, "transaction_id": xid,
             "committed_at": last.commit_time.isoformat(), "chain_head": head.hex() if head else None,
-            "at": at.isoformat()})
+            "at": at.isoformat(), "stream_seq": self.js.acked_seq})
         self._since = at
+        if self._replayed and last.commit_lsn >= self._replayed_through:
+            self._replayed = {}
         if self.chain is not None:
             self._committed_head = self.chain.head
         self.in_transaction = False

@@ -55,8 +55,9 @@ def add_ingest_arguments(parser: Any) -> None:
                         help="the NATS server of the stream to store from")
     parser.add_argument("--consumer", default="bemi_ingest",
                         help="durable consumer shared by the ingesters of one destination (default: bemi_ingest)")
-    parser.add_argument("--ingest-batch", type=int, default=2000, metavar="N",
-                        help="messages fetched and stored per destination transaction (default: 2000)")
+    parser.add_argument("--ingest-batch", type=int, default=10_000, metavar="N",
+                        help="messages fetched and stored per destination transaction (default: 10000; "
+                             "at most 32 MiB of them)")
     parser.add_argument("--ack-wait", type=float, default=60.0, metavar="SECONDS",
                         help="when creating the consumer: redeliver what an ingester fetched and did not "
                              "acknowledge after this long (default: 60)")

@@ -248,14 +248,24 @@ def test_kill_reader_kill_ingester_restart_nats_loses_and_doubles_nothing(worker
         env.execute("DROP TABLE IF EXISTS km_a, km_b, km_c")  # mixed_workload's: test_worker_process makes them
 
 
-def test_malformed_messages_become_dead_letters_and_never_block(worker_env, nats_server, nats_names):
+@pytest.mark.parametrize("chunk, raw", [(1000, True), (3, False)], ids=["one-chunk", "chunks-public-client-path"])
+def test_malformed_messages_become_dead_letters_and_never_block(worker_env, nats_server, nats_names, monkeypatch,
+                                                                chunk, raw):
     """Anyone who may publish to the subjects can send anything: what is not a storable v1 change is a
-    dead letter (the message kept as it came), acked; the valid changes around it are stored."""
+    dead letter (the message kept as it came), acked; the valid changes around it are stored. Also when
+    the batch is read and COPied in chunks (a bad message in a later chunk), and through nats-py's
+    public path (Msg objects, one publish per ack) instead of the raw one."""
+    from bemi.worker import ingest, jetstream
+
+    monkeypatch.setattr(ingest, "CHUNK", chunk)
+    if not raw:
+        monkeypatch.setattr(jetstream, "_raw_delivery", lambda *args: False)
     env = worker_env
-    env.execute("CREATE TABLE nz_c (id int PRIMARY KEY)")
+    table = f"nz_c{chunk}"
+    env.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
     env.run_once()
     stream = settings(nats_server, nats_names)
-    env.execute("INSERT INTO nz_c VALUES (1)")
+    env.execute(f"INSERT INTO {table} VALUES (1)")
     env.run_once(publish=stream)  # the stream, and one real change
     good = {"v": 1, "source": "x/1", "database": "other_db", "schema": "public", "table": "t", "primary_key": "7",
             "operation": "CREATE", "before": {}, "after": {"id": 7, "n": 1.50}, "context": {"a": 1},
@@ -290,8 +300,9 @@ def test_malformed_messages_become_dead_letters_and_never_block(worker_env, nats
 
     asyncio.run(publish())
     ingester = ingest_once(env, stream, max_message_bytes=4096)
+    assert ingester._pull.raw is raw
     assert ingester.stats.dead_letters == len(bad)
-    assert ingester.stored == 2 and ingester.stats.written == {("t", "CREATE"): 1, ("nz_c", "CREATE"): 1}
+    assert ingester.stored == 2 and ingester.stats.written == {("t", "CREATE"): 1, (table, "CREATE"): 1}
     rows = env.execute("SELECT database, after::text FROM bemi.changes ORDER BY database")
     assert [r[0] for r in rows] == ["other_db", env.execute("SELECT current_database()")[0][0]]
     assert json.loads(rows[0][1]) == {"id": 7, "n": 1.50} and "1.50" in rows[0][1]
@@ -300,6 +311,35 @@ def test_malformed_messages_become_dead_letters_and_never_block(worker_env, nats
     assert sorted(bytes(d[0]) for d in dead) == sorted(bad)
     assert all(d[1] for d in dead)
     env.execute("DELETE FROM bemi._bemi_worker_failures WHERE source = %s", [f"nats:{stream.stream}"])
+
+
+def test_a_pull_request_delivers_at_most_its_bytes_and_the_rest_follows(nats_server, nats_names):
+    """A batch is bounded by bytes as well as by count: 40 messages of 1 KB with 5 KB per request come in
+    requests of at most 5 messages, none lost; the bound never falls below what one message may weigh."""
+    from bemi.worker.jetstream import JetStream, PullConsumer
+
+    stream = StreamSettings(url=nats_server.url, stream=nats_names["stream"], prefix=nats_names["prefix"])
+    js = JetStream(stream)
+    try:
+        js.ensure_stream()
+        js.publish([(f"{stream.prefix}.db.public.t", b"x" * 1000, f"m{i}") for i in range(40)])
+        js.wait_acked()
+        api = js.nats.js.api
+        js.call(js.js.add_consumer(stream.stream, api.ConsumerConfig(
+            durable_name="bytes", ack_policy=api.AckPolicy.EXPLICIT, filter_subject=f"{stream.prefix}.>")))
+        pull = js.call(PullConsumer(js, stream.stream, "bytes", max_bytes=1).start())
+        assert pull.max_bytes == 2 * js.max_payload  # never below one message
+        pull.max_bytes = 5000
+        sizes = []
+        while True:
+            msgs = js.call(pull.fetch(1000, 0.2))
+            if not msgs:
+                break
+            sizes.append(len(msgs))
+            js.call(pull.ack(msgs))
+        assert sum(sizes) == 40 and max(sizes) <= 5 and len(sizes) >= 8
+    finally:
+        js.close()
 
 
 def test_the_example_webhook_forwarder_delivers_every_change_once_acked_after_2xx(worker_env, nats_server,

@@ -31,15 +31,17 @@ bemi/worker/partitions.py (several ingesters take turns through its lock).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
+import queue
 import random
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import psycopg
 from psycopg import sql
@@ -111,15 +113,43 @@ _DEAD = sql.SQL(
     "VALUES (%s::text, %s::text, %s::text, %s::text, %s::text, %s::bytea)")
 
 
+#: Messages read, then COPied, at a time.
+CHUNK = 1000
+#: One chunk read: its COPY lines, its changes by (table, operation), its commit times.
+ReadChunk = tuple[list[str], Counter[tuple[str, str]], set[str]]
+_END = object()  # the end of a batch's chunks
+_ABORT = object()  # the reading thread failed: store nothing
+
+
+class _Unreadable(Exception):
+    """A chunk that is not all valid v1 changes: the fast path gives way to the careful one."""
+
+
+class _Aborted(Exception):
+    """The thread reading the batch failed: the batch is not stored (nor acked: delivered again)."""
+
+
+def _chunks(chunks: queue.SimpleQueue) -> Iterator[ReadChunk | None]:
+    """The chunks of a batch as the reading thread hands them over, to the batch's end."""
+    while True:
+        item = chunks.get()
+        if item is _END:
+            return
+        if item is _ABORT:
+            raise _Aborted
+        yield item
+
+
 @dataclass
 class IngestConfig:
     stream: StreamSettings
     destination_dsn: str
     consumer: str = "bemi_ingest"  # the durable consumer all ingesters of one destination share
-    batch: int = 2000  # messages per fetch, stored in one transaction
+    batch: int = 10_000  # messages per fetch, stored in one transaction (fewer, larger: less work per change)
+    batch_bytes: int = 32 * 1024 * 1024  # ... and at most these bytes (or one message, when larger)
     fetch_timeout: float = 0.5  # seconds a fetch waits for the first messages
     ack_wait: float = 60.0  # seconds before JetStream redelivers what an ingester fetched and did not ack
-    max_ack_pending: int = 20_000  # messages fetched and not acked yet, across all ingesters
+    max_ack_pending: int = 50_000  # messages fetched and not acked yet, across all ingesters (2 batches each)
     max_message_bytes: int = 64 * 1024 * 1024  # a larger message is a dead letter
     once: bool = False  # stop when the consumer has nothing left to deliver
     partition_interval: str = DEFAULT_INTERVAL
@@ -148,8 +178,9 @@ class Ingester:
         self._last_info = 0.0
         self._progress = 0
         self._ahead: Any = None  # the next batch, being fetched (a concurrent future)
+        self._idle = False  # the last fetch found nothing
         self._pull: Any = None
-        self._storing: tuple[Future, list[Any], float] | None = None  # the batch being stored, not acked
+        self._storing: list[tuple[Future, list[Any], float]] = []  # batches being stored, not acked yet
         self._store_thread = ThreadPoolExecutor(1, thread_name_prefix="bemi-ingest-store")
         self._log_at = time.monotonic()
         self._log_changes = 0
@@ -171,7 +202,7 @@ class Ingester:
         self.js = js = JetStream(cfg.stream, name=f"bemi-worker ingest {cfg.consumer}")
         js.ensure_stream()
         self._sub = js.call(self._subscribe())
-        self._pull = js.call(PullConsumer(js, cfg.stream.stream, cfg.consumer).start())
+        self._pull = js.call(PullConsumer(js, cfg.stream.stream, cfg.consumer, cfg.batch_bytes).start())
         self._ahead = None
         self._maintain(force=True)
         self.stats.streaming = True
@@ -207,12 +238,13 @@ class Ingester:
 
     def close(self) -> None:
         self.stats.streaming = False
-        if self._storing is not None:  # let it end (committed or not); unacked, it is delivered again
+        # Batches being stored: let them end (committed or not); unacked, they are delivered again.
+        for future, _msgs, _began in self._storing:
             try:
-                self._storing[0].result()
+                future.result()
             except Exception:
                 pass
-            self._storing = None
+        self._storing = []
         if self.js is not None:
             self.js.close()
         if self.sink is not None:
@@ -290,9 +322,12 @@ class Ingester:
         # One batch ahead: the next is fetched, and read, while this one is stored (in another thread).
         ahead, self._ahead = self._ahead, None
         if ahead is None:
-            msgs = self.js.call(self._pull.fetch(cfg.batch, cfg.fetch_timeout), timeout=cfg.fetch_timeout + 30)
+            # With ``once``, the first empty answer is not waited for: the consumer may be drained.
+            wait = cfg.fetch_timeout if self._idle or not cfg.once else 0.0
+            msgs = self.js.call(self._pull.fetch(cfg.batch, wait), timeout=wait + 30)
         else:
             msgs = ahead.result(cfg.fetch_timeout + 30)
+        self._idle = not msgs
         if msgs:
             self._ahead = asyncio.run_coroutine_threadsafe(self._pull.fetch(cfg.batch, 0), self.js._loop)
         if not msgs:
@@ -300,26 +335,39 @@ class Ingester:
             self._maintain()
             self._log_stored()
             return 0
-        read = self._read_batch([m.data for m in msgs])
-        self.finish_storing()
-        self._maintain()  # (the destination's connection is idle only here)
-        self._storing = (self._store_thread.submit(self.store, msgs, read), msgs, time.monotonic())
+        # Read in chunks, each handed at once to the thread storing this batch: PostgreSQL stores a
+        # chunk while the next is read (as the direct mode's COPY runs while it decodes).
+        chunks: queue.SimpleQueue = queue.SimpleQueue()
+        future = self._store_thread.submit(self.store, msgs, _chunks(chunks))
+        try:
+            for start in range(0, len(msgs), CHUNK):
+                read = self._read_batch([m.data for m in msgs[start:start + CHUNK]])
+                chunks.put(read)
+                if read is None:
+                    break  # (the careful path takes the whole batch)
+        except BaseException:
+            chunks.put(_ABORT)
+            raise
+        finally:
+            chunks.put(_END)
+        self._storing.append((future, msgs, time.monotonic()))
+        self.finish_storing(keep=1)  # the batch before: committed, then acked
         return len(msgs)
 
-    def finish_storing(self) -> None:
-        """Wait for the batch being stored to commit, then ack it (never before: exactly once)."""
-        if self._storing is None:
-            return
-        future, msgs, began = self._storing
-        self._storing = None
-        stored = future.result()
-        assert self.js is not None
-        self.js.call(self._pull.ack(msgs))
-        self._progress += 1
-        self._log_busy += time.monotonic() - began
-        self._log_changes += stored
-        if time.monotonic() - self._log_at >= 1.0:
-            self._log_stored()
+    def finish_storing(self, keep: int = 0) -> None:
+        """Wait for the batches being stored (all but the last ``keep``) to commit, then ack each
+        (never before: exactly once)."""
+        while len(self._storing) > keep:
+            future, msgs, began = self._storing[0]
+            stored = future.result()
+            del self._storing[0]
+            assert self.js is not None
+            self.js.call(self._pull.ack(msgs))
+            self._progress += 1
+            self._log_busy += time.monotonic() - began
+            self._log_changes += stored
+            if time.monotonic() - self._log_at >= 1.0:
+                self._log_stored()
 
     def _log_stored(self) -> None:
         """One line a second at most, as the direct worker's (the time is the time spent storing)."""
@@ -331,26 +379,33 @@ class Ingester:
         log.info("stored %s in %.3f s (%.0f changes/s); consumer %s pending", counted(count, "change"), busy,
                  count / busy, self.stats.nats_consumer_pending)
 
-    def store(self, msgs: list[Any], read: Any = None) -> int:
+    def store(self, msgs: list[Any], chunks: Iterable[ReadChunk | None] | None = None) -> int:
         """Store one batch in one destination transaction; a batch the destination rejects is stored
-        message by message, each rejected one as a dead letter. ``read``: _read_batch() of it."""
+        message by message, each rejected one as a dead letter. ``chunks``: _read_batch() of the batch's
+        messages in order, as they are read (None for a chunk that is not all valid v1 changes)."""
         sink = self.sink
         assert sink is not None
-        datas = [m.data for m in msgs]
+        self._maintain()  # (the destination's connection is idle only here)
+        if chunks is None:
+            chunks = [self._read_batch([m.data for m in msgs])]
         self._dead = []
         self._written = Counter()
+        datas: list[bytes] = []
         try:
-            if read is None:
-                read = self._read_batch(datas)
-            if read is None or not self._copy_fast(sink.conn, read):
+            if not self._copy_fast(sink.conn, chunks):
+                datas = [m.data for m in msgs]
                 self._insert(sink.conn, datas, list(range(len(datas))))
             sink.conn.commit()
+        except _Aborted:
+            sink.conn.rollback()
+            return 0
         except psycopg.Error as exc:
             sink.conn.rollback()
             self._dead = []
             self._written = Counter()
             if not is_rejection(exc):
                 raise
+            datas = datas or [m.data for m in msgs]
             self._store_careful(sink.conn, datas)
             sink.conn.commit()
         cfg = self.config
@@ -362,7 +417,7 @@ class Ingester:
         self.stats.dead_letters += dead
         self.stats.written.update(self._written)
         self.stored += stored
-        self.stats.nats_ingest_duplicates += max(len(datas) - stored - dead, 0)
+        self.stats.nats_ingest_duplicates += max(len(msgs) - stored - dead, 0)
         if self.partitions is not None and self.partitions.pending:
             pending, self.partitions.pending = self.partitions.pending, set()
             self.partitions.try_ensure(pending)
@@ -371,10 +426,10 @@ class Ingester:
     _dead: list[str] = []  # dead letters of the open destination transaction (their errors)
     _written: Counter[tuple[str, str]] = Counter()  # changes it stored, by (table, operation)
 
-    def _read_batch(self, datas: list[bytes]) -> tuple[list[str], Counter[tuple[str, str]], set[str]] | None:
-        """The batch's COPY lines, changes by (table, operation) and commit times; None when a message
-        is not a valid v1 change (the careful path then says which). Pure: runs while the previous
-        batch is being stored."""
+    def _read_batch(self, datas: list[bytes]) -> ReadChunk | None:
+        """Messages' COPY lines, changes by (table, operation) and commit times; None when a message
+        is not a valid v1 change (the careful path then says which). Pure: runs while the batch
+        before is being stored."""
         limit = self.config.max_message_bytes
         lines: list[str] = []
         written: Counter[tuple[str, str]] = Counter()
@@ -391,27 +446,45 @@ class Ingester:
             moments.add(committed_at)
         return lines, written, moments
 
-    def _copy_fast(self, conn: psycopg.Connection,
-                   read: tuple[list[str], Counter[tuple[str, str]], set[str]]) -> bool:
-        """COPY a batch of valid v1 changes straight into ``changes``; False (nothing done) when a
-        change was stored before (the careful path then skips it)."""
-        lines, written, moments = read
+    def _copy_fast(self, conn: psycopg.Connection, chunks: Iterable[ReadChunk | None]) -> bool:
+        """COPY valid v1 changes straight into ``changes``, chunk by chunk as they come, in a transaction
+        of its own; False (rolled back) when a chunk is not all valid v1 changes, or a change was
+        stored before (the careful path then says which, or skips it)."""
         partitions = self.partitions
+        remaining = iter(chunks)
+        for first in remaining:
+            break
+        else:
+            return True  # (no chunk: nothing to store)
+        if first is None:
+            return False
         if partitions is not None:
-            missing = partitions.uncovered(datetime.fromisoformat(m) for m in sorted(moments))
+            missing = partitions.uncovered(datetime.fromisoformat(m) for m in sorted(first[2]))
             if missing:
-                partitions.try_ensure(missing)  # before the transaction (else: changes_default, moved after)
-                partitions.pending |= partitions.uncovered(datetime.fromisoformat(m) for m in sorted(moments))
-        conn.execute("SAVEPOINT bemi_fast")
+                partitions.try_ensure(missing)  # before the transaction
+        written: Counter[tuple[str, str]] = Counter()
+        # The COPY is all this transaction holds: refused, it is rolled back whole (no savepoint: two
+        # round trips fewer per batch) and the careful path starts another.
         try:
             with conn.cursor() as cur, cur.copy(COPY_CHANGES) as copy:
-                copy.write("".join(lines).encode("utf-8", "surrogatepass"))
+                for read in itertools.chain((first,), remaining):
+                    if read is None:
+                        raise _Unreadable
+                    lines, counts, moments = read
+                    if partitions is not None:
+                        # Rows no partition covers go to changes_default, moved after the commit.
+                        partitions.pending |= partitions.uncovered(
+                            datetime.fromisoformat(m) for m in sorted(moments))
+                    copy.write("".join(lines).encode("utf-8", "surrogatepass"))
+                    written.update(counts)
+        except _Unreadable:
+            conn.rollback()
+            return False
         except psycopg.Error as exc:
             if not is_rejection(exc):
                 raise
-            conn.execute("ROLLBACK TO SAVEPOINT bemi_fast")
+            conn.rollback()
             return False
-        conn.execute("RELEASE SAVEPOINT bemi_fast")
         self._written.update(written)
         return True
 

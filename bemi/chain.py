@@ -161,7 +161,7 @@ class Chain:
         self.database = database
         self._db = encode_basestring(database)
         self._texts: dict[tuple[str, str], str] = {}
-        self._json_in: str | None = None  # the last context seen, by identity (shared by many rows)
+        self._json_in: str | None = None  # the last context seen (shared by many rows)
         self._json_out = ""
         self._at: datetime | None = None
         self._queued = -1
@@ -178,9 +178,12 @@ class Chain:
         if names is None:
             names = self._texts[schema, table] = f"[{self._db},{encode_basestring(schema)},{encode_basestring(table)},"
         if context is not self._json_in or committed_at is not self._at or queued_at != self._queued:
-            # Shared by the changes of a transaction (of a batch: queued_at): one text for them.
-            if context is not self._json_in:
-                self._json_in, self._json_out = context, canonical_json(context)
+            # Shared by the changes of a transaction (of a batch: queued_at): one text for them. A
+            # context equal to the last one (the next transaction of the same request or job) is
+            # not parsed again.
+            if context != self._json_in:
+                self._json_out = canonical_json(context)
+            self._json_in = context
             self._at, self._queued = committed_at, queued_at
             self._middle = f",{self._json_out},{(committed_at - _EPOCH) // _MICROSECOND},{queued_at},"
         op = _OPERATIONS.get(operation) or encode_basestring(operation)

@@ -120,7 +120,7 @@ class JetStreamSink:
                 head = bytes.fromhex(value["chain_head"])
             self._since = datetime.fromisoformat(value["at"])
         self._replayed = {}
-        if value is not None and isinstance(value.get("stream_seq"), int):
+        if value is not None and isinstance(value.get("stream_seq"), int) and value["stream_seq"] > 0:
             self._replayed = self.js.queued_after(
                 value["stream_seq"], f"{self.settings.prefix}.{message.subject_token(self.database)}.>", self.source)
             if self._replayed:

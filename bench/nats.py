@@ -1,7 +1,7 @@
 """Scale-out benchmark: the NATS JetStream path against the direct mode, in one run (docs/scale-out.md).
 
-    python bench/nats.py                    # 200,000 changes, 20 s of steady load (about 2 minutes)
-    python bench/nats.py --rows 50000 --duration 5
+    python bench/nats.py                    # 200,000 changes, 5 runs each, 20 s of steady load (about 4 minutes)
+    python bench/nats.py --rows 50000 --duration 5 --repeats 3
 
 Starts its own nats-server and two PostgreSQL clusters (bemi_devtools): the
 source, and the destination of ``changes`` (so that storing writes no WAL the
@@ -19,14 +19,17 @@ same position let every configuration read the same WAL:
   running: commit-to-visible p50/p99 (source commit timestamp to destination
   commit timestamp, both from track_commit_timestamp on the same server).
 
-Ratios are against the direct mode of the same run. Each wall time includes the
-process's start-up (an empty run's is printed, to judge it).
+Ratios are against the direct mode of the same run; the direct mode and the
+ingesters are run --repeats times, alternated, and their medians compared. Each
+wall time includes the process's start-up (an empty run's is printed, to judge
+it).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -140,6 +143,8 @@ def main() -> None:
     parser.add_argument("--tx-rows", type=int, default=100, help="rows per transaction (default 100)")
     parser.add_argument("--rate", type=int, default=500, help="transactions/s of the latency run (default 500)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of the latency run (0: skip)")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of the direct mode and of the ingesters "
+                        "(median; default 5)")
     options = parser.parse_args()
 
     cluster = Cluster(settings={"track_commit_timestamp": "on", "max_wal_size": "4GB"}).start_throwaway()
@@ -151,24 +156,30 @@ def main() -> None:
               f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}; "
               f"{subprocess.run([nats.binary, '--version'], capture_output=True, text=True).stdout.strip()}",
               flush=True)
-        slots = ["direct", "reader", "pipe1", "pipe2"]
+        repeats = max(1, options.repeats)
+        slots = ["direct0", "reader", "pipe1", "pipe2"] + [f"direct{i}" for i in range(1, repeats)]
         bench.prepare(options.rows, options.tx_rows, slots)
         rows = options.rows
 
         bench.conn.execute("SELECT pg_create_logical_replication_slot('empty', 'pgoutput')")
         t_empty_reader = bench.timed(bench.reader("empty", "EMPTY"))
-        t_direct = bench.timed(bench.direct("direct"))
-        assert bench.count() == rows
         t_reader = bench.timed(bench.reader("reader", "READER"))
-        bench.truncate()
-        t_ing1 = bench.timed(bench.ingester("READER", "one"))
-        assert bench.count() == rows
-        bench.truncate()
-        t_ing2 = bench.timed(bench.ingester("READER", "two"), bench.ingester("READER", "two"))
-        assert bench.count() == rows
+        # Alternated, each the median of --repeats runs (the machine is noisy; one run says little).
+        runs: dict[str, list[float]] = {"direct": [], "one": [], "two": []}
+        for i in range(repeats):
+            bench.truncate()
+            runs["direct"].append(bench.timed(bench.direct(f"direct{i}")))
+            assert bench.count() == rows
+            bench.truncate()
+            runs["one"].append(bench.timed(bench.ingester("READER", f"one{i}")))
+            assert bench.count() == rows
+            bench.truncate()
+            runs["two"].append(bench.timed(bench.ingester("READER", f"two{i}"), bench.ingester("READER", f"two{i}")))
+            assert bench.count() == rows
+        t_direct, t_ing1, t_ing2 = (statistics.median(runs[k]) for k in ("direct", "one", "two"))
         t_pipe1 = bench.pipeline("pipe1", "PIPE1", 1, rows)
         t_pipe2 = bench.pipeline("pipe2", "PIPE2", 2, rows)
-        t_empty_ingest = bench.timed(bench.ingester("READER", "one"))
+        t_empty_ingest = bench.timed(bench.ingester("READER", "one0"))  # (drained)
 
         direct = rows / t_direct
         table = [("direct (bemi-worker --once)", t_direct),
@@ -177,7 +188,9 @@ def main() -> None:
                  ("2 ingesters (ingest --once x2)", t_ing2),
                  ("pipeline: reader + 1 ingester", t_pipe1),
                  ("pipeline: reader + 2 ingesters", t_pipe2)]
-        print(f"\n{rows:,} changes ({options.tx_rows} rows per transaction); start-up of an empty run: reader "
+        print(f"\n{rows:,} changes ({options.tx_rows} rows per transaction); direct and ingesters: median of "
+              f"{repeats} runs (direct {', '.join(f'{t:.2f}' for t in runs['direct'])} s; 1 ingester "
+              f"{', '.join(f'{t:.2f}' for t in runs['one'])} s); start-up of an empty run: reader "
               f"{t_empty_reader:.2f} s, ingester {t_empty_ingest:.2f} s")
         print(f"| {'configuration':<34} | {'seconds':>7} | {'changes/s':>9} | {'vs direct':>9} |")
         print(f"| {'-' * 34} | {'-' * 7}:| {'-' * 9}:| {'-' * 9}:|")

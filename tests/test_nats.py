@@ -39,6 +39,35 @@ def test_subject_tokens_keep_one_token_per_name():
     assert message.message_id("123/5", 99, 3) == "123/5:99:3"
 
 
+@pytest.mark.parametrize("after", [
+    {"id": 1, "t": "tab\there\nline\\back \"q\" \u00e9 \u2028 \x01", "b": True, "n": None, "big": 2 ** 63 - 1},
+    {"id": 2, "huge": 10 ** 30, "neg": -(2 ** 63)},
+    {"id": 3, "nested": {"a": [1, "x\ty"]}},
+    {},
+])
+def test_the_orjson_and_json_readings_of_a_message_give_the_same_copy_line(monkeypatch, after):
+    """orjson (optional) reads flat rows; the json module all the rest: where both can, the same line."""
+    doc = {"v": 1, "source": "1/2", "database": "db", "schema": "s\tx", "table": "t", "primary_key": "k\\1",
+           "operation": "UPDATE", "before": {"id": 1}, "after": after, "context": {"user": "ann", "SQL": "UPDATE \"t\""},
+           "committed_at": "2026-12-02T12:00:00.123456+00:00", "queued_at": "2026-12-02T12:00:01+00:00",
+           "transaction_id": 7, "position": 8, "commit_position": 9, "change_index": 0, "chain_link": "ab" * 32}
+    data = json.dumps(doc).encode()
+    fast = message.read_copy_line(data)
+    monkeypatch.setattr(message, "_orjson", None)
+    slow = message.read_copy_line(data)
+    assert fast is not None and slow is not None
+    fast_cols, slow_cols = fast[0].rstrip("\n").split("\t"), slow[0].rstrip("\n").split("\t")
+    json_columns = {2, 13, 14}  # context, before, after (sink.COPY_CHANGES)
+    assert [c for i, c in enumerate(fast_cols) if i not in json_columns] == \
+        [c for i, c in enumerate(slow_cols) if i not in json_columns]
+
+    def value(text: str):
+        return json.loads(text.replace("\\\\", "\\"))  # (a JSON text holds no raw tab or newline)
+
+    assert [value(fast_cols[i]) for i in sorted(json_columns)] == [value(slow_cols[i]) for i in sorted(json_columns)]
+    assert value(slow_cols[14]) == after and fast[1:] == slow[1:] == ("t", "UPDATE", doc["committed_at"])
+
+
 def test_published_changes_are_stored_like_the_direct_mode_and_verify(worker_env, nats_server, nats_names):
     env = worker_env
     env.execute("CREATE TABLE nz_a (id int PRIMARY KEY, v text, n numeric, j jsonb)")
@@ -253,13 +282,14 @@ def test_malformed_messages_become_dead_letters_and_never_block(worker_env, nats
                                                                 chunk, raw):
     """Anyone who may publish to the subjects can send anything: what is not a storable v1 change is a
     dead letter (the message kept as it came), acked; the valid changes around it are stored. Also when
-    the batch is read and COPied in chunks (a bad message in a later chunk), and through nats-py's
-    public path (Msg objects, one publish per ack) instead of the raw one."""
+    the batch is read and COPied in chunks (a bad message in a later chunk), through nats-py's public
+    path (Msg objects, one publish per ack) instead of the raw one, and without orjson."""
     from bemi.worker import ingest, jetstream
 
     monkeypatch.setattr(ingest, "CHUNK", chunk)
     if not raw:
         monkeypatch.setattr(jetstream, "_raw_delivery", lambda *args: False)
+        monkeypatch.setattr(message, "_orjson", None)  # the json module's path (orjson is optional)
     env = worker_env
     table = f"nz_c{chunk}"
     env.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")

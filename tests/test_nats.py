@@ -645,3 +645,28 @@ def test_masked_and_ignored_columns_are_applied_by_the_reader(worker_env, nats_s
     ingest_once(env, stream)
     (after,), = env.execute("SELECT after::text FROM bemi.changes WHERE \"table\" = 'nz_m'")
     assert "hunter2" not in after and json.loads(after)["secret"] != "hunter2"
+
+
+def test_an_ingester_drops_partitions_older_than_its_retention(worker_env, nats_server, nats_names, caplog):
+    """`bemi-worker ingest --retention` keeps `changes` as the direct worker's --retention does: whole
+    partitions older than the retention dropped, the cut recorded in _bemi_pruned, the new changes stored."""
+    from datetime import datetime, timedelta, timezone
+
+    from tests.test_prune import past
+
+    env = worker_env
+    env.execute("CREATE TABLE nz_r2 (id int PRIMARY KEY)")
+    env.run_once()
+    stream = settings(nats_server, nats_names)
+    env.execute("INSERT INTO nz_r2 VALUES (1)")
+    env.run_once(publish=stream)
+    past(env, "2024-01", 31)
+    past(env, "2024-02", 2)
+    caplog.set_level("INFO", logger="bemi.worker")
+    ingest_once(env, stream, retention=timedelta(days=30),
+                clock=lambda: datetime(2024, 3, 10, tzinfo=timezone.utc))
+    assert "dropped partition bemi.changes_p20240101 (2024-01-01 .. 2024-02-01, 93 changes)" in caplog.text
+    assert env.execute("SELECT count(*) FROM bemi.changes WHERE \"table\" = 'old_t'") == [(6,)]
+    assert env.execute("SELECT primary_key FROM bemi.changes WHERE \"table\" = 'nz_r2'") == [("1",)]
+    assert env.execute("SELECT pruned_before, pruned_by FROM bemi._bemi_pruned") == [
+        (datetime(2024, 2, 1, tzinfo=timezone.utc), "bemi-worker ingest --retention")]

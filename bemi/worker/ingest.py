@@ -339,6 +339,7 @@ class Ingester:
         # chunk while the next is read (as the direct mode's COPY runs while it decodes).
         chunks: queue.SimpleQueue = queue.SimpleQueue()
         future = self._store_thread.submit(self.store, msgs, _chunks(chunks))
+        self._storing.append((future, msgs, time.monotonic()))  # (close() waits for it, whatever happens)
         try:
             for start in range(0, len(msgs), CHUNK):
                 read = self._read_batch([m.data for m in msgs[start:start + CHUNK]])
@@ -350,7 +351,6 @@ class Ingester:
             raise
         finally:
             chunks.put(_END)
-        self._storing.append((future, msgs, time.monotonic()))
         self.finish_storing(keep=1)  # the batch before: committed, then acked
         return len(msgs)
 

@@ -24,6 +24,16 @@ def settings(nats_server, names) -> StreamSettings:
     return StreamSettings(url=nats_server.url, stream=names["stream"], prefix=names["prefix"])
 
 
+def tracked(env, ddl: str, nats_server, names, empty: bool = False) -> StreamSettings:
+    """Create a table (``ddl``), let a direct run make the publication and the slot (``empty``: then
+    forget what it stored), and return the stream's settings."""
+    env.execute(ddl)
+    env.run_once()
+    if empty:
+        env.execute("DELETE FROM bemi.changes")
+    return settings(nats_server, names)
+
+
 def ingest_once(env, stream: StreamSettings, **overrides) -> Ingester:
     ingester = Ingester(IngestConfig(stream=stream, destination_dsn=env.dsn, once=True, fetch_timeout=0.3,
                                      **overrides))
@@ -100,10 +110,7 @@ def test_published_changes_are_stored_like_the_direct_mode_and_verify(worker_env
 
 def test_a_reader_run_again_publishes_nothing_twice(worker_env, nats_server, nats_names):
     env = worker_env
-    env.execute("CREATE TABLE nz_b (id int PRIMARY KEY)")
-    env.run_once()
-    env.execute("DELETE FROM bemi.changes")
-    stream = settings(nats_server, nats_names)
+    stream = tracked(env, "CREATE TABLE nz_b (id int PRIMARY KEY)", nats_server, nats_names, empty=True)
     env.execute("INSERT INTO nz_b SELECT generate_series(1, 3000)")
     env.run_once(publish=stream)
     env.run_once(publish=stream)  # the checkpoint in the bucket: nothing read again
@@ -133,10 +140,7 @@ def test_a_reader_stopped_past_its_checkpoint_publishes_the_same_links_again(wor
     from bemi.worker.publisher import JetStreamSink
 
     env = worker_env
-    env.execute("CREATE TABLE nz_r (id int PRIMARY KEY)")
-    env.run_once()
-    env.execute("DELETE FROM bemi.changes")
-    stream = settings(nats_server, nats_names)
+    stream = tracked(env, "CREATE TABLE nz_r (id int PRIMARY KEY)", nats_server, nats_names, empty=True)
     env.execute("INSERT INTO nz_r VALUES (1)")
     env.run_once(publish=stream)  # a checkpoint after the first transaction
     for i in range(2, 6):
@@ -292,9 +296,7 @@ def test_malformed_messages_become_dead_letters_and_never_block(worker_env, nats
         monkeypatch.setattr(message, "_orjson", None)  # the json module's path (orjson is optional)
     env = worker_env
     table = f"nz_c{chunk}"
-    env.execute(f"CREATE TABLE {table} (id int PRIMARY KEY)")
-    env.run_once()
-    stream = settings(nats_server, nats_names)
+    stream = tracked(env, f"CREATE TABLE {table} (id int PRIMARY KEY)", nats_server, nats_names)
     env.execute(f"INSERT INTO {table} VALUES (1)")
     env.run_once(publish=stream)  # the stream, and one real change
     good = {"v": 1, "source": "x/1", "database": "other_db", "schema": "public", "table": "t", "primary_key": "7",
@@ -384,9 +386,7 @@ def test_the_example_webhook_forwarder_delivers_every_change_once_acked_after_2x
     from tests.workerapp.harness import ROOT
 
     env = worker_env
-    env.execute("CREATE TABLE nz_d (id int PRIMARY KEY, v text)")
-    env.run_once()
-    stream = settings(nats_server, nats_names)
+    stream = tracked(env, "CREATE TABLE nz_d (id int PRIMARY KEY, v text)", nats_server, nats_names)
     env.execute(env.context(user="bob") + "INSERT INTO nz_d SELECT g, 'v' || g FROM generate_series(1, 20) g")
     env.run_once(publish=stream)
 
@@ -438,9 +438,7 @@ def test_manage_py_bemi_worker_publishes_and_ingests(worker_env, nats_server, na
     from django.core.management import call_command
 
     env = worker_env
-    env.execute("CREATE TABLE nz_e (id int PRIMARY KEY)")
-    env.run_once()
-    stream = settings(nats_server, nats_names)
+    stream = tracked(env, "CREATE TABLE nz_e (id int PRIMARY KEY)", nats_server, nats_names)
     env.execute(env.context(via="manage.py") + "INSERT INTO nz_e SELECT generate_series(1, 50)")
     names = {"stream": stream.stream, "subject_prefix": stream.prefix, "verbosity": 0}
     call_command("bemi_worker", once=True, slot=env.slot, publication=env.publication, publish=stream.url, **names)
@@ -459,9 +457,7 @@ def test_metrics_of_the_reader_and_the_ingester(worker_env, nats_server, nats_na
     from bemi.worker.metrics import MetricsServer
 
     env = worker_env
-    env.execute("CREATE TABLE nz_f (id int PRIMARY KEY)")
-    env.run_once()
-    stream = settings(nats_server, nats_names)
+    stream = tracked(env, "CREATE TABLE nz_f (id int PRIMARY KEY)", nats_server, nats_names)
     env.execute("INSERT INTO nz_f SELECT generate_series(1, 30)")
 
     def scrape(stats) -> str:
@@ -509,9 +505,7 @@ def test_bemi_status_shows_the_stream_and_the_consumers_lag(worker_env, nats_ser
     from bemi.cli import status_main
 
     env = worker_env
-    env.execute("CREATE TABLE nz_g (id int PRIMARY KEY)")
-    env.run_once()
-    stream = settings(nats_server, nats_names)
+    stream = tracked(env, "CREATE TABLE nz_g (id int PRIMARY KEY)", nats_server, nats_names)
     env.execute("INSERT INTO nz_g SELECT generate_series(1, 25)")
     env.run_once(publish=stream)
     ingester = Ingester(IngestConfig(stream=stream, destination_dsn=env.dsn, fetch_timeout=0.3))
@@ -546,9 +540,7 @@ def test_a_change_larger_than_nats_takes_is_a_dead_letter_and_blocks_nothing(wor
     """Any role may write a row larger than the server's max_payload: the reader publishes its identity as
     a dead letter (not chained) and goes on; the chain of the rest verifies."""
     env = worker_env
-    env.execute("CREATE TABLE nz_h (id int PRIMARY KEY, v text)")
-    env.run_once()
-    stream = settings(nats_server, nats_names)
+    stream = tracked(env, "CREATE TABLE nz_h (id int PRIMARY KEY, v text)", nats_server, nats_names)
     env.execute("INSERT INTO nz_h VALUES (1, 'small'), (2, repeat('x', 20000)), (3, 'small too')")
     env.run_once(publish=stream, publish_max_message=8192)
     ingester = ingest_once(env, stream)
@@ -655,9 +647,7 @@ def test_an_ingester_drops_partitions_older_than_its_retention(worker_env, nats_
     from tests.test_prune import past
 
     env = worker_env
-    env.execute("CREATE TABLE nz_r2 (id int PRIMARY KEY)")
-    env.run_once()
-    stream = settings(nats_server, nats_names)
+    stream = tracked(env, "CREATE TABLE nz_r2 (id int PRIMARY KEY)", nats_server, nats_names)
     env.execute("INSERT INTO nz_r2 VALUES (1)")
     env.run_once(publish=stream)
     past(env, "2024-01", 31)

@@ -660,3 +660,35 @@ def test_an_ingester_drops_partitions_older_than_its_retention(worker_env, nats_
     assert env.execute("SELECT primary_key FROM bemi.changes WHERE \"table\" = 'nz_r2'") == [("1",)]
     assert env.execute("SELECT pruned_before, pruned_by FROM bemi._bemi_pruned") == [
         (datetime(2024, 2, 1, tzinfo=timezone.utc), "bemi-worker ingest --retention")]
+
+
+def test_messages_planted_in_a_readers_name_never_stop_it(worker_env, nats_server, nats_names):
+    """Whoever may publish to the subjects can send messages with the reader's message ids and anything in
+    them; reading back what it published after its checkpoint, the reader skips what it did not write."""
+    stream = tracked(worker_env, "CREATE TABLE nz_p (id int PRIMARY KEY)", nats_server, nats_names, empty=True)
+    env = worker_env
+    env.execute("INSERT INTO nz_p VALUES (1)")
+    env.run_once(publish=stream)
+
+    async def plant() -> None:
+        import nats
+
+        nc = await nats.connect(stream.url)
+        try:
+            js = nc.jetstream()
+            first = await js.get_msg(stream.stream, seq=1)
+            source = first.headers["Nats-Msg-Id"].rsplit(":", 2)[0]
+            for msg_id, data in [(f"{source}:garbage", b"{}"), (f"{source}:999999999999:0", b"not json"),
+                                 (f"{source}:999999999998:0", b'{"queued_at": "yesterday"}'),
+                                 (f"{source}:999999999997:0", b"[1]"), (f"{source}:999999999996:0", b"\xff")]:
+                await js.publish(first.subject, data, headers={"Nats-Msg-Id": msg_id})
+        finally:
+            await nc.close()
+
+    asyncio.run(plant())
+    env.execute("INSERT INTO nz_p VALUES (2)")
+    env.run_once(publish=stream)  # reads back what follows its checkpoint: the planted messages
+    ingester = ingest_once(env, stream)
+    assert env.execute("SELECT primary_key FROM bemi.changes WHERE \"table\" = 'nz_p' ORDER BY 1") == [("1",), ("2",)]
+    assert ingester.stats.dead_letters == 5
+    env.execute("DELETE FROM bemi._bemi_worker_failures WHERE source = %s", [f"nats:{stream.stream}"])

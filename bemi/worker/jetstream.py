@@ -27,6 +27,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Awaitable, Callable, TypeVar
 
 from bemi.worker.errors import WorkerError
@@ -227,11 +228,15 @@ class JetStream:
             msg_id = (msg.headers or {}).get("Nats-Msg-Id", "")
             if not msg_id.startswith(prefix) or not msg.data:
                 continue
-            position = int(msg_id[len(prefix):].split(":", 1)[0])
-            if position not in found:  # (every change of a transaction has the same queued_at)
+            try:
+                position = int(msg_id[len(prefix):].split(":", 1)[0])
+                if position in found:  # (every change of a transaction has the same queued_at)
+                    continue
                 queued = json.loads(msg.data).get("queued_at")
-                if isinstance(queued, str):
-                    found[position] = queued
+                datetime.fromisoformat(queued)
+            except (ValueError, TypeError, AttributeError):
+                continue  # not a message as a reader writes them (anyone who may publish could send it)
+            found[position] = queued
 
     # -- publishing ----------------------------------------------------------------------------
 
@@ -355,8 +360,8 @@ class PullConsumer:
     missing) is kept for the next batch, never dropped. Runs on the loop.
 
     nats-py turns each message into a ``Msg`` (its headers parsed into a dict) and hands it to the
-    subscription's task through a queue, and an ack is one ``publish`` each: together three times the
-    work of storing the change. So, where the client has the shape this was written against
+    subscription's task through a queue, and an ack is one ``publish`` each: a large part of an
+    ingester's time (docs/benchmarks.md). So, where the client has the shape this was written against
     (:func:`_raw_delivery`), the messages of this one subscription are taken from its protocol parser
     as they are (data, reply subject, the status line of the header block), and a batch's acks are
     written as one block of ``PUB`` commands; otherwise the public path (``Msg``, ``publish``) is used.

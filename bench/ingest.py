@@ -1,6 +1,6 @@
 """Worker ingest benchmark: the bemi worker end to end against pg_recvlogical.
 
-    python bench/ingest.py                 # full run (about 3 minutes)
+    python bench/ingest.py                 # full run (about 5 minutes)
     python bench/ingest.py --duration 10   # quick run: 10 s of steady load
 
 Starts its own PostgreSQL cluster. For each bulk workload, two pgoutput slots

@@ -50,6 +50,7 @@ from psycopg.pq import TransactionStatus
 from bemi import tables
 from bemi.worker.errors import WorkerError
 from bemi.worker.jetstream import JetStream, JetStreamFault, PullConsumer, StreamSettings
+from bemi.worker.lifecycle import run_process
 from bemi.worker.partitions import DEFAULT_INTERVAL, Partitions
 from bemi.worker.session import connect
 from bemi.worker.message import read_copy_line
@@ -556,43 +557,11 @@ class Ingester:
 
 
 def main_loop(config: IngestConfig) -> int:
-    """Run an ingester with signal handling (SIGINT/SIGTERM: finish the batch in hand, then exit)."""
-    import signal
-
+    """Run an ingester with signal handling (SIGINT/SIGTERM: finish the batch in hand, then exit; a
+    second one: at once, what was not acked is delivered again)."""
     ingester = Ingester(config)
-
-    def on_signal(signum, frame):
-        if ingester.stopping.is_set():
-            raise KeyboardInterrupt
-        ingester.stop()
-
-    metrics = None
-    if config.metrics_port is not None:
-        from bemi.worker.metrics import MetricsServer, MetricsUnavailable
-
-        try:
-            metrics = MetricsServer(ingester.stats, config.metrics_host, config.metrics_port).start()
-        except (MetricsUnavailable, OSError) as exc:
-            log.error("cannot serve metrics: %s", exc)
-            return 2
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = ingester.run()
-        log.info("stopped; %s stored, %s skipped as already stored, %s", counted(ingester.stored, "change"),
-                 ingester.stats.nats_ingest_duplicates, counted(ingester.stats.dead_letters, "dead letter"))
-        return code
-    except WorkerError as exc:
-        log.error("%s", exc)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        return 130
-    except (psycopg.Error, OSError) as exc:
-        log.error("%s", exc)
-        return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if metrics is not None:
-            metrics.stop()
+    return run_process(ingester, config.metrics_host, config.metrics_port,
+                       stopped=lambda: (f"stopped; {counted(ingester.stored, 'change')} stored, "
+                                        f"{ingester.stats.nats_ingest_duplicates} skipped as already stored, "
+                                        f"{counted(ingester.stats.dead_letters, 'dead letter')}"),
+                       aborted="aborted: the batches in hand were not acknowledged and will be delivered again")

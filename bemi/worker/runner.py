@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import sys
 import threading
 import time
@@ -31,6 +30,7 @@ from psycopg.pq import TransactionStatus
 
 from bemi.worker import pgoutput as po
 from bemi.worker import takeover as takeover_mod
+from bemi.worker.lifecycle import run_process
 from bemi.worker.partitions import DEFAULT_INTERVAL
 from bemi.worker.errors import Blocked, WorkerError
 from bemi.worker.sink import Checkpoint, Sink, is_rejection
@@ -665,44 +665,6 @@ def main_loop(config: Config) -> int:
     """Run a worker with signal handling: the first SIGINT/SIGTERM stops after the transaction in hand,
     a second one aborts at once (the open destination transaction is rolled back: nothing is lost)."""
     worker = Worker(config)
-
-    def on_signal(signum, frame):
-        if worker.stopping.is_set():
-            raise KeyboardInterrupt
-        log.info("received %s: finishing the batch in hand, then exiting", signal.Signals(signum).name)
-        worker.stop()
-
-    metrics = None
-    if config.metrics_port is not None:
-        from bemi.worker.metrics import MetricsServer, MetricsUnavailable
-
-        try:
-            metrics = MetricsServer(worker.stats, config.metrics_host, config.metrics_port).start()
-        except MetricsUnavailable as exc:
-            log.error("%s", exc)
-            return 2
-        except OSError as exc:
-            log.error("cannot serve metrics on %s:%s: %s", config.metrics_host, config.metrics_port, exc)
-            return 2
-
-    previous = {}
-    if threading.current_thread() is threading.main_thread():  # signals can only be handled there
-        previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        code = worker.run()
-        log.info("stopped; %d changes written", worker.written)
-        return code
-    except WorkerError as exc:
-        log.error("%s", exc)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        log.warning("aborted: the batch in hand was rolled back and will be read again")
-        return 130
-    except psycopg.Error as exc:
-        log.error("database error: %s", exc)
-        return 1
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if metrics is not None:
-            metrics.stop()
+    return run_process(worker, config.metrics_host, config.metrics_port,
+                       stopped=lambda: f"stopped; {worker.written} changes written",
+                       aborted="aborted: the batch in hand was rolled back and will be read again")

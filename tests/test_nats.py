@@ -187,33 +187,17 @@ def test_kill_reader_kill_ingester_restart_nats_loses_and_doubles_nothing(worker
     """SIGKILL the reader, SIGKILL an ingester, restart nats-server, all under a steady load: the changes
     stored through NATS are exactly those a direct worker on a second slot stored (0 lost, 0 doubled),
     and the chain verifies."""
-    import os
     import signal
     import threading
     import time
 
     import psycopg
 
-    from tests.db import db_dsn
-    from tests.test_worker_process import wait_for, wait_for_line, mixed_workload
-    from tests.workerapp.harness import WorkerEnv
+    from tests.test_worker_process import mixed_workload, tables_and_truth, wait_for, wait_for_line
 
     env = worker_env
     stream = settings(own_nats_server, nats_names)
-    truth_db = f"bemi_ntruth_{os.getpid()}"
-    env.execute(f"DROP DATABASE IF EXISTS {truth_db}")
-    env.execute(f"CREATE DATABASE {truth_db}")
-    truth = WorkerEnv(env.dsn)
-    truth.publication = env.publication
-    truth_dsn = db_dsn(truth_db)
-    try:
-        env.execute("CREATE TABLE km_a (id serial PRIMARY KEY, v text, n int)")
-        env.execute("CREATE TABLE km_b (id int PRIMARY KEY, payload jsonb)")
-        env.execute("CREATE TABLE km_c (id int)")
-        env.execute("ALTER TABLE km_a REPLICA IDENTITY FULL; ALTER TABLE km_b REPLICA IDENTITY FULL; "
-                    "ALTER TABLE km_c REPLICA IDENTITY FULL")
-        env.run_once()
-        truth.run_once(destination_dsn=truth_dsn)
+    with tables_and_truth(env, "bemi_ntruth") as (truth, truth_dsn):
         count = lambda: env.execute("SELECT count(*) FROM bemi.changes")[0][0]  # noqa: E731
 
         def reader():
@@ -273,12 +257,6 @@ def test_kill_reader_kill_ingester_restart_nats_loses_and_doubles_nothing(worker
         with verify.connect(env.dsn) as conn:
             report = verify.verify(conn)
         assert report.exit_code == verify.EXIT_INTACT, verify.render_text(report)
-    finally:
-        env.execute("SELECT pg_drop_replication_slot(%s) FROM pg_replication_slots WHERE slot_name = %s",
-                    [truth.slot, truth.slot])
-        truth.conn.close()
-        env.execute(f"DROP DATABASE IF EXISTS {truth_db}")
-        env.execute("DROP TABLE IF EXISTS km_a, km_b, km_c")  # mixed_workload's: test_worker_process makes them
 
 
 @pytest.mark.parametrize("chunk, raw", [(1000, True), (3, False)], ids=["one-chunk", "chunks-public-client-path"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Iterator
 
 import psycopg
 import pytest
@@ -110,9 +112,12 @@ class _Rollback(Exception):
     pass
 
 
-def test_repeated_kill_9_loses_and_duplicates_nothing(worker_env):
-    env = worker_env
-    truth_db = f"bemi_truth_{os.getpid()}"
+@contextlib.contextmanager
+def tables_and_truth(env, name: str) -> Iterator[tuple[WorkerEnv, str]]:
+    """mixed_workload's tables, tracked from env's slot on, and a second worker on a slot and database of
+    its own (``<name>_<pid>``), both at the same position: the uninterrupted reference. Yields that
+    worker and its database's DSN; removes them, and the tables, afterwards."""
+    truth_db = f"{name}_{os.getpid()}"
     env.execute(f"DROP DATABASE IF EXISTS {truth_db}")
     env.execute(f"CREATE DATABASE {truth_db}")
     truth = WorkerEnv(env.dsn)
@@ -125,8 +130,19 @@ def test_repeated_kill_9_loses_and_duplicates_nothing(worker_env):
         env.execute("ALTER TABLE km_a REPLICA IDENTITY FULL; ALTER TABLE km_b REPLICA IDENTITY FULL; "
                     "ALTER TABLE km_c REPLICA IDENTITY FULL")
         env.run_once()
-        truth.run_once(destination_dsn=truth_dsn)  # a second slot: the uninterrupted reference
+        truth.run_once(destination_dsn=truth_dsn)
+        yield truth, truth_dsn
+    finally:
+        env.execute("SELECT pg_drop_replication_slot(%s) FROM pg_replication_slots WHERE slot_name = %s",
+                    [truth.slot, truth.slot])
+        truth.conn.close()
+        env.execute(f"DROP DATABASE IF EXISTS {truth_db}")
+        env.execute("DROP TABLE IF EXISTS km_a, km_b, km_c")
 
+
+def test_repeated_kill_9_loses_and_duplicates_nothing(worker_env):
+    env = worker_env
+    with tables_and_truth(env, "bemi_truth") as (truth, truth_dsn):
         result = {}
         workload = threading.Thread(target=lambda: result.update(expected=mixed_workload(env.dsn, 5.0)))
         workload.start()
@@ -154,11 +170,6 @@ def test_repeated_kill_9_loses_and_duplicates_nothing(worker_env):
         # Several kills hit a worker that was storing changes, not an idle one. (Not kills // 2:
         # kills after the 5 s workload ends find nothing to do, and on a loaded machine those are many.)
         assert progressed >= 3, (progressed, kills)
-    finally:
-        env.execute("SELECT pg_drop_replication_slot(%s) FROM pg_replication_slots WHERE slot_name = %s",
-                    [truth.slot, truth.slot])
-        truth.conn.close()
-        env.execute(f"DROP DATABASE IF EXISTS {truth_db}")
 
 
 def test_sigterm_finishes_the_batch_commits_and_exits_0(worker_env):

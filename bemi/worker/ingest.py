@@ -54,7 +54,7 @@ from bemi.worker.lifecycle import run_process
 from bemi.worker.partitions import DEFAULT_INTERVAL, Partitions
 from bemi.worker.session import connect
 from bemi.worker.message import read_copy_line
-from bemi.worker.sink import COPY_CHANGES, Sink, _copy_text, is_rejection
+from bemi.worker.sink import COPY_CHANGES, Sink, copy_text, is_rejection
 from bemi.worker.stats import WorkerStats
 from bemi.worker.tracked import TrackedTables
 from bemi.worker.upkeep import Upkeep
@@ -502,7 +502,7 @@ class Ingester:
             except UnicodeDecodeError as exc:
                 self._dead_letter(conn, data, f"message not UTF-8: {exc}")
                 continue
-            lines.append(f"{n}\t{_copy_text(text)}\n")
+            lines.append(f"{n}\t{copy_text(text)}\n")
         if not lines:
             return
         with conn.cursor() as cur:

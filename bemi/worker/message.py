@@ -26,6 +26,7 @@ from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-
 from json.scanner import c_make_scanner  # type: ignore[attr-defined]
 from typing import Any
 
+from bemi.worker.sink import copy_text
 from bemi.worker.stitch import ChangeRow
 
 __all__ = ["VERSION", "FIELDS", "subject_token", "subject", "message_id", "encode", "read_copy_line"]
@@ -107,8 +108,6 @@ _OBJECTS = frozenset(("before", "after", "context"))
 _OPERATIONS = frozenset(("CREATE", "UPDATE", "DELETE", "TRUNCATE"))
 _ISO = re.compile(r"\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(\.\d{1,6})?([+-]\d\d(:?\d\d)?|Z)\Z")
 _HEX_DIGITS = "0123456789abcdef"
-_NEEDS_ESCAPE = re.compile(r"[\\\t\n\r]")
-_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _INT8 = 2 ** 63
 _INT4 = 2 ** 31
 #: What a number with a fraction or exponent (or NaN) parses to on the fast path: not JSON-encodable,
@@ -194,7 +193,7 @@ def _text(value: Any) -> str | None:
         return known  # type: ignore[return-value]
     if len(_seen) > 20_000:
         _seen.clear()
-    out = _seen[value] = None if len(value) > 255 or "\x00" in value else value.translate(_COPY_ESCAPES)
+    out = _seen[value] = None if len(value) > 255 or "\x00" in value else copy_text(value)
     return out
 
 
@@ -242,9 +241,9 @@ def read_copy_line(data: bytes) -> tuple[str, str, str, str] | None:
         if type(m) is dict:
             context, before, after = m.get("context"), m.get("before"), m.get("after")
             if type(context) is dict and type(before) is dict and type(after) is dict:
-                texts = (_orjson_copy(context), _orjson_copy(before), _orjson_copy(after))
-                if texts[0] is not None and texts[1] is not None and texts[2] is not None:
-                    return _copy_line(m, texts)
+                fast = (_orjson_copy(context), _orjson_copy(before), _orjson_copy(after))
+                if fast[0] is not None and fast[1] is not None and fast[2] is not None:
+                    return _copy_line(m, fast)
     try:
         text = data.decode("utf-8")
         m = _decode(text)
@@ -261,7 +260,8 @@ def read_copy_line(data: bytes) -> tuple[str, str, str, str] | None:
         members = _members(text)
         if members is None:
             return None
-        texts = tuple(members[k][1].translate(_COPY_ESCAPES) for k in ("context", "before", "after"))
+        texts = (copy_text(members["context"][1]), copy_text(members["before"][1]),
+                 copy_text(members["after"][1]))
     return _copy_line(m, texts)
 
 
@@ -278,8 +278,8 @@ def _copy_line(m: dict[str, Any], texts: tuple[str | None, ...]) -> tuple[str, s
         pk = "\\N"
     elif type(pk) is not str or len(pk) > 255 or "\x00" in pk:
         return None
-    elif _NEEDS_ESCAPE.search(pk):
-        pk = pk.translate(_COPY_ESCAPES)
+    else:
+        pk = copy_text(pk)
     operation = get("operation")
     committed_at, queued_at = get("committed_at"), get("queued_at")
     xid, position = get("transaction_id"), get("position")

@@ -63,7 +63,7 @@ class CheckpointMoved(psycopg.OperationalError):
     (roll back, reconnect, read the checkpoint again), never a reason to store anything twice."""
 
 
-def _copy_text(value: str) -> str:
+def copy_text(value: str) -> str:
     """A value in COPY's text format (backslash, tab, newline and carriage return escaped)."""
     return value.translate(_COPY_ESCAPES) if _NEEDS_ESCAPE.search(value) else value
 
@@ -88,7 +88,7 @@ class Sink:
         self._cursor: psycopg.Cursor | None = None
         self._copy_cm: AbstractContextManager[psycopg.Copy] | None = None
         self._copy: psycopg.Copy | None = None
-        self._prefix = _copy_text(database)
+        self._prefix = copy_text(database)
         self.pending: Counter[tuple[str, str]] = Counter()  # rows written, not committed, by (table, op)
         self.pending_dead = 0  # dead letters written, not committed
         self._stored: int | None = None  # end_lsn of the checkpoint as last read or written (None: no row)
@@ -365,7 +365,7 @@ class Sink:
                 run_table, run_op, run = table, op, 0
             run += 1
             if r.context is not last_ctx:
-                last_ctx, last_ctx_text = r.context, _copy_text(r.context)
+                last_ctx, last_ctx_text = r.context, copy_text(r.context)
             if r.committed_at is not last_at:
                 last_at, last_at_text = r.committed_at, r.committed_at.isoformat()
             pk = r.primary_key

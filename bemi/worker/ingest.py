@@ -380,15 +380,13 @@ class Ingester:
         log.info("stored %s in %.3f s (%.0f changes/s); consumer %s pending", counted(count, "change"), busy,
                  count / busy, self.stats.nats_consumer_pending)
 
-    def store(self, msgs: list[Any], chunks: Iterable[ReadChunk | None] | None = None) -> int:
+    def store(self, msgs: list[Any], chunks: Iterable[ReadChunk | None]) -> int:
         """Store one batch in one destination transaction; a batch the destination rejects is stored
         message by message, each rejected one as a dead letter. ``chunks``: _read_batch() of the batch's
         messages in order, as they are read (None for a chunk that is not all valid v1 changes)."""
         sink = self.sink
         assert sink is not None
         self._maintain()  # (the destination's connection is idle only here)
-        if chunks is None:
-            chunks = [self._read_batch([m.data for m in msgs])]
         self._dead = []
         self._written = Counter()
         datas: list[bytes] = []

@@ -114,10 +114,10 @@ def add_worker_arguments(parser, names_from_settings: bool = False) -> None:
     parser.add_argument("--takeover-memory", type=int, default=64, metavar="MIB",
                         help="with --takeover: memory for the keys of the changes it stored (default: 64 MiB, "
                              "20 bytes per change)")
-    parser.add_argument("--decoding-memory", type=int, default=256, metavar="MIB",
-                        help="raise logical_decoding_work_mem of the worker's walsender to this (default: 256 MiB; "
-                             "0: the server's setting): a larger transaction, and the worker's own write of it, "
-                             "is spilled to disk by the server, which delays the changes after it")
+    parser.add_argument("--decoding-memory", type=int, default=16, metavar="MIB",
+                        help="logical_decoding_work_mem of the worker's walsender (default: 16 MiB; 0: the "
+                             "server's setting): a larger transaction is streamed to the worker before it commits "
+                             "and kept in a temporary file until it does")
     parser.add_argument("--partition-interval", choices=INTERVALS, default=None,
                         help="one partition of changes per day, week or month of committed_at "
                              "(default: month; BEMI_PARTITION_INTERVAL with manage.py)")
@@ -212,7 +212,7 @@ def config_from_options(options, source_dsn: str, destination_dsn: str | None, t
         heartbeat_interval=options.heartbeat_interval,
         takeover=options.takeover,
         takeover_max_bytes=max(1, options.takeover_memory) * 1024 * 1024,
-        decoding_memory_mb=max(0, getattr(options, "decoding_memory", 256)),
+        decoding_memory_mb=max(0, getattr(options, "decoding_memory", 16)),
         partition_interval=getattr(options, "partition_interval", None) or DEFAULT_INTERVAL,
         retention=parse_retention(getattr(options, "retention", None)),
         metrics_port=getattr(options, "metrics_port", None),

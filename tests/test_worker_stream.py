@@ -381,11 +381,12 @@ def test_a_character_the_destination_cannot_store_is_a_dead_letter(worker_env):
         env.execute(f"DROP DATABASE IF EXISTS {dest_db} WITH (FORCE)")
 
 
-def test_the_walsender_decodes_a_large_transaction_in_the_memory_the_worker_asks_for(worker_env):
-    """A transaction larger than logical_decoding_work_mem is spilled to disk by the walsender and read
-    back at its commit, one system call per change (the worker's own write of it too, when ``changes`` is
-    in the source database: what delayed the next changes by about a second after 300,000 rows).
-    ``decoding_memory_mb`` raises it for the worker's walsender; 0 leaves the server's."""
+def test_the_walsender_streams_a_transaction_larger_than_the_memory_the_worker_asks_for(worker_env):
+    """A transaction larger than logical_decoding_work_mem is streamed to the worker before its commit
+    (protocol version 2), never spilled to the server's disk and read back at its commit, one system call
+    per change (the worker's own write of it too, when ``changes`` is in the source database: what delayed
+    the next changes after 300,000 rows). ``decoding_memory_mb`` sets it for the worker's walsender; 0
+    leaves the server's."""
     env = worker_env
     env.execute("CREATE TABLE spill_w (id int PRIMARY KEY, v text)")
     small = env.dsn + " options='-c logical_decoding_work_mem=64kB'"  # as a server configured with 64kB
@@ -394,19 +395,21 @@ def test_the_walsender_decodes_a_large_transaction_in_the_memory_the_worker_asks
         assert Worker(dataclasses.replace(env.config(), source_dsn=small,
                                           decoding_memory_mb=decoding_memory_mb)).run() == 0
 
-    def slot_stats() -> tuple[int, int]:
+    def slot_stats() -> tuple[int, int, int]:
         env.execute("SELECT pg_stat_clear_snapshot()")
-        rows = env.execute("SELECT spill_txns, total_txns FROM pg_stat_replication_slots WHERE slot_name = %s",
-                           [env.slot])
-        return rows[0] if rows else (0, 0)
+        rows = env.execute("SELECT spill_txns, stream_txns, total_txns FROM pg_stat_replication_slots "
+                           "WHERE slot_name = %s", [env.slot])
+        return rows[0] if rows else (0, 0, 0)
 
     run(0)  # creates the slot
     env.execute("INSERT INTO spill_w SELECT g, repeat('x', 200) FROM generate_series(1, 2000) g")  # ~0.5 MB
     run(0)
-    assert wait_for(lambda: slot_stats()[0] > 0)  # spilled with 64kB
-    spilled, seen = slot_stats()
+    assert wait_for(lambda: slot_stats()[1] > 0)  # streamed with 64kB
+    spilled, streamed, seen = slot_stats()
+    assert spilled == 0
+    assert env.execute("SELECT count(*) FROM bemi.changes WHERE \"table\" = 'spill_w'")[0][0] == 2000
     env.execute("INSERT INTO spill_w SELECT g, repeat('x', 200) FROM generate_series(2001, 4000) g")
     run(64)
-    assert wait_for(lambda: slot_stats()[1] > seen)  # the walsender's statistics of this run are in
-    assert slot_stats()[0] == spilled  # nothing spilled with 64 MB
+    assert wait_for(lambda: slot_stats()[2] > seen)  # the walsender's statistics of this run are in
+    assert slot_stats()[:2] == (0, streamed)  # neither spilled nor streamed with 64 MB
     assert env.execute("SELECT count(*) FROM bemi.changes WHERE \"table\" = 'spill_w'")[0][0] == 4000

@@ -1,5 +1,8 @@
 """Decode pgoutput (logical replication protocol version 1) messages.
 
+(The worker asks for version 2, streaming: bemi.worker.unstream turns streamed transactions back into
+version 1 messages before they get here.)
+
 Pure functions over bytes, no I/O: each ``data`` value returned by
 ``pg_logical_slot_peek_binary_changes(..., 'proto_version', '1', ...)`` is one
 message, decoded here into a small dataclass. Reference: "Logical Replication

@@ -79,9 +79,9 @@ class Config:
     metrics_host: str = "127.0.0.1"
     tracking: Any = None  # bemi.tracking.Tracking from flags; None: the settings stored in the source database
     masking_key: str | None = None  # None: the random key kept in the source database
-    # The walsender's logical_decoding_work_mem, at least (MiB; 0: the server's). A destination transaction
-    # larger than it is spilled to disk by the walsender and read back at its commit (session.decoding_memory).
-    decoding_memory_mb: int = 256
+    # The walsender's logical_decoding_work_mem (MiB; 0: the server's): a transaction larger than it is
+    # streamed to the worker before its commit (session.decoding_memory, bemi/worker/unstream.py).
+    decoding_memory_mb: int = 16
     chain: bool = True  # give every stored change its link of the chain (bemi/chain.py); off only for bench/
     publish: Any = None  # bemi.worker.jetstream.StreamSettings: publish to NATS JetStream instead of storing
     publish_window_bytes: int = 16 * 1024 * 1024  # bytes published and not acked yet, at most

@@ -36,6 +36,7 @@ from bemi.worker.publication import MANAGED_PUBLICATION_COMMENT, Publication
 from bemi.worker.session import SESSION_SETTINGS, connect, decoding_memory, one_row
 from bemi.worker.slot import SlotHolder, SlotState, check_slot
 from bemi.worker.stats import WorkerStats
+from bemi.worker.unstream import STREAM_KINDS, StreamError, Unstreamer
 from bemi.worker.values import BUILTIN_TYPES, TypeSpec
 
 __all__ = ["Source", "Stream", "SlotInUse", "WorkerError", "SESSION_SETTINGS", "MANAGED_PUBLICATION_COMMENT",
@@ -308,6 +309,7 @@ class Stream:
         self.keepalive_end = 0  # WAL end of the last keepalive
         self.last_status = 0.0
         self.status_dirty = False
+        self.unstreamer = Unstreamer()  # transactions streamed before their commit (protocol version 2)
 
     def start(self, start_lsn: int) -> None:
         publications = _repl_string(_quote_ident(self.publication))
@@ -315,7 +317,7 @@ class Stream:
         try:
             cur = self.conn.execute(
                 f'START_REPLICATION SLOT "{self.slot}" LOGICAL {po.int_to_lsn(start_lsn)} '
-                f"(proto_version '1', publication_names {publications}, messages 'true')"
+                f"(proto_version '2', streaming 'on', publication_names {publications}, messages 'true')"
             )
         except errors.UndefinedObject as exc:
             raise WorkerError(f"replication slot {self.slot!r} was dropped; the worker will not recreate it "
@@ -339,6 +341,7 @@ class Stream:
         unpack_w = _XLOGDATA.unpack_from
         fileno = pg.socket
         monotonic = time.monotonic
+        unstreamer = self.unstreamer
         while True:
             try:
                 nbytes, buf = get(1)
@@ -354,6 +357,12 @@ class Stream:
                         self.received = start
                     stats.last_message_at = monotonic()
                     payload = buf[25:]
+                    if unstreamer.current is not None or payload[0] in STREAM_KINDS:
+                        try:
+                            yield from unstreamer.take(start, payload)
+                        except StreamError as exc:  # the server streams it again from its start
+                            raise ConnectionLost(f"the replication stream is out of step: {exc}") from exc
+                        continue
                     yield start, (payload if payload[0] == 0x4D else bytes(payload))
                 elif kind == 0x6B:  # 'k' primary keepalive
                     wal_end, _sent, reply = _KEEPALIVE_MSG.unpack_from(buf, 1)
@@ -409,6 +418,7 @@ class Stream:
 
     def close(self) -> None:
         self.stats.streaming = False
+        self.unstreamer.close()
         try:
             self.conn.close()
         except Exception:  # pragma: no cover

@@ -30,7 +30,7 @@ from __future__ import annotations
 import struct
 import tempfile
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import IO
 
 from bemi.worker import pgoutput as po
 
@@ -63,7 +63,7 @@ class _Spool:
     __slots__ = ("file", "size", "subxacts", "order", "count")
 
     def __init__(self, directory: str | None) -> None:
-        self.file: BinaryIO = tempfile.TemporaryFile(prefix="bemi-stream-", dir=directory, buffering=BUFFER_BYTES)
+        self.file: IO[bytes] = tempfile.TemporaryFile(prefix="bemi-stream-", dir=directory, buffering=BUFFER_BYTES)
         self.size = 0
         self.subxacts: dict[int, int] = {}  # subtransaction xid -> file offset of its first change
         self.order: list[int] = []  # those xids in the order of their first change

@@ -50,7 +50,7 @@ _BEGIN = struct.Struct(">cQqI")  # 'B': final LSN, commit time, xid
 _COMMIT = struct.Struct(">cBQQq")  # 'C': flags, commit LSN, end LSN, commit time
 
 #: Write buffer of each transaction's file: what one streamed transaction costs in memory.
-BUFFER_BYTES = 256 * 1024
+BUFFER_BYTES = 64 * 1024
 
 
 class StreamError(ValueError):

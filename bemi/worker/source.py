@@ -358,6 +358,8 @@ class Stream:
                     stats.last_message_at = monotonic()
                     payload = buf[25:]
                     if unstreamer.current is not None or payload[0] in STREAM_KINDS:
+                        if unstreamer.keep(start, payload):  # a change of a transaction still running
+                            continue
                         try:
                             yield from unstreamer.take(start, payload)
                         except StreamError as exc:  # the server streams it again from its start

@@ -45,7 +45,8 @@ _XID = struct.Struct(">I")
 _START = struct.Struct(">IB")  # 'S': xid, first segment
 _STREAM_COMMIT = struct.Struct(">IBQQq")  # 'c': xid, flags, commit LSN, end LSN, commit time
 _ABORT = struct.Struct(">II")  # 'A': xid, subtransaction xid
-_RECORD = struct.Struct(">QI")  # in a file: LSN, length of the message that follows
+_RECORD = struct.Struct(">QIB")  # in a file: LSN, length of the message, its kind (the rest follows)
+_RECORD_HEAD = struct.Struct(">QI")
 _BEGIN = struct.Struct(">cQqI")  # 'B': final LSN, commit time, xid
 _COMMIT = struct.Struct(">cBQQq")  # 'C': flags, commit LSN, end LSN, commit time
 
@@ -69,14 +70,17 @@ class _Spool:
         self.order: list[int] = []  # those xids in the order of their first change
         self.count = 0
 
-    def add(self, lsn: int, subxid: int, message: bytes) -> None:
+    def add(self, lsn: int, data) -> None:
+        """A message of the block (``data``: kind, xid, the rest), kept without its xid."""
+        (subxid,) = _XID.unpack_from(data, 1)
         if subxid not in self.subxacts:
             self.subxacts[subxid] = self.size
             self.order.append(subxid)
-        head = _RECORD.pack(lsn, len(message))
-        self.file.write(head)
-        self.file.write(message)
-        self.size += len(head) + len(message)
+        rest = data[5:]  # a view: written without a copy
+        # The kind ends the record's head, so the message reads back in one piece: kind + rest.
+        self.file.write(_RECORD.pack(lsn, len(rest) + 1, data[0]))
+        self.file.write(rest)
+        self.size += _RECORD.size + len(rest)
         self.count += 1
 
     def abort_subtransaction(self, subxid: int) -> None:
@@ -95,10 +99,11 @@ class _Spool:
         file = self.file
         file.seek(0)
         read = file.read
-        unpack = _RECORD.unpack
+        unpack = _RECORD_HEAD.unpack
+        size = _RECORD_HEAD.size
         for _ in range(self.count):
-            head = read(_RECORD.size)
-            if len(head) < _RECORD.size:  # a subtransaction's abort cut the rest
+            head = read(size)
+            if len(head) < size:  # a subtransaction's abort cut the rest
                 return
             lsn, length = unpack(head)
             yield lsn, read(length)
@@ -122,15 +127,25 @@ class Unstreamer:
     def in_block(self) -> bool:
         return self.current is not None
 
+    def keep(self, lsn: int, data) -> bool:
+        """A change (or relation, type, logical message) inside the open stream block: kept in its
+        transaction's file (True); anything else is for :meth:`take` (False)."""
+        current = self.current
+        if current is None or data[0] not in _WITH_XID:
+            return False
+        try:
+            current.add(lsn, data)
+        except struct.error as exc:
+            raise po.DecodeError(f"truncated message {chr(data[0])!r} in a stream block: {exc}") from exc
+        return True
+
     def take(self, lsn: int, data) -> Iterator[tuple[int, bytes]]:
-        """One message inside a stream block, or a stream message; what to hand on (a whole transaction
-        at its Stream Commit, else nothing)."""
+        """A stream message, or another message inside a stream block; what to hand on (a whole
+        transaction at its Stream Commit, else nothing)."""
         kind = data[0]
         try:
             if self.current is not None:
-                if kind in _WITH_XID:
-                    (subxid,) = _XID.unpack_from(data, 1)
-                    self.current.add(lsn, subxid, bytes(data[0:1]) + bytes(data[5:]))
+                if self.keep(lsn, data):
                     return iter(())
                 if kind == 0x45:  # 'E' Stream Stop
                     self.current = None

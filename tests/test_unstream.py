@@ -92,6 +92,8 @@ def test_stream_blocks_that_do_not_fit_together_are_refused():
         feed(Unstreamer(), start(7), b"B" + bytes(20))
     with pytest.raises(StreamError, match="outside a stream block"):
         feed(Unstreamer(), STOP)
+    with pytest.raises(po.DecodeError, match="truncated message 'I' in a stream block"):
+        feed(Unstreamer(), start(7), b"I\x00\x00")
 
 
 def test_a_streamed_transaction_is_kept_in_a_file_not_in_memory():

@@ -61,14 +61,13 @@ class StreamError(ValueError):
 class _Spool:
     """The messages of one streamed transaction, in a temporary file, and where each subtransaction starts."""
 
-    __slots__ = ("file", "size", "subxacts", "order", "count")
+    __slots__ = ("file", "size", "subxacts", "order")
 
-    def __init__(self, directory: str | None) -> None:
-        self.file: IO[bytes] = tempfile.TemporaryFile(prefix="bemi-stream-", dir=directory, buffering=BUFFER_BYTES)
+    def __init__(self) -> None:
+        self.file: IO[bytes] = tempfile.TemporaryFile(prefix="bemi-stream-", buffering=BUFFER_BYTES)  # in TMPDIR
         self.size = 0
         self.subxacts: dict[int, int] = {}  # subtransaction xid -> file offset of its first change
         self.order: list[int] = []  # those xids in the order of their first change
-        self.count = 0
 
     def add(self, lsn: int, data) -> None:
         """A message of the block (``data``: kind, xid, the rest), kept without its xid."""
@@ -81,7 +80,6 @@ class _Spool:
         self.file.write(_RECORD.pack(lsn, len(rest) + 1, data[0]))
         self.file.write(rest)
         self.size += _RECORD.size + len(rest)
-        self.count += 1
 
     def abort_subtransaction(self, subxid: int) -> None:
         offset = self.subxacts.get(subxid)
@@ -101,10 +99,7 @@ class _Spool:
         read = file.read
         unpack = _RECORD_HEAD.unpack
         size = _RECORD_HEAD.size
-        for _ in range(self.count):
-            head = read(size)
-            if len(head) < size:  # a subtransaction's abort cut the rest
-                return
+        while head := read(size):  # to the end of the file (an abort may have cut it short)
             lsn, length = unpack(head)
             yield lsn, read(length)
 
@@ -115,17 +110,11 @@ class _Spool:
 class Unstreamer:
     """Takes the stream messages (and the messages inside stream blocks) of one replication connection."""
 
-    def __init__(self, directory: str | None = None) -> None:
-        self.directory = directory
+    def __init__(self) -> None:
         self.spools: dict[int, _Spool] = {}
         self.current: _Spool | None = None  # the transaction of the open stream block
         self.current_xid = 0
-        self.streamed = 0  # transactions handed out at their Stream Commit
-        self.aborted = 0
-
-    @property
-    def in_block(self) -> bool:
-        return self.current is not None
+        self.aborted = 0  # streamed transactions that rolled back
 
     def keep(self, lsn: int, data) -> bool:
         """A change (or relation, type, logical message) inside the open stream block: kept in its
@@ -159,7 +148,7 @@ class Unstreamer:
                 if spool is None:
                     if not first:
                         raise StreamError(f"a later segment of transaction {xid}, whose first was not received")
-                    spool = self.spools[xid] = _Spool(self.directory)
+                    spool = self.spools[xid] = _Spool()
                 self.current, self.current_xid = spool, xid
                 return iter(())
             if kind == 0x63:  # 'c' Stream Commit
@@ -184,7 +173,6 @@ class Unstreamer:
 
     def _commit(self, xid: int, flags: int, commit_lsn: int, end_lsn: int, when: int) -> Iterator[tuple[int, bytes]]:
         spool = self.spools.pop(xid, None)
-        self.streamed += 1
         yield commit_lsn, _BEGIN.pack(b"B", commit_lsn, when, xid)
         if spool is not None:
             try:

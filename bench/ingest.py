@@ -21,6 +21,12 @@ writes right after a 300,000-row transaction, with the worker running
 one 1,000,000-row transaction; and a fault run: steady load while the worker's
 walsender and its other connections are killed and the server is restarted,
 reporting changes lost and doubled (both must be 0) and the longest gap.
+
+For the bulk workloads it also reports the CPU time of the worker, its
+walsender and the destination backend during the drain (bench/proccpu.py):
+the busiest of them, or all three shared out over the machine's cores, is the
+least time the drain can take, so ceiling / that is the most the worker could
+reach without one of them using less CPU.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import psycopg  # noqa: E402
 
 from bemi.worker.sink import COPY_CHANGES  # noqa: E402
 from bemi_devtools.pgcluster import Cluster  # noqa: E402
+from proccpu import ServerCpu  # noqa: E402
 
 CONTEXT = ("SELECT pg_logical_emit_message(true, '_bemi', "
            "'{\"user_id\": 187234, \"endpoint\": \"/todo\", \"method\": \"POST\", "
@@ -144,8 +151,8 @@ class Bench:
         runs = [self._bulk_once(load) for _ in range(max(1, repeats))]
         startup_s, startup_cpu = self.startup(runs[-1]["slot"])
         median = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
-        written, worker_s, recv_s, ceiling_s, cpu_s, copy_s = (median(k) for k in (
-            "written", "worker_s", "recv_s", "ceiling_s", "cpu_s", "copy_s"))
+        written, worker_s, recv_s, ceiling_s, cpu_s, copy_s, walsender_cpu, destination_cpu = (median(k) for k in (
+            "written", "worker_s", "recv_s", "ceiling_s", "cpu_s", "copy_s", "walsender_cpu_s", "destination_cpu_s"))
         rss = max(r["rss"] for r in runs)
         ratio = statistics.median(r["ceiling_s"] / r["worker_s"] for r in runs)
         ratio_net = statistics.median(r["ceiling_s"] / max(r["worker_s"] - startup_s, 1e-3) for r in runs)
@@ -170,6 +177,7 @@ class Bench:
             "pg_recvlogical_rate": written / recv_s, "worker_rate": written / worker_s,
             "ratio": recv_s / worker_s, "worker_rss_mb": rss / 1024, "insert_ceiling_s": ceiling_s,
             "startup_s": startup_s, "cpu_s": cpu_s, "startup_cpu_s": startup_cpu, "copy_floor_s": copy_s,
+            "walsender_cpu_s": walsender_cpu, "destination_cpu_s": destination_cpu,
         }
         runs_text = "; ".join(f"{r['worker_s']:.2f} / {r['ceiling_s']:.2f}" for r in runs)
         print(f"{name}: {written:,} changes; median of {len(runs)} run(s) (worker / ceiling s: {runs_text}): "
@@ -182,6 +190,16 @@ class Bench:
               f"PostgreSQL alone COPYing the same rows from a server-side file {copy_s:.2f} s "
               f"(the ceiling / that: {ceiling_s / copy_s:.2f}x, the most a COPYing worker can reach)",
               flush=True)
+        net_s = max(worker_s - startup_s, 1e-3)
+        busy = (cpu_s - startup_cpu, walsender_cpu, destination_cpu)
+        bound_s = max(*busy, sum(busy) / (os.cpu_count() or 1))
+        result.update(cpu_bound_s=bound_s, cpu_bound_ratio=ceiling_s / bound_s)
+        print(f"{name}: where the {net_s:.2f} s without the start-up went (CPU seconds, medians): the worker "
+              f"{cpu_s - startup_cpu:.2f} s ({(cpu_s - startup_cpu) / net_s:.0%}), its walsender {walsender_cpu:.2f} s "
+              f"({walsender_cpu / net_s:.0%}), the destination's backend {destination_cpu:.2f} s "
+              f"({destination_cpu / net_s:.0%}); {bound_s:.2f} s at least on {os.cpu_count()} cores (the busiest "
+              f"of them, or all three shared out): the ceiling / that = {ceiling_s / bound_s:.2f}x, the most "
+              "this worker could reach without using less CPU in one of them", flush=True)
         return result
 
     def _bulk_once(self, load) -> dict:
@@ -190,12 +208,14 @@ class Bench:
         load()
         changes = self.conn.execute("SELECT count(*) FROM todo").fetchone()[0]
         recv_s = self.recvlogical(recv)
-        worker_s, written, rss, cpu_s = self.worker_once(slot)
+        with ServerCpu(self.dsn) as server:
+            worker_s, written, rss, cpu_s = self.worker_once(slot)
         assert written == changes, (written, changes)
         ceiling_s = self.insert_ceiling()
         copy_s = self.copy_floor()
         run = {"slot": slot, "written": written, "worker_s": worker_s, "rss": rss, "cpu_s": cpu_s,
-               "recv_s": recv_s, "ceiling_s": ceiling_s, "copy_s": copy_s}
+               "recv_s": recv_s, "ceiling_s": ceiling_s, "copy_s": copy_s,
+               "walsender_cpu_s": server.seconds["walsender"], "destination_cpu_s": server.seconds["destination"]}
         if self.baseline:
             self.conn.execute("TRUNCATE bemi.changes")  # its rows again (same identities)
             base_s, base_written, _rss, base_cpu = self.worker_once(f"base{self.n}", self.baseline)
@@ -572,6 +592,8 @@ def summary(options, big: dict, small: dict, steady: dict, after: dict | None, b
             return ""
         floor = "" if base else (f"; PostgreSQL's own COPY of the rows reaches "
                                  f"{r['insert_ceiling_s'] / r['copy_floor_s']:.2f}x")
+        if not base:
+            floor += f"; the CPU the three processes used allows at most {r['cpu_bound_ratio']:.2f}x"
         return (f"{r[k + 'ceiling_ratio']:.2f}x ({r[k + 'ceiling_ratio_net']:.2f}x without the start-up of "
                 f"{r[k + 'startup_s']:.2f} s{floor})")
 

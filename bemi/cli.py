@@ -114,8 +114,9 @@ def add_worker_arguments(parser, names_from_settings: bool = False) -> None:
     parser.add_argument("--takeover-memory", type=int, default=64, metavar="MIB",
                         help="with --takeover: memory for the keys of the changes it stored (default: 64 MiB, "
                              "20 bytes per change)")
-    parser.add_argument("--decoding-memory", type=int, default=16, metavar="MIB",
-                        help="logical_decoding_work_mem of the worker's walsender (default: 16 MiB; 0: the "
+    parser.add_argument("--decoding-memory", type=int, default=Config.decoding_memory_mb, metavar="MIB",
+                        help=f"logical_decoding_work_mem of the worker's walsender (default: "
+                             f"{Config.decoding_memory_mb} MiB; 0: the "
                              "server's setting): a larger transaction is streamed to the worker before it commits "
                              "and kept in a temporary file until it does")
     parser.add_argument("--partition-interval", choices=INTERVALS, default=None,
@@ -212,7 +213,7 @@ def config_from_options(options, source_dsn: str, destination_dsn: str | None, t
         heartbeat_interval=options.heartbeat_interval,
         takeover=options.takeover,
         takeover_max_bytes=max(1, options.takeover_memory) * 1024 * 1024,
-        decoding_memory_mb=max(0, getattr(options, "decoding_memory", 16)),
+        decoding_memory_mb=max(0, getattr(options, "decoding_memory", Config.decoding_memory_mb)),
         partition_interval=getattr(options, "partition_interval", None) or DEFAULT_INTERVAL,
         retention=parse_retention(getattr(options, "retention", None)),
         metrics_port=getattr(options, "metrics_port", None),

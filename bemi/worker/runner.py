@@ -405,7 +405,6 @@ class Worker:
     def _stream_loop(self, until: int | None = None) -> int:
         cfg = self.config
         source, sink, stream = self._ready()
-        stats = self.stats
         stitcher = self.stitcher
         feed = stitcher.feed
         batch = _Batch(started=time.monotonic())

@@ -91,7 +91,7 @@ class Source:
         self.dsn = dsn
         self.slot = slot
         self.publication = publication
-        self.decoding_memory_kb = decoding_memory_kb  # the walsender's logical_decoding_work_mem, at least
+        self.decoding_memory_kb = decoding_memory_kb  # the walsender's logical_decoding_work_mem (0: the server's)
         self.control = connect(dsn, "source")
         row = one_row(self.control.execute(
             "SELECT pg_catalog.current_database()::text, CURRENT_USER::text, r.rolsuper, r.rolreplication, "
@@ -189,8 +189,8 @@ class Source:
                 self.stream.conn.close()
             except Exception:  # pragma: no cover
                 pass
-        raise_memory = decoding_memory(self.decoding_memory_kb) if self.decoding_memory_kb > 0 else None
-        conn = connect(self.dsn, "source", raise_memory, replication="database")
+        memory = decoding_memory(self.decoding_memory_kb) if self.decoding_memory_kb > 0 else None
+        conn = connect(self.dsn, "source", memory, replication="database")
         row = one_row(conn.execute("IDENTIFY_SYSTEM"))
         self.system_id = str(row[0])
         self.stream = Stream(conn, self.slot, self.publication, stats or WorkerStats())

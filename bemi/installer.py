@@ -125,7 +125,7 @@ def _changes_live_here(connection: Any) -> bool:
 
 
 # Aliases whose functions a migration of the running `migrate` has installed (emptied by pre_migrate):
-# 0007 then has nothing to add, and no notice of the install is printed twice.
+# 0007 and 0008 then have nothing to add, and no notice of the install is printed twice.
 _installed_now: set[str] = set()
 
 
@@ -173,12 +173,12 @@ def upgrade(apps: Any, schema_editor: Any) -> None:
 
 
 def reinstall(apps: Any, schema_editor: Any) -> None:
-    """Install this version's functions unless this `migrate` already did (0003, 0004, 0007).
+    """Install this version's functions unless this `migrate` already did (0003, 0004, 0007, 0008).
 
     Migration 0007 (and any later one that changes bemi/sql): only 0001, 0003 and 0004 ran the SQL
     files, so an install that had passed them kept the old bodies (unpinned search_path, a marker
     honoured for any role, ...) whatever version was installed since. Idempotent (CREATE OR
-    REPLACE); a new install runs 0001 to 0007 at once and installs, and says what it says, once."""
+    REPLACE); a new install runs 0001 to 0008 at once and installs, and says what it says, once."""
     if schema_editor.connection.alias in _installed_now:
         return
     install(apps, schema_editor)

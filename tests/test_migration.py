@@ -300,3 +300,31 @@ def test_migrate_gives_an_install_made_before_this_version_its_functions(pg_serv
         assert conn.execute(FUNCTION_BODIES).fetchall() == current
     again = _manage(["migrate", "bemi"], BEMI_TEST_DB_NAME=old, BEMI_TEST_DB_USER=owner)
     assert again.returncode == 0 and "bemi:" not in again.stdout, again.stdout  # nothing left to do
+
+
+def test_migrate_gives_an_install_made_at_0007_this_versions_statement_trigger(pg_server, scratch_database):
+    """0008: an install that had passed 0007 kept a statement trigger that set bemi.statement_context at
+    every statement (tests/data/sql_0007); migrate replaces it, and a new install says nothing twice."""
+    owner = "bemi_unprivileged"
+    fresh = scratch_database(owner=owner)
+    result = _manage(["migrate"], BEMI_TEST_DB_NAME=fresh, BEMI_TEST_DB_USER=owner)
+    assert result.returncode == 0, result.stderr
+    assert "Applying bemi.0008_reinstall_functions... OK" in result.stdout
+    assert result.stdout.count("no privilege to create event triggers") == 1, result.stdout  # not again by 0008
+    with psycopg.connect(pg_server.dsn(fresh, user=owner), autocommit=True) as conn:
+        current = conn.execute(FUNCTION_BODIES).fetchall()
+
+    owner = "bemi_unprivileged_0007"
+    old = scratch_database(owner=owner)
+    result = _manage(["migrate", "bemi", "0007"], BEMI_TEST_DB_NAME=old, BEMI_TEST_DB_USER=owner)
+    assert result.returncode == 0, result.stderr
+    with psycopg.connect(pg_server.dsn(old, user=owner), autocommit=True) as conn:
+        conn.execute((ROOT / "tests" / "data" / "sql_0007" / "row_trigger.sql").read_text())
+        aged = conn.execute(FUNCTION_BODIES).fetchall()
+    assert {r[0] for r in aged if r not in current} == {"_bemi_row_trigger_func()"}
+
+    result = _manage(["migrate", "bemi"], BEMI_TEST_DB_NAME=old, BEMI_TEST_DB_USER=owner)
+    assert result.returncode == 0, result.stderr
+    assert "Applying bemi.0008_reinstall_functions..." in result.stdout
+    with psycopg.connect(pg_server.dsn(old, user=owner), autocommit=True) as conn:
+        assert conn.execute(FUNCTION_BODIES).fetchall() == current

@@ -123,19 +123,27 @@ def test_the_role_that_may_emit_still_labels_its_writes_also_through_cascades(ro
 # -- once per query string, never shared between two ---------------------------------------------
 
 
-def test_every_statement_of_one_string_gets_its_marker_and_the_next_string_its_own(roles):
+#: Strings of more than 8 kB keep their answer in bemi.statement_context; shorter ones are read at once.
+LONG = "/* " + "x" * 9000 + " */ "
+LENGTHS = pytest.mark.parametrize("pad", ["", LONG], ids=["short", "long"])
+
+
+@LENGTHS
+def test_every_statement_of_one_string_gets_its_marker_and_the_next_string_its_own(roles, pad):
     roles.as_app.execute("CREATE TABLE public.notes (id int PRIMARY KEY)")
     roles.messages()
     with roles.as_app.transaction():
-        roles.as_app.execute("INSERT INTO public.notes VALUES (1); INSERT INTO public.notes VALUES (2)"
+        roles.as_app.execute(pad + "INSERT INTO public.notes VALUES (1); INSERT INTO public.notes VALUES (2)"
                              ' /*Bemi {"s": 1} Bemi*/')
-        roles.as_app.execute("INSERT INTO public.notes VALUES (3)")  # no marker: nothing, not {"s": 1}
-        roles.as_app.execute('INSERT INTO public.notes VALUES (4) /*Bemi {"s": 2} Bemi*/')
-        roles.as_app.execute('INSERT INTO public.notes VALUES (5) /*Bemi {"s": 3} Bemi*/')
+        roles.as_app.execute(pad + "INSERT INTO public.notes VALUES (3)")  # no marker: nothing, not {"s": 1}
+        roles.as_app.execute(pad + 'INSERT INTO public.notes VALUES (4) /*Bemi {"s": 2} Bemi*/')
+        roles.as_app.execute('INSERT INTO public.notes VALUES (5) /*Bemi {"s": 3} Bemi*/')  # short after long
+        roles.as_app.execute(pad + "INSERT INTO public.notes VALUES (6); INSERT INTO public.notes VALUES (7)")
     assert roles.messages() == [{"s": 1}, {"s": 1}, {"s": 2}, {"s": 3}]
 
 
-def test_statements_pipelined_back_to_back_never_share_an_answer(roles):
+@LENGTHS
+def test_statements_pipelined_back_to_back_never_share_an_answer(roles, pad):
     """Extended protocol, sent in one network write: the server still times each message apart."""
     roles.as_app.execute("CREATE TABLE public.notes (id int PRIMARY KEY)")
     roles.messages()
@@ -143,10 +151,20 @@ def test_statements_pipelined_back_to_back_never_share_an_answer(roles):
     with roles.as_app.transaction(), roles.as_app.pipeline():
         for i in range(200):
             marker = f' /*Bemi {{"n": {i}}} Bemi*/' if i % 3 else ""
-            roles.as_app.execute(f"INSERT INTO public.notes VALUES ({i}){marker}")
+            roles.as_app.execute(f"{pad if i % 2 else ''}INSERT INTO public.notes VALUES ({i}){marker}")
             if marker:
                 expected.append({"n": i})
     assert roles.messages() == expected
+
+
+def test_a_marker_inside_a_short_string_that_does_not_end_it_is_not_honoured(roles):
+    """The short path looks for ' Bemi*/' first; finding it, the rules of the marker decide as before."""
+    roles.as_app.execute("CREATE TABLE public.notes (id int PRIMARY KEY, note text)")
+    roles.messages()
+    roles.as_app.execute("INSERT INTO public.notes VALUES (1, ' /*Bemi {\"user_id\": 1} Bemi*/')")
+    roles.as_app.execute("INSERT INTO public.notes VALUES (2, ' /*Bemi {\"user_id\": 2} Bemi*/') "
+                         '/*Bemi {"user_id": 3} Bemi*/ ;')
+    assert roles.messages() == [{"user_id": 3}]
 
 
 def test_a_hand_set_answer_does_not_bypass_the_privilege(roles):

@@ -151,14 +151,19 @@ $bemi$;
 
 -- The statement trigger. Two rules of docs/database.md live here:
 --
--- * Once per query string. A string of N statements fires it N times and
+-- * Once per long query string. A string of N statements fires it N times and
 --   current_query() copies the whole string each time (N x its length). The
 --   answer depends on the string only, and statement_timestamp() is the time
 --   the server received the client message holding the string: the same for
 --   every statement of it, different for the next message, which the backend
 --   reads only after this one ran (the trigger alone takes longer than the
---   timestamp's microsecond). So the answer is kept in the custom setting
---   bemi.statement_context, transaction-local, as '<statement_timestamp> <context>'.
+--   timestamp's microsecond). So for a string of more than 8 kB the answer is
+--   kept in the custom setting bemi.statement_context, transaction-local, as
+--   '<statement_timestamp> <context>'. A shorter string (a single write, the
+--   usual case) is read at once: a copy of at most 8 kB and one search for
+--   ' Bemi*/', without which no marker ends it; keeping the answer would cost
+--   more (the timestamp as text, set_config). The setting is only looked up
+--   when a long string left one in this transaction.
 --   A role that sets it by hand gains nothing: it only decides which context
 --   its own writes get, which it may do with a marker, and the privilege
 --   below is checked every time, never remembered.
@@ -174,17 +179,30 @@ CREATE OR REPLACE FUNCTION public._bemi_row_trigger_func()
 RETURNS trigger
 LANGUAGE plpgsql AS $bemi$
 DECLARE
-  stamp pg_catalog.text := pg_catalog.statement_timestamp()::pg_catalog.text OPERATOR(pg_catalog.||) ' ';
   cached pg_catalog.text := pg_catalog.current_setting('bemi.statement_context', true);
+  stamp pg_catalog.text;
+  query pg_catalog.text;
   context pg_catalog.text;
   actor pg_catalog.text;
   emit pg_catalog.regprocedure;
 BEGIN
-  IF cached IS NOT NULL AND pg_catalog.starts_with(cached, stamp) THEN
+  IF cached OPERATOR(pg_catalog.<>) '' THEN  -- NULL or '': no long string ran in this transaction
+    stamp := pg_catalog.statement_timestamp()::pg_catalog.text OPERATOR(pg_catalog.||) ' ';
+  END IF;
+  IF stamp IS NOT NULL AND pg_catalog.starts_with(cached, stamp) THEN
     context := pg_catalog.substr(cached, pg_catalog.length(stamp) OPERATOR(pg_catalog.+) 1);
   ELSE
-    context := COALESCE(public._bemi_context_from_query(pg_catalog.current_query()), '');
-    PERFORM pg_catalog.set_config('bemi.statement_context', stamp OPERATOR(pg_catalog.||) context, true);
+    query := pg_catalog.current_query();
+    IF pg_catalog.octet_length(query) OPERATOR(pg_catalog.>) 8192 THEN
+      context := COALESCE(public._bemi_context_from_query(query), '');
+      PERFORM pg_catalog.set_config('bemi.statement_context', COALESCE(stamp,
+          pg_catalog.statement_timestamp()::pg_catalog.text OPERATOR(pg_catalog.||) ' ')
+        OPERATOR(pg_catalog.||) context, true);
+    ELSIF pg_catalog.strpos(query, ' Bemi*/') OPERATOR(pg_catalog.=) 0 THEN
+      context := '';  -- no marker: a single write without one, the usual case
+    ELSE
+      context := COALESCE(public._bemi_context_from_query(query), '');
+    END IF;
   END IF;
   IF context OPERATOR(pg_catalog.<>) '' THEN
     actor := pg_catalog.current_setting('role');

@@ -1,5 +1,6 @@
 """pgoutput decoding, on bytes captured from a real PostgreSQL 15 (no database needed)."""
 
+import struct
 from datetime import datetime, timezone
 
 import pytest
@@ -81,3 +82,30 @@ def test_insert_short_path_matches_the_full_decoder():
             assert po.decode_insert(data) == (full.relid, full.new)
             with pytest.raises(po.DecodeError):
                 po.decode_insert(data[:-3])
+
+
+def test_each_begin_and_commit_gets_its_own_commit_time():
+    """The last commit time converted is reused (a Begin and its Commit carry the same one), never another's."""
+    def begin(ts: int) -> bytes:
+        return b"B" + struct.pack(">QqI", 0x100, ts, 7)
+
+    def commit(ts: int) -> bytes:
+        return b"C\x00" + struct.pack(">QQq", 0x100, 0x200, ts)
+
+    times = [0, 1, 1, 86_400_000_000, -1, 1]
+    decoded = [po.decode(make(ts)) for ts in times for make in (begin, commit)]
+    assert [m.commit_time for m in decoded] == [po.pg_timestamp(ts) for ts in times for _ in (1, 2)]
+    assert decoded[2].commit_time == datetime(2000, 1, 1, 0, 0, 0, 1, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize("prefix", [b"", b"_bemi", "é".encode() * 10, b"p" * po.MAX_PREFIX_BYTES])
+def test_message_header_reads_the_prefix_and_where_the_content_is(prefix):
+    content = b'{"a": 1}'
+    data = b"M\x01" + struct.pack(">Q", 0x42) + prefix + b"\0" + struct.pack(">i", len(content)) + content
+    transactional, lsn, got, start, length = po.message_header(memoryview(data))
+    assert (transactional, lsn, got) == (True, 0x42, prefix.decode())
+    assert data[start:start + length] == content
+    longer = b"M\x00" + struct.pack(">Q", 1) + b"p" * (po.MAX_PREFIX_BYTES + 1) + b"\0" + struct.pack(">i", 0)
+    assert po.message_header(longer) == (False, 1, None, 0, 0)
+    with pytest.raises(po.DecodeError):
+        po.message_header(b"M\x01" + struct.pack(">Q", 1) + b"no terminating nul")

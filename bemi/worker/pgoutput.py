@@ -124,6 +124,20 @@ def pg_timestamp(micros: int) -> datetime:
     return PG_EPOCH + timedelta(microseconds=micros)
 
 
+#: The last commit time converted: a transaction's Begin and Commit carry the same one.
+_last_time: tuple[int, datetime] = (0, PG_EPOCH)
+
+
+def _commit_time(micros: int) -> datetime:
+    global _last_time
+    last = _last_time  # one tuple, replaced whole: safe to read from any thread
+    if last[0] == micros:
+        return last[1]
+    when = PG_EPOCH + timedelta(microseconds=micros)
+    _last_time = (micros, when)
+    return when
+
+
 def lsn_to_int(lsn: str) -> int:
     hi, lo = lsn.split("/")
     return (int(hi, 16) << 32) | int(lo, 16)
@@ -167,13 +181,13 @@ def _tuple(data: bytes, pos: int) -> tuple[Tuple, int]:
 def _begin(data: bytes) -> Begin:
     final_lsn, ts = struct.unpack_from(">Qq", data, 1)
     (xid,) = _U32.unpack_from(data, 17)
-    return Begin(final_lsn, pg_timestamp(ts), xid)
+    return Begin(final_lsn, _commit_time(ts), xid)
 
 
 def _commit(data: bytes) -> Commit:
     flags = data[1]
     commit_lsn, end_lsn, ts = struct.unpack_from(">QQq", data, 2)
-    return Commit(flags, commit_lsn, end_lsn, pg_timestamp(ts))
+    return Commit(flags, commit_lsn, end_lsn, _commit_time(ts))
 
 
 def _relation(data: bytes) -> Relation:
@@ -265,15 +279,15 @@ def message_header(data) -> tuple[bool, int, str | None, int, int]:
     try:
         flags = data[1]
         (lsn,) = _U64.unpack_from(data, 2)
-        end = 10
         limit = min(len(data), 10 + MAX_PREFIX_BYTES + 1)
-        while end < limit and data[end] != 0:
-            end += 1
-        if end >= limit:
+        head = bytes(data[10:limit])  # at most MAX_PREFIX_BYTES + 1 copied, whatever the message's size
+        nul = head.find(0)
+        if nul < 0:
             if limit < len(data):  # longer than we read: not ours, whatever it is
                 return bool(flags & 1), lsn, None, 0, 0
             raise DecodeError("logical message prefix without its terminating NUL")
-        prefix = bytes(data[10:end]).decode("utf-8", "replace")
+        prefix = head[:nul].decode("utf-8", "replace")
+        end = 10 + nul
         (length,) = _I32.unpack_from(data, end + 1)
     except (struct.error, IndexError) as exc:
         raise DecodeError(f"truncated or malformed 'M' message: {exc}") from exc

@@ -7,7 +7,8 @@ Starts its own PostgreSQL cluster. For each bulk workload, two pgoutput slots
 are created at the same WAL position on the same publication, the workload
 runs, then:
 
-* ``pg_recvlogical`` decodes its slot to /dev/null (the floor: decoding only);
+* ``pg_recvlogical`` decodes its slot to /dev/null (the floor: decoding only; protocol
+  version 2 with streaming, as the worker asks);
 * the worker drains its slot: decode, stitch with the context, write into
   ``changes`` with all its indexes, checkpoint, advance.
 
@@ -127,7 +128,7 @@ class Bench:
         args = [os.path.join(self.cluster.bindir, "pg_recvlogical"), "-h", self.cluster.host,
                 "-p", str(self.cluster.port), "-U", self.cluster.user, "-d", "postgres", "--slot", slot,
                 "--start", "--endpos", end, "--no-loop", "-f", "/dev/null",
-                "-o", "proto_version=1", "-o", "publication_names=bemi", "-o", "messages=true"]
+                "-o", "proto_version=2", "-o", "streaming=on", "-o", "publication_names=bemi", "-o", "messages=true"]
         started = time.perf_counter()
         subprocess.run(args, check=True)
         return time.perf_counter() - started

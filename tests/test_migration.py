@@ -263,37 +263,38 @@ FUNCTION_BODIES = """
     WHERE n.nspname = 'public' AND p.proname LIKE '\\_bemi%' ORDER BY 1"""
 
 
-def test_migrate_gives_an_install_made_before_this_version_its_functions(pg_server, scratch_database):
-    """Only 0001, 0003 and 0004 ran bemi/sql: an install that had passed them kept the bodies of its
-    day (here those 0004 installed, tests/data/sql_0004: no pinned search_path in the event triggers'
-    helpers, a marker honoured for any role, _bemi_publish failing a CREATE TABLE on a lock) whatever
-    version it ran later. 0007 installs this version's; a new install runs 0001 and 0007 together and
-    says each thing once."""
+def _new_install_bodies(pg_server, scratch_database) -> list:
+    """Migrate a new database (as a role without superuser): this version's function bodies. Every
+    migration that installs (0001, 0003, 0004, 0007, 0008) runs, and each notice prints once."""
     owner = "bemi_unprivileged"
     fresh = scratch_database(owner=owner)
     result = _manage(["migrate"], BEMI_TEST_DB_NAME=fresh, BEMI_TEST_DB_USER=owner)
     assert result.returncode == 0, result.stderr
     assert "Applying bemi.0007_reinstall_functions... OK" in result.stdout
-    assert result.stdout.count("no privilege to create event triggers") == 1, result.stdout  # not again by 0007
+    assert "Applying bemi.0008_reinstall_functions... OK" in result.stdout
+    assert result.stdout.count("no privilege to create event triggers") == 1, result.stdout  # not again later
     with psycopg.connect(pg_server.dsn(fresh, user=owner), autocommit=True) as conn:
-        current = conn.execute(FUNCTION_BODIES).fetchall()
-    assert {"_bemi_publish(regclass)", "_bemi_row_trigger_func()"} <= {r[0] for r in current}
+        return conn.execute(FUNCTION_BODIES).fetchall()
 
-    owner = "bemi_unprivileged_0006"
+
+def _aged_install(pg_server, scratch_database, owner: str, migration: str, *files: str) -> tuple[str, list]:
+    """A database migrated up to ``migration``, then given the SQL ``files`` (under tests/data) that an
+    earlier version installed: (its name, its function bodies)."""
     old = scratch_database(owner=owner)
-    result = _manage(["migrate", "bemi", "0006"], BEMI_TEST_DB_NAME=old, BEMI_TEST_DB_USER=owner)
+    result = _manage(["migrate", "bemi", migration], BEMI_TEST_DB_NAME=old, BEMI_TEST_DB_USER=owner)
     assert result.returncode == 0, result.stderr
     with psycopg.connect(pg_server.dsn(old, user=owner), autocommit=True) as conn:
-        for name in ("tracking.sql", "install.sql"):  # what 0004 installed, kept by 0005 and 0006
-            conn.execute((ROOT / "tests" / "data" / "sql_0004" / name).read_text())
-        aged = conn.execute(FUNCTION_BODIES).fetchall()
-    assert [r[0] for r in aged] == [r[0] for r in current]
-    assert {r[0] for r in aged if r not in current} >= {
-        "_bemi_publish(regclass)", "_bemi_row_trigger_func()", "_bemi_is_tracked(regclass,jsonb)"}
+        for name in files:
+            conn.execute((ROOT / "tests" / "data" / name).read_text())
+        return old, conn.execute(FUNCTION_BODIES).fetchall()
 
+
+def _migrate_brings(pg_server, old: str, owner: str, migration: str, current: list) -> None:
+    """``migrate bemi`` runs ``migration`` on ``old`` and leaves the ``current`` bodies, each notice printed
+    once; a second ``migrate bemi`` has nothing to say."""
     result = _manage(["migrate", "bemi"], BEMI_TEST_DB_NAME=old, BEMI_TEST_DB_USER=owner)
     assert result.returncode == 0, result.stderr
-    assert "Applying bemi.0007_reinstall_functions..." in result.stdout
+    assert f"Applying bemi.{migration}..." in result.stdout
     notices = [line.strip() for line in result.stdout.splitlines() if line.strip().startswith("bemi:")]
     assert len(notices) == len(set(notices)), result.stdout  # each once
     with psycopg.connect(pg_server.dsn(old, user=owner), autocommit=True) as conn:
@@ -302,29 +303,28 @@ def test_migrate_gives_an_install_made_before_this_version_its_functions(pg_serv
     assert again.returncode == 0 and "bemi:" not in again.stdout, again.stdout  # nothing left to do
 
 
+def test_migrate_gives_an_install_made_before_this_version_its_functions(pg_server, scratch_database):
+    """Only 0001, 0003 and 0004 ran bemi/sql: an install that had passed them kept the bodies of its
+    day (here those 0004 installed, tests/data/sql_0004: no pinned search_path in the event triggers'
+    helpers, a marker honoured for any role, _bemi_publish failing a CREATE TABLE on a lock) whatever
+    version it ran later. 0007 installs this version's; a new install runs 0001 to 0008 together and
+    says each thing once."""
+    current = _new_install_bodies(pg_server, scratch_database)
+    assert {"_bemi_publish(regclass)", "_bemi_row_trigger_func()"} <= {r[0] for r in current}
+    owner = "bemi_unprivileged_0006"
+    old, aged = _aged_install(pg_server, scratch_database, owner, "0006",  # what 0004 installed, kept since
+                              "sql_0004/tracking.sql", "sql_0004/install.sql")
+    assert [r[0] for r in aged] == [r[0] for r in current]
+    assert {r[0] for r in aged if r not in current} >= {
+        "_bemi_publish(regclass)", "_bemi_row_trigger_func()", "_bemi_is_tracked(regclass,jsonb)"}
+    _migrate_brings(pg_server, old, owner, "0007_reinstall_functions", current)
+
+
 def test_migrate_gives_an_install_made_at_0007_this_versions_statement_trigger(pg_server, scratch_database):
     """0008: an install that had passed 0007 kept a statement trigger that set bemi.statement_context at
-    every statement (tests/data/sql_0007); migrate replaces it, and a new install says nothing twice."""
-    owner = "bemi_unprivileged"
-    fresh = scratch_database(owner=owner)
-    result = _manage(["migrate"], BEMI_TEST_DB_NAME=fresh, BEMI_TEST_DB_USER=owner)
-    assert result.returncode == 0, result.stderr
-    assert "Applying bemi.0008_reinstall_functions... OK" in result.stdout
-    assert result.stdout.count("no privilege to create event triggers") == 1, result.stdout  # not again by 0008
-    with psycopg.connect(pg_server.dsn(fresh, user=owner), autocommit=True) as conn:
-        current = conn.execute(FUNCTION_BODIES).fetchall()
-
+    every statement (tests/data/sql_0007); migrate replaces it."""
+    current = _new_install_bodies(pg_server, scratch_database)
     owner = "bemi_unprivileged_0007"
-    old = scratch_database(owner=owner)
-    result = _manage(["migrate", "bemi", "0007"], BEMI_TEST_DB_NAME=old, BEMI_TEST_DB_USER=owner)
-    assert result.returncode == 0, result.stderr
-    with psycopg.connect(pg_server.dsn(old, user=owner), autocommit=True) as conn:
-        conn.execute((ROOT / "tests" / "data" / "sql_0007" / "row_trigger.sql").read_text())
-        aged = conn.execute(FUNCTION_BODIES).fetchall()
+    old, aged = _aged_install(pg_server, scratch_database, owner, "0007", "sql_0007/row_trigger.sql")
     assert {r[0] for r in aged if r not in current} == {"_bemi_row_trigger_func()"}
-
-    result = _manage(["migrate", "bemi"], BEMI_TEST_DB_NAME=old, BEMI_TEST_DB_USER=owner)
-    assert result.returncode == 0, result.stderr
-    assert "Applying bemi.0008_reinstall_functions..." in result.stdout
-    with psycopg.connect(pg_server.dsn(old, user=owner), autocommit=True) as conn:
-        assert conn.execute(FUNCTION_BODIES).fetchall() == current
+    _migrate_brings(pg_server, old, owner, "0008_reinstall_functions", current)

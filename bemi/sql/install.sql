@@ -162,8 +162,9 @@ $bemi$;
 --   '<statement_timestamp> <context>'. A shorter string (a single write, the
 --   usual case) is read at once: a copy of at most 8 kB and one search for
 --   ' Bemi*/', without which no marker ends it; keeping the answer would cost
---   more (the timestamp as text, set_config). The setting is only looked up
---   when a long string left one in this transaction.
+--   more (the timestamp as text, set_config). The setting is read at every
+--   statement; the timestamp is formatted and compared only when a long
+--   string left an answer in this transaction.
 --   A role that sets it by hand gains nothing: it only decides which context
 --   its own writes get, which it may do with a marker, and the privilege
 --   below is checked every time, never remembered.

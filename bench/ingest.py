@@ -27,7 +27,9 @@ For the bulk workloads it also reports the CPU time of the worker, its
 walsender and the destination backend during the drain (bench/proccpu.py):
 the busiest of them, or all three shared out over the machine's cores, is the
 least time the drain can take, so ceiling / that is the most the worker could
-reach without one of them using less CPU.
+reach without one of them using less CPU. And when the destination began to
+COPY: that time after the start-up plus the destination's CPU is what the
+drain would take if the destination never waited for the worker.
 """
 
 from __future__ import annotations
@@ -152,8 +154,9 @@ class Bench:
         runs = [self._bulk_once(load) for _ in range(max(1, repeats))]
         startup_s, startup_cpu = self.startup(runs[-1]["slot"])
         median = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
-        written, worker_s, recv_s, ceiling_s, cpu_s, copy_s, walsender_cpu, destination_cpu = (median(k) for k in (
-            "written", "worker_s", "recv_s", "ceiling_s", "cpu_s", "copy_s", "walsender_cpu_s", "destination_cpu_s"))
+        (written, worker_s, recv_s, ceiling_s, cpu_s, copy_s, walsender_cpu, destination_cpu,
+         first_copy_s) = (median(k) for k in ("written", "worker_s", "recv_s", "ceiling_s", "cpu_s", "copy_s",
+                                              "walsender_cpu_s", "destination_cpu_s", "first_copy_s"))
         rss = max(r["rss"] for r in runs)
         ratio = statistics.median(r["ceiling_s"] / r["worker_s"] for r in runs)
         ratio_net = statistics.median(r["ceiling_s"] / max(r["worker_s"] - startup_s, 1e-3) for r in runs)
@@ -194,13 +197,17 @@ class Bench:
         net_s = max(worker_s - startup_s, 1e-3)
         busy = (cpu_s - startup_cpu, walsender_cpu, destination_cpu)
         bound_s = max(*busy, sum(busy) / (os.cpu_count() or 1))
-        result.update(cpu_bound_s=bound_s, cpu_bound_ratio=ceiling_s / bound_s)
+        before_copy_s = max(first_copy_s - startup_s, 0.0)  # decoding until rows could be stored
+        result.update(cpu_bound_s=bound_s, cpu_bound_ratio=ceiling_s / bound_s, before_copy_s=before_copy_s)
         print(f"{name}: where the {net_s:.2f} s without the start-up went (CPU seconds, medians): the worker "
               f"{cpu_s - startup_cpu:.2f} s ({(cpu_s - startup_cpu) / net_s:.0%}), its walsender {walsender_cpu:.2f} s "
               f"({walsender_cpu / net_s:.0%}), the destination's backend {destination_cpu:.2f} s "
               f"({destination_cpu / net_s:.0%}); {bound_s:.2f} s at least on {os.cpu_count()} cores (the busiest "
               f"of them, or all three shared out): the ceiling / that = {ceiling_s / bound_s:.2f}x, the most "
               "this worker could reach without using less CPU in one of them", flush=True)
+        print(f"{name}: the destination began to COPY {first_copy_s:.2f} s after the worker started ({before_copy_s:.2f} s "
+              f"after its start-up): with the destination's CPU after that, {before_copy_s + destination_cpu:.2f} s "
+              f"of the {net_s:.2f} s drain ({(before_copy_s + destination_cpu) / net_s:.0%})", flush=True)
         return result
 
     def _bulk_once(self, load) -> dict:
@@ -216,7 +223,8 @@ class Bench:
         copy_s = self.copy_floor()
         run = {"slot": slot, "written": written, "worker_s": worker_s, "rss": rss, "cpu_s": cpu_s,
                "recv_s": recv_s, "ceiling_s": ceiling_s, "copy_s": copy_s,
-               "walsender_cpu_s": server.seconds["walsender"], "destination_cpu_s": server.seconds["destination"]}
+               "walsender_cpu_s": server.seconds["walsender"], "destination_cpu_s": server.seconds["destination"],
+               "first_copy_s": server.first_copy if server.first_copy is not None else worker_s}
         if self.baseline:
             self.conn.execute("TRUNCATE bemi.changes")  # its rows again (same identities)
             base_s, base_written, _rss, base_cpu = self.worker_once(f"base{self.n}", self.baseline)

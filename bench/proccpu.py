@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 
 import psycopg
 
@@ -32,7 +33,8 @@ def _cpu_seconds(pid: int) -> float | None:
 class ServerCpu:
     """``with ServerCpu(dsn) as cpu: <run the worker>``; then ``cpu.seconds``: CPU seconds of its
     ``walsender``, its ``destination`` backend (the one that COPies into ``changes``) and its
-    ``other`` connections. A process that exits between two samples loses up to 10 ms."""
+    ``other`` connections, and ``first_copy``: seconds from the start to the first COPY seen
+    (None: none). A process that exits between two samples loses up to 10 ms."""
 
     def __init__(self, dsn: str, application_name: str = "bemi-worker", interval: float = 0.01) -> None:
         self.dsn = dsn
@@ -42,8 +44,11 @@ class ServerCpu:
         self._cpu: dict[int, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="server-cpu", daemon=True)
+        self._started = 0.0
+        self.first_copy: float | None = None
 
     def __enter__(self) -> "ServerCpu":
+        self._started = time.monotonic()
         self._thread.start()
         return self
 
@@ -62,7 +67,9 @@ class ServerCpu:
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             tick = 0
             while not self._stop.is_set():
-                if tick % 10 == 0:  # new processes, and what they run, every 100 ms
+                # New processes, and what they run: every 10 ms until the first COPY (its time is
+                # reported), then every 100 ms.
+                if self.first_copy is None or tick % 10 == 0:
                     self._look(conn)
                 tick += 1
                 for pid in list(self._roles):
@@ -79,5 +86,7 @@ class ServerCpu:
                 self._roles[pid] = "walsender"
             elif query.startswith("COPY bemi.changes"):
                 self._roles[pid] = "destination"  # for good: it also runs the checkpoint and COMMIT
+                if self.first_copy is None:
+                    self.first_copy = time.monotonic() - self._started
             else:
                 self._roles.setdefault(pid, "other")

@@ -133,7 +133,7 @@ def _commit_time(micros: int) -> datetime:
     last = _last_time  # one tuple, replaced whole: safe to read from any thread
     if last[0] == micros:
         return last[1]
-    when = PG_EPOCH + timedelta(microseconds=micros)
+    when = pg_timestamp(micros)
     _last_time = (micros, when)
     return when
 

@@ -33,8 +33,9 @@ def _cpu_seconds(pid: int) -> float | None:
 class ServerCpu:
     """``with ServerCpu(dsn) as cpu: <run the worker>``; then ``cpu.seconds``: CPU seconds of its
     ``walsender``, its ``destination`` backend (the one that COPies into ``changes``) and its
-    ``other`` connections, and ``first_copy``: seconds from the start to the first COPY seen
-    (None: none). A process that exits between two samples loses up to 10 ms."""
+    ``other`` connections; ``streaming``: seconds from the start until its walsender was seen
+    streaming (its start-up, in this very run); ``first_copy``: to the first COPY seen (None: none
+    seen). A process that exits between two samples loses up to 10 ms."""
 
     def __init__(self, dsn: str, application_name: str = "bemi-worker", interval: float = 0.01) -> None:
         self.dsn = dsn
@@ -45,6 +46,7 @@ class ServerCpu:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="server-cpu", daemon=True)
         self._started = 0.0
+        self.streaming: float | None = None
         self.first_copy: float | None = None
 
     def __enter__(self) -> "ServerCpu":
@@ -84,6 +86,8 @@ class ServerCpu:
         for pid, backend_type, query in rows:
             if backend_type == "walsender":
                 self._roles[pid] = "walsender"
+                if self.streaming is None and query.startswith("START_REPLICATION"):
+                    self.streaming = time.monotonic() - self._started
             elif query.startswith("COPY bemi.changes"):
                 self._roles[pid] = "destination"  # for good: it also runs the checkpoint and COMMIT
                 if self.first_copy is None:

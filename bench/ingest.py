@@ -218,20 +218,22 @@ class Bench:
               f"PostgreSQL alone COPYing the same rows from a server-side file {copy_s:.2f} s "
               f"(the ceiling / that: {ceiling_s / copy_s:.2f}x, the most a COPYing worker can reach)",
               flush=True)
-        busy = (cpu_s - startup_cpu, walsender_cpu, destination_cpu)
+        worker_cpu = max(cpu_s - startup_cpu, 0.0)  # the start-up's CPU is measured apart: a tiny drain may go below
+        busy = (worker_cpu, walsender_cpu, destination_cpu)
         bound_s = max(*busy, sum(busy) / (os.cpu_count() or 1))
         before_copy_s = max(first_copy_s - run_startup_s, 0.0)  # decoding until rows could be stored
-        result.update(cpu_bound_ratio=ceiling_s / bound_s, run_startup_s=run_startup_s)
+        bound_ratio = ceiling_s / bound_s if bound_s > 0 else None
+        result.update(cpu_bound_ratio=bound_ratio, run_startup_s=run_startup_s)
         net_s = without_startup(worker_s, run_startup_s)
         if net_s is None:
             print(f"{name}: the start-up ({run_startup_s:.2f} s) took about as long as the drain ({worker_s:.2f} s): "
                   "where the time went is not measurable in this run", flush=True)
             return result
         print(f"{name}: where the {net_s:.2f} s without the start-up went (CPU seconds, medians): the worker "
-              f"{cpu_s - startup_cpu:.2f} s ({(cpu_s - startup_cpu) / net_s:.0%}), its walsender {walsender_cpu:.2f} s "
+              f"{worker_cpu:.2f} s ({worker_cpu / net_s:.0%}), its walsender {walsender_cpu:.2f} s "
               f"({walsender_cpu / net_s:.0%}), the destination's backend {destination_cpu:.2f} s "
               f"({destination_cpu / net_s:.0%}); {bound_s:.2f} s at least on {os.cpu_count()} cores (the busiest "
-              f"of them, or all three shared out): the ceiling / that = {ceiling_s / bound_s:.2f}x, the most "
+              f"of them, or all three shared out): the ceiling / that = {times(bound_ratio)}, the most "
               "this worker could reach without using less CPU in one of them", flush=True)
         print(f"{name}: the destination began to COPY {first_copy_s:.2f} s after the worker started ({before_copy_s:.2f} s "
               f"after its start-up): with the destination's CPU after that, {before_copy_s + destination_cpu:.2f} s "
@@ -631,7 +633,7 @@ def summary(options, big: dict, small: dict, steady: dict, after: dict | None, b
         floor = "" if base else (f"; PostgreSQL's own COPY of the rows reaches "
                                  f"{r['insert_ceiling_s'] / r['copy_floor_s']:.2f}x")
         if not base:
-            floor += f"; the CPU the three processes used allows at most {r['cpu_bound_ratio']:.2f}x"
+            floor += f"; the CPU the three processes used allows at most {times(r['cpu_bound_ratio'])}"
         if base:
             startup = f"the start-up of {r['base_startup_s']:.2f} s"
         else:  # each run's own; the target is on the empty --once

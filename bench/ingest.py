@@ -97,8 +97,8 @@ def steady_writes(dsn: str, rate: int, seconds: float, tag: str) -> tuple[int, f
 
 
 def without_startup(total_s: float, startup_s: float) -> float | None:
-    """``total_s`` less the start-up, or None when the start-up (measured apart, on a noisy machine:
-    1.2 s once against 0.2 s usually) takes nine tenths of it or more: no figure rather than a wild one."""
+    """``total_s`` less the start-up, or None when the start-up takes nine tenths of it or more: no
+    figure rather than a wild one (a start-up measured apart once took 1.2 s against 0.3 s in the runs)."""
     net = total_s - startup_s
     return net if net >= 0.1 * total_s else None
 
@@ -181,19 +181,20 @@ class Bench:
         run_startup_s = statistics.median(startups)
         nets = [without_startup(r["worker_s"], up) for r, up in zip(runs, startups)]
         ratio_net = statistics.median(r["ceiling_s"] / n for r, n in zip(runs, nets)) if None not in nets else None
+        net_s = without_startup(worker_s, run_startup_s)
         base: dict = {}
         if self.baseline:
             base_s, base_cpu = median("base_s"), median("base_cpu")
             base_startup_s, base_startup_cpu = self.startup(runs[-1]["base_slot"], self.baseline)
             base_net_s = without_startup(base_s, base_startup_s)
-            net_s = without_startup(worker_s, run_startup_s)
             base_ratio_net = ceiling_s / base_net_s if base_net_s else None
+            base_net_cpu, net_cpu = without_startup(base_cpu, base_startup_cpu), without_startup(cpu_s, startup_cpu)
             print(f"{name}: baseline worker ({self.baseline}) {base_s:.2f} s, CPU {base_cpu:.2f} s, start-up "
                   f"{base_startup_s:.2f} s (CPU {base_startup_cpu:.2f} s); vs the ceiling {ceiling_s / base_s:.2f}x "
                   f"({times(base_ratio_net)} without the start-up); this worker vs the baseline "
                   f"{base_s / worker_s:.2f}x ({times(base_net_s / net_s if base_net_s and net_s else None)} "
                   "without the start-up; by CPU time "
-                  f"{base_cpu / cpu_s:.2f}x, {(base_cpu - base_startup_cpu) / max(cpu_s - startup_cpu, 1e-3):.2f}x "
+                  f"{base_cpu / cpu_s:.2f}x, {times(base_net_cpu / net_cpu if base_net_cpu and net_cpu else None)} "
                   "without the start-up; it drains second, so its walsender also decodes this worker's write of "
                   "the rows, and spills it past its logical_decoding_work_mem: biased against the baseline)", flush=True)
             base = {"base_ceiling_ratio": ceiling_s / base_s, "base_ceiling_ratio_net": base_ratio_net,
@@ -224,7 +225,6 @@ class Bench:
         before_copy_s = max(first_copy_s - run_startup_s, 0.0)  # decoding until rows could be stored
         bound_ratio = ceiling_s / bound_s if bound_s > 0 else None
         result.update(cpu_bound_ratio=bound_ratio, run_startup_s=run_startup_s)
-        net_s = without_startup(worker_s, run_startup_s)
         if net_s is None:
             print(f"{name}: the start-up ({run_startup_s:.2f} s) took about as long as the drain ({worker_s:.2f} s): "
                   "where the time went is not measurable in this run", flush=True)
@@ -630,15 +630,14 @@ def summary(options, big: dict, small: dict, steady: dict, after: dict | None, b
         k = "base_" if base else ""
         if k + "ceiling_ratio" not in r:
             return ""
-        floor = "" if base else (f"; PostgreSQL's own COPY of the rows reaches "
-                                 f"{r['insert_ceiling_s'] / r['copy_floor_s']:.2f}x")
-        if not base:
-            floor += f"; the CPU the three processes used allows at most {times(r['cpu_bound_ratio'])}"
         if base:
-            startup = f"the start-up of {r['base_startup_s']:.2f} s"
-        else:  # each run's own; the target is on the empty --once
-            startup = f"each run's start-up, median {r['run_startup_s']:.2f} s; an empty --once {r['startup_s']:.2f} s"
-        return f"{r[k + 'ceiling_ratio']:.2f}x ({times(r[k + 'ceiling_ratio_net'])} without {startup}{floor})"
+            details = f"the start-up of {r['base_startup_s']:.2f} s"
+        else:  # each run's own start-up; the target is on the empty --once
+            details = (f"each run's start-up, median {r['run_startup_s']:.2f} s; an empty --once "
+                       f"{r['startup_s']:.2f} s; PostgreSQL's own COPY of the rows reaches "
+                       f"{r['insert_ceiling_s'] / r['copy_floor_s']:.2f}x; the CPU the three processes used "
+                       f"allows at most {times(r['cpu_bound_ratio'])}")
+        return f"{r[k + 'ceiling_ratio']:.2f}x ({times(r[k + 'ceiling_ratio_net'])} without {details})"
 
     rows = [
         (f"{options.big_rows:,} rows, one transaction: worker / ceiling", bulk_text(big), bulk_text(big, True),
